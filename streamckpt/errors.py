@@ -1,0 +1,138 @@
+"""The one error tree of streamckpt.
+
+```
+StreamCkptError
+├── CheckpointNotFoundError      (also FileNotFoundError)  no index at the prefix, or a shard missing
+├── CheckpointExistsError        (also FileExistsError)    save onto a committed checkpoint
+├── CorruptCheckpointError       (also ValueError)         bytes that break the format's rules
+│   ├── ChecksumError                                      a block or tensor crc32c mismatch
+│   └── TruncatedError                                     a file shorter than its index says
+├── UnsupportedError             (also NotImplementedError) valid but not handled (dtype, version)
+├── TensorNotFoundError          (also KeyError)           a name the checkpoint does not hold
+├── StorageError                 (also OSError)            the backend failed, after retries
+│   └── PermissionDeniedError    (also PermissionError)
+└── SaveInProgressError          (also RuntimeError)       a second save while one runs
+```
+
+Every message names what it can of: the URI, the tensor, the shard and the byte offset. The
+context travels as attributes too, so a caller can act on it without parsing text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumError",
+    "CorruptCheckpointError",
+    "PermissionDeniedError",
+    "SaveInProgressError",
+    "StorageError",
+    "StreamCkptError",
+    "TensorNotFoundError",
+    "TruncatedError",
+    "UnsupportedError",
+]
+
+
+class StreamCkptError(Exception):
+    """Root of every error streamckpt raises on purpose.
+
+    ``uri``, ``tensor``, ``shard`` and ``offset`` carry the context that is known where the
+    error is raised; layers above fill in what they know (the format layer knows offsets, the
+    pipeline knows URIs) through :meth:`with_context`.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        uri: str | None = None,
+        tensor: str | None = None,
+        shard: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.message = message
+        self.uri = uri
+        self.tensor = tensor
+        self.shard = shard
+        self.offset = offset
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [self.message]
+        if self.uri is not None:
+            parts.append(f"uri={self.uri}")
+        if self.tensor is not None:
+            parts.append(f"tensor={self.tensor!r}")
+        if self.shard is not None:
+            parts.append(f"shard={self.shard}")
+        if self.offset is not None:
+            parts.append(f"offset={self.offset}")
+        return parts[0] if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
+
+    def __str__(self) -> str:
+        return self._render()
+
+    def with_context(
+        self,
+        *,
+        uri: str | None = None,
+        tensor: str | None = None,
+        shard: int | None = None,
+        offset: int | None = None,
+    ) -> StreamCkptError:
+        """Fill in context that was unknown where the error was raised; keeps what is set."""
+        if self.uri is None:
+            self.uri = uri
+        if self.tensor is None:
+            self.tensor = tensor
+        if self.shard is None:
+            self.shard = shard
+        if self.offset is None:
+            self.offset = offset
+        self.args = (self._render(),)
+        return self
+
+
+class CheckpointNotFoundError(StreamCkptError, FileNotFoundError):
+    """No checkpoint at the prefix (no ``.index``), or a data shard it names is missing."""
+
+
+class CheckpointExistsError(StreamCkptError, FileExistsError):
+    """A save targets a prefix that already holds a committed checkpoint."""
+
+
+class CorruptCheckpointError(StreamCkptError, ValueError):
+    """Bytes that break the format's rules: bad magic, bad varint, impossible sizes, ..."""
+
+
+class ChecksumError(CorruptCheckpointError):
+    """A stored crc32c (block trailer, tensor, string lengths) does not match the bytes."""
+
+
+class TruncatedError(CorruptCheckpointError):
+    """A file ends before the bytes its index points to."""
+
+
+class UnsupportedError(StreamCkptError, NotImplementedError):
+    """Well-formed input this version does not handle: a dtype, a format version, a feature."""
+
+
+class TensorNotFoundError(StreamCkptError, KeyError):
+    """The checkpoint holds no tensor of that name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return self._render()
+
+
+class StorageError(StreamCkptError, OSError):
+    """The storage backend failed, after any retries."""
+
+
+class PermissionDeniedError(StorageError, PermissionError):
+    """The backend refused access (HTTP 401/403, EACCES)."""
+
+
+class SaveInProgressError(StreamCkptError, RuntimeError):
+    """A save was started while another one of the same object is still running."""
