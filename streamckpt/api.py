@@ -1,0 +1,103 @@
+"""The async public API: save, load, read_tensor, open. Thin: resolve a store, run a pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from streamckpt.pipeline.read import CheckpointReader, open_reader
+from streamckpt.pipeline.save import (
+    DEFAULT_CHUNK_BYTES,
+    ProgressCallback,
+    SaveInfo,
+    save_tensors,
+)
+from streamckpt.storage import PathLike, resolve
+
+
+async def save(
+    prefix: PathLike,
+    tensors: Mapping[str | bytes, Any],
+    *,
+    num_shards: int = 1,
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: ProgressCallback | None = None,
+) -> SaveInfo:
+    """Save ``{name: array}`` as ``PREFIX.index`` + ``PREFIX.data-*-of-N``.
+
+    Shards are written concurrently and the index is committed last, create-only unless
+    ``overwrite``; a failed or cancelled save removes what it wrote. Values may be numpy arrays
+    and scalars, Python numbers, ``bytes``/``str`` (DT_STRING), object arrays of bytes, anything
+    with ``__array__`` or DLPack, or :class:`streamckpt.Typed` for an explicit dtype.
+    """
+    store, path = resolve(prefix, storage_options=storage_options, filesystem=filesystem)
+    return await save_tensors(
+        store,
+        path,
+        tensors,
+        num_shards=num_shards,
+        overwrite=overwrite,
+        chunk_bytes=chunk_bytes,
+        progress=progress,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open(  # noqa: A001 - mirrors the builtin on purpose: streamckpt.open(prefix)
+    prefix: PathLike,
+    *,
+    load_index: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> AsyncIterator[CheckpointReader]:
+    """Open a checkpoint without reading tensor data: ``ckpt.entries``, ``await ckpt.read``.
+
+    With ``load_index=False`` only the index's tail is read; entries are then looked up one
+    data block at a time (``await ckpt.info(name)``), which suits huge indexes.
+    """
+    store, path = resolve(prefix, storage_options=storage_options, filesystem=filesystem)
+    reader = await open_reader(store, path, load_index=load_index)
+    async with reader:
+        yield reader
+
+
+async def load(
+    prefix: PathLike,
+    *,
+    names: Iterable[str | bytes] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Every tensor (or those in ``names``), each verified by its crc32c.
+
+    Partitioned tensors come back assembled; DT_STRING tensors are object arrays of bytes.
+    """
+    async with open(
+        prefix,
+        load_index=names is None,
+        storage_options=storage_options,
+        filesystem=filesystem,
+    ) as reader:
+        wanted = list(reader.entries) if names is None else list(names)
+        return await reader.read_many(wanted)
+
+
+async def read_tensor(
+    prefix: PathLike,
+    name: str | bytes,
+    *,
+    index: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> np.ndarray[Any, Any]:
+    """One tensor, fetching only the index pieces and byte ranges it needs."""
+    async with open(
+        prefix, load_index=False, storage_options=storage_options, filesystem=filesystem
+    ) as reader:
+        return await reader.read(name, index=index)

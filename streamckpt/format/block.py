@@ -1,0 +1,130 @@
+"""One block of an SSTable: prefix-compressed records followed by a restart array.
+
+Layout: ``record* restart_offset[n] (fixed32 each) n (fixed32)``; a record is
+``varint shared, varint non_shared, varint value_len, key_suffix, value``. Parsing checks every
+length against the block before slicing, so a hostile block costs at most its own size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from streamckpt.errors import CorruptCheckpointError
+from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
+
+
+class BlockBuilder:
+    """Accumulates sorted records into one block, with a restart point every N records."""
+
+    __slots__ = ("_buf", "_counter", "_last_key", "_restart_interval", "_restarts")
+
+    def __init__(self, restart_interval: int) -> None:
+        self._restart_interval = restart_interval
+        self._buf = bytearray()
+        self._restarts = [0]
+        self._counter = 0
+        self._last_key = b""
+
+    def add(self, key: bytes, value: bytes) -> None:
+        shared = 0
+        if self._counter < self._restart_interval:
+            limit = min(len(key), len(self._last_key))
+            last = self._last_key
+            while shared < limit and last[shared] == key[shared]:
+                shared += 1
+        else:
+            self._restarts.append(len(self._buf))
+            self._counter = 0
+        buf = self._buf
+        buf += encode_varint(shared)
+        buf += encode_varint(len(key) - shared)
+        buf += encode_varint(len(value))
+        buf += key[shared:]
+        buf += value
+        self._last_key = key
+        self._counter += 1
+
+    def size_estimate(self) -> int:
+        """Size of the finished block as TF's writer estimates it (decides where blocks end)."""
+        return len(self._buf) + 4 * len(self._restarts) + 4
+
+    @property
+    def empty(self) -> bool:
+        return not self._buf
+
+    def finish(self) -> bytes:
+        out = self._buf
+        for restart in self._restarts:
+            out += encode_fixed32(restart)
+        out += encode_fixed32(len(self._restarts))
+        return bytes(out)
+
+
+def _records_end(block: bytes | memoryview) -> int:
+    """Offset where the records stop and the restart array starts; validates the array."""
+    if len(block) < 4:
+        raise CorruptCheckpointError(f"block of {len(block)} bytes is too short")
+    num_restarts = decode_fixed32(block, len(block) - 4)
+    max_restarts = (len(block) - 4) // 4
+    if num_restarts > max_restarts:
+        raise CorruptCheckpointError(
+            f"block claims {num_restarts} restart points but has room for {max_restarts}"
+        )
+    return len(block) - 4 - 4 * num_restarts
+
+
+def _read_record(
+    block: bytes | memoryview, pos: int, end: int, prev_key: bytes
+) -> tuple[bytes, memoryview, int]:
+    shared, pos = decode_varint(block, pos, max_bytes=5)
+    non_shared, pos = decode_varint(block, pos, max_bytes=5)
+    value_len, pos = decode_varint(block, pos, max_bytes=5)
+    if shared > len(prev_key):
+        raise CorruptCheckpointError(
+            f"record shares {shared} bytes with a previous key of {len(prev_key)}", offset=pos
+        )
+    value_start = pos + non_shared
+    value_end = value_start + value_len
+    if value_end > end:
+        raise CorruptCheckpointError("record runs past the end of its block", offset=pos)
+    key = prev_key[:shared] + bytes(block[pos:value_start])
+    return key, memoryview(block)[value_start:value_end], value_end
+
+
+def iter_block(block: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    """Yield every ``(key, value)`` record in block order."""
+    end = _records_end(block)
+    pos = 0
+    key = b""
+    while pos < end:
+        key, value, pos = _read_record(block, pos, end, key)
+        yield key, value
+
+
+def seek_block(block: bytes | memoryview, target: bytes) -> tuple[bytes, memoryview] | None:
+    """The first record whose key is >= ``target``, or None when every key is smaller.
+
+    Binary search over the restart points (whose records store whole keys), then a short scan.
+    """
+    end = _records_end(block)
+    num_restarts = (len(block) - 4 - end) // 4
+    lo, hi = 0, num_restarts - 1
+    start = 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        restart = decode_fixed32(block, end + 4 * mid)
+        if restart >= end:
+            raise CorruptCheckpointError("restart point past the records", offset=end + 4 * mid)
+        key, _, _ = _read_record(block, restart, end, b"")
+        if key < target:
+            start = restart
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    pos = start
+    key = b""
+    while pos < end:
+        key, value, pos = _read_record(block, pos, end, key)
+        if key >= target:
+            return key, value
+    return None

@@ -1,0 +1,271 @@
+"""Bundle semantics of the index table: the header under key ``""`` and one entry per tensor.
+
+Decoding validates everything a later step would trust: dtype numbers, shapes, sizes that must
+agree with shapes, non-negative offsets, slices inside their tensor. After ``decode_entry`` a
+caller may compute byte ranges from an entry without further checks, except that the ranges
+lie inside the shard files, which only the storage layer can know.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from streamckpt.errors import CorruptCheckpointError, UnsupportedError
+from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, to_datatype
+from streamckpt.format.slices import TensorSlice
+from streamckpt.format.table import (
+    FOOTER_SIZE,
+    TableWriter,
+    decode_block,
+    decode_footer,
+    decode_index_block,
+    iter_data_block,
+)
+from streamckpt.proto import tensor_bundle_pb2
+
+READER_VERSION = 1
+HEADER_KEY = b""
+# An entry value is a small proto; TF's are < 100 bytes without slices. Anything past this is
+# hostile and would only make protobuf allocate.
+_MAX_ENTRY_BYTES = 64 << 20
+_MAX_INT64 = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class BundleHeader:
+    """Value of key ``""``: how many shards, the byte order of payloads, the version."""
+
+    num_shards: int
+    big_endian: bool = False
+    producer: int = 1
+    min_consumer: int = 0
+    bad_consumers: tuple[int, ...] = ()
+
+    def encode(self) -> bytes:
+        proto = tensor_bundle_pb2.BundleHeaderProto(
+            num_shards=self.num_shards,
+            endianness=(
+                tensor_bundle_pb2.BundleHeaderProto.BIG
+                if self.big_endian
+                else tensor_bundle_pb2.BundleHeaderProto.LITTLE
+            ),
+        )
+        proto.version.producer = self.producer
+        proto.version.min_consumer = self.min_consumer
+        proto.version.bad_consumers.extend(self.bad_consumers)
+        return proto.SerializeToString()
+
+
+def decode_header(value: bytes | memoryview) -> BundleHeader:
+    proto = tensor_bundle_pb2.BundleHeaderProto()
+    try:
+        proto.ParseFromString(bytes(value))
+    except DecodeError as exc:
+        raise CorruptCheckpointError(f"bad bundle header: {exc}") from None
+    if proto.num_shards < 0:
+        raise CorruptCheckpointError(f"bundle header claims {proto.num_shards} shards")
+    if proto.endianness not in (0, 1):
+        raise CorruptCheckpointError(f"unknown endianness {proto.endianness}")
+    version = proto.version
+    if version.min_consumer > READER_VERSION:
+        raise UnsupportedError(
+            f"checkpoint needs reader version {version.min_consumer}, this one is {READER_VERSION}"
+        )
+    if READER_VERSION in version.bad_consumers:
+        raise UnsupportedError(f"checkpoint refuses reader version {READER_VERSION}")
+    return BundleHeader(
+        num_shards=proto.num_shards,
+        big_endian=proto.endianness == 1,
+        producer=version.producer,
+        min_consumer=version.min_consumer,
+        bad_consumers=tuple(version.bad_consumers),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BundleEntry:
+    """Where one tensor's bytes are and what they mean.
+
+    ``crc32c`` is the *masked* CRC as stored. A partitioned tensor's full entry has ``slices``
+    and owns no bytes (its shard, offset, size and crc are meaningless).
+    """
+
+    dtype: DataType
+    shape: tuple[int, ...]
+    shard_id: int = 0
+    offset: int = 0
+    size: int = 0
+    crc32c: int = 0
+    slices: tuple[TensorSlice, ...] = field(default=())
+
+    @property
+    def num_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_partitioned(self) -> bool:
+        return bool(self.slices)
+
+    def encode(self) -> bytes:
+        proto = tensor_bundle_pb2.BundleEntryProto(
+            dtype=int(self.dtype),
+            shard_id=self.shard_id,
+            offset=self.offset,
+            size=self.size,
+            crc32c=self.crc32c,
+        )
+        proto.shape.SetInParent()  # TF always writes the shape, even a scalar's empty one
+        for dim in self.shape:
+            proto.shape.dim.add(size=dim)
+        for piece in self.slices:
+            proto.slices.append(piece.to_proto())
+        return proto.SerializeToString()
+
+
+def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) -> BundleEntry:
+    """Parse and validate one entry; the caller adds the tensor name to any error."""
+    if len(value) > _MAX_ENTRY_BYTES:
+        raise CorruptCheckpointError(f"entry of {len(value)} bytes is implausibly large")
+    proto = tensor_bundle_pb2.BundleEntryProto()
+    try:
+        proto.ParseFromString(bytes(value))
+    except DecodeError as exc:
+        raise CorruptCheckpointError(f"bad bundle entry: {exc}") from None
+    dtype = to_datatype(proto.dtype)
+    if proto.shape.unknown_rank:
+        raise CorruptCheckpointError("entry shape has unknown rank")
+    shape = tuple(dim.size for dim in proto.shape.dim)
+    if any(d < 0 for d in shape):
+        raise CorruptCheckpointError(f"entry shape {list(shape)} has a negative dimension")
+    slices = tuple(TensorSlice.from_proto(p) for p in proto.slices)
+    entry = BundleEntry(
+        dtype=dtype,
+        shape=shape,
+        shard_id=proto.shard_id,
+        offset=proto.offset,
+        size=proto.size,
+        crc32c=proto.crc32c,
+        slices=slices,
+    )
+    if slices:
+        for piece in slices:
+            piece.check_within(shape)
+        return entry
+    _check_extent(entry, num_shards)
+    return entry
+
+
+def _check_extent(entry: BundleEntry, num_shards: int | None) -> None:
+    if entry.offset < 0 or entry.size < 0 or entry.offset > _MAX_INT64 - entry.size:
+        raise CorruptCheckpointError(
+            f"entry has impossible extent offset={entry.offset} size={entry.size}"
+        )
+    if entry.shard_id < 0 or (num_shards is not None and entry.shard_id >= num_shards):
+        raise CorruptCheckpointError(
+            f"entry names shard {entry.shard_id} of a {num_shards}-shard bundle",
+            shard=entry.shard_id,
+        )
+    count = entry.num_elements
+    if is_fixed_size(entry.dtype):
+        expected = count * itemsize(entry.dtype)
+        if entry.size != expected:
+            raise CorruptCheckpointError(
+                f"entry size {entry.size} disagrees with shape {list(entry.shape)} of "
+                f"{entry.dtype.name} ({expected} bytes)",
+                shard=entry.shard_id,
+                offset=entry.offset,
+            )
+    elif entry.size < count + 4:
+        # every element takes at least one length byte, plus the 4-byte length checksum
+        raise CorruptCheckpointError(
+            f"entry size {entry.size} is too small for {count} {entry.dtype.name} elements",
+            shard=entry.shard_id,
+            offset=entry.offset,
+        )
+
+
+def encode_index(header: BundleHeader, entries: Iterable[tuple[bytes, BundleEntry]]) -> bytes:
+    """The whole .index file for ``entries``, which must be sorted by key bytes."""
+    writer = TableWriter()
+    writer.add(HEADER_KEY, header.encode())
+    for key, entry in entries:
+        if not key:
+            raise ValueError("the empty tensor name is reserved for the bundle header")
+        writer.add(key, entry.encode())
+    return writer.finish()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedIndex:
+    header: BundleHeader
+    entries: dict[bytes, BundleEntry]
+
+
+def decode_index(index_file: bytes | memoryview) -> DecodedIndex:
+    """Parse a whole .index file: every block verified, keys sorted, header first."""
+    view = memoryview(index_file)
+    size = len(view)
+    if size < FOOTER_SIZE:
+        raise CorruptCheckpointError(f"index of {size} bytes is shorter than its footer")
+    footer = decode_footer(view[size - FOOTER_SIZE :], file_size=size)
+    handle = footer.index
+    index_block = decode_block(view[handle.offset : handle.end_with_trailer], offset=handle.offset)
+    index = decode_index_block(index_block, index_offset=handle.offset, limit=size - FOOTER_SIZE)
+    return decode_records(
+        (view[h.offset : h.end_with_trailer], h.offset) for h in index.handles
+    )
+
+
+def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedIndex:
+    """Header and entries from the data blocks of a table, given in order with their offsets."""
+    header: BundleHeader | None = None
+    entries: dict[bytes, BundleEntry] = {}
+    previous: bytes | None = None
+    for key, value, offset in _records(blocks):
+        if previous is not None and key <= previous:
+            raise CorruptCheckpointError(
+                f"index keys are not sorted: {key[:64]!r} after {previous[:64]!r}", offset=offset
+            )
+        previous = key
+        if key == HEADER_KEY:
+            header = decode_header(value)
+            continue
+        if header is None:
+            raise CorruptCheckpointError("index has no bundle header", offset=offset)
+        try:
+            entries[key] = decode_entry(value, num_shards=header.num_shards)
+        except (CorruptCheckpointError, UnsupportedError) as exc:
+            raise exc.with_context(tensor=key_to_name(key), offset=offset) from None
+    if header is None:
+        raise CorruptCheckpointError("index has no bundle header")
+    return DecodedIndex(header, entries)
+
+
+def _records(
+    blocks: Iterable[tuple[bytes | memoryview, int]],
+) -> Iterator[tuple[bytes, memoryview, int]]:
+    for stored, offset in blocks:
+        block = decode_block(stored, offset=offset)
+        for key, value in iter_data_block(block, offset=offset):
+            yield key, value, offset
+
+
+def key_to_name(key: bytes) -> str:
+    """Tensor names are bytes on disk; non-UTF-8 bytes survive the trip through ``str``."""
+    return key.decode("utf-8", "surrogateescape")
+
+
+def name_to_key(name: str | bytes) -> bytes:
+    return name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+
+
+def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
+    return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
+
+
+def index_filename(prefix: str) -> str:
+    return f"{prefix}.index"

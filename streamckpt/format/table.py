@@ -1,0 +1,299 @@
+"""The immutable sorted table (LevelDB "SSTable" layout) that a bundle's .index file is.
+
+Writing follows TensorFlow's exact rules (256 KiB blocks, restart interval 16 in data blocks
+and 1 in the index block, an empty metaindex, TF's separators, the "an oversized record closes
+the current block first" rule), so that our index files match TF's byte for byte.
+
+Reading is split into small pure steps so that the storage layer can fetch only what it needs:
+the 48-byte footer gives the index block's handle; the index block maps separator keys to data
+block handles; each block is verified (masked crc32c) and, if Snappy-compressed, inflated.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cramjam
+
+from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedError
+from streamckpt.format.block import BlockBuilder, iter_block, seek_block
+from streamckpt.format.crc import crc32c, mask
+from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
+
+TF_BLOCK_SIZE = 256 * 1024
+DATA_RESTART_INTERVAL = 16
+FOOTER_SIZE = 48
+TRAILER_SIZE = 5
+MAGIC = 0xDB4775248B80FB57
+_MAGIC_BYTES = MAGIC.to_bytes(8, "little")
+NO_COMPRESSION = 0
+SNAPPY_COMPRESSION = 1
+# A Snappy block may not claim to inflate past this factor of its stored size (Snappy's real
+# worst case is far lower), so a hostile length header cannot make us allocate gigabytes.
+_MAX_SNAPPY_RATIO = 64
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHandle:
+    """Where a block lies in the .index file: its offset and stored size without trailer."""
+
+    offset: int
+    size: int
+
+    def encode(self) -> bytes:
+        return encode_varint(self.offset) + encode_varint(self.size)
+
+    @property
+    def end_with_trailer(self) -> int:
+        return self.offset + self.size + TRAILER_SIZE
+
+
+def decode_handle(buf: bytes | memoryview, pos: int = 0) -> tuple[BlockHandle, int]:
+    offset, pos = decode_varint(buf, pos)
+    size, pos = decode_varint(buf, pos)
+    return BlockHandle(offset, size), pos
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    metaindex: BlockHandle
+    index: BlockHandle
+
+
+def encode_footer(footer: Footer) -> bytes:
+    handles = footer.metaindex.encode() + footer.index.encode()
+    return handles + bytes(40 - len(handles)) + _MAGIC_BYTES
+
+
+def decode_footer(tail: bytes | memoryview, *, file_size: int) -> Footer:
+    """Parse the last 48 bytes of an index file and check its handles lie inside the file."""
+    if len(tail) != FOOTER_SIZE:
+        raise TruncatedError(f"index of {file_size} bytes is shorter than its 48-byte footer")
+    if bytes(tail[40:]) != _MAGIC_BYTES:
+        raise CorruptCheckpointError(
+            "bad magic number: not a TensorFlow checkpoint index", offset=file_size - 8
+        )
+    footer_offset = file_size - FOOTER_SIZE
+    metaindex, pos = decode_handle(tail, 0)
+    index, pos = decode_handle(tail, pos)
+    if pos > 40:
+        raise CorruptCheckpointError("footer handles run into the magic", offset=footer_offset)
+    for name, handle in (("metaindex", metaindex), ("index", index)):
+        if handle.end_with_trailer > footer_offset:
+            raise CorruptCheckpointError(
+                f"{name} block handle points past the footer", offset=footer_offset
+            )
+    return Footer(metaindex, index)
+
+
+def encode_block_trailer(stored: bytes, compression: int) -> bytes:
+    type_byte = bytes((compression,))
+    return type_byte + encode_fixed32(mask(crc32c(type_byte, crc32c(stored))))
+
+
+def decode_block(stored_with_trailer: bytes | memoryview, *, offset: int) -> bytes | memoryview:
+    """Verify a block's trailer crc and undo its compression. ``offset`` is for messages."""
+    size = len(stored_with_trailer) - TRAILER_SIZE
+    if size < 0:
+        raise TruncatedError("block shorter than its trailer", offset=offset)
+    view = memoryview(stored_with_trailer)
+    compression = view[size]
+    expected = decode_fixed32(view, size + 1)
+    actual = mask(crc32c(view[size : size + 1], crc32c(view[:size])))
+    if actual != expected:
+        raise ChecksumError(
+            f"block checksum mismatch (stored {expected:#010x}, computed {actual:#010x})",
+            offset=offset,
+        )
+    body = view[:size]
+    if compression == NO_COMPRESSION:
+        return body
+    if compression == SNAPPY_COMPRESSION:
+        return _inflate_snappy(body, offset=offset)
+    raise CorruptCheckpointError(f"unknown block compression type {compression}", offset=offset)
+
+
+def _inflate_snappy(body: memoryview, *, offset: int) -> bytes:
+    try:
+        claimed = int(cramjam.snappy.decompress_raw_len(body))
+    except Exception as exc:
+        raise CorruptCheckpointError(f"bad snappy block: {exc}", offset=offset) from None
+    if claimed > _MAX_SNAPPY_RATIO * len(body) + 1024:
+        raise CorruptCheckpointError(
+            f"snappy block of {len(body)} bytes claims {claimed} bytes inflated", offset=offset
+        )
+    try:
+        return bytes(cramjam.snappy.decompress_raw(body))
+    except Exception as exc:
+        raise CorruptCheckpointError(f"bad snappy block: {exc}", offset=offset) from None
+
+
+def shortest_separator(start: bytes, limit: bytes) -> bytes:
+    """A short key ``k`` with ``start <= k < limit``, chosen exactly as TF's writer does."""
+    n = min(len(start), len(limit))
+    i = 0
+    while i < n and start[i] == limit[i]:
+        i += 1
+    if i >= n:
+        return start  # one is a prefix of the other
+    byte = start[i]
+    if byte < 0xFF and byte + 1 < limit[i]:
+        return start[:i] + bytes((byte + 1,))
+    return start
+
+
+def short_successor(key: bytes) -> bytes:
+    """A short key ``>= key``: bump the first byte that is not 0xFF and cut the rest."""
+    for i, byte in enumerate(key):
+        if byte != 0xFF:
+            return key[:i] + bytes((byte + 1,))
+    return key
+
+
+class TableWriter:
+    """Builds a whole table in memory from keys added in strictly increasing order.
+
+    An index of even a million tensors is tens of MiB at most, so building it in memory and
+    handing it to the storage layer as one atomic write is the simple, right shape.
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int = TF_BLOCK_SIZE,
+        restart_interval: int = DATA_RESTART_INTERVAL,
+        snappy: bool = False,
+    ) -> None:
+        self._block_size = block_size
+        self._restart_interval = restart_interval
+        self._snappy = snappy
+        self._out = bytearray()
+        self._data_block = BlockBuilder(restart_interval)
+        self._index_block = BlockBuilder(1)
+        self._last_key: bytes | None = None
+        self._pending_handle: BlockHandle | None = None
+        self._finished = False
+
+    def add(self, key: bytes, value: bytes) -> None:
+        if self._finished:
+            raise RuntimeError("table already finished")
+        if self._last_key is not None and key <= self._last_key:
+            raise ValueError(f"keys must be strictly increasing: {key!r} after {self._last_key!r}")
+        if (
+            self._last_key is not None
+            and not self._data_block.empty
+            and len(key) + len(value) >= 2 * self._block_size
+        ):
+            self._flush_data_block()
+        if self._pending_handle is not None:
+            assert self._last_key is not None
+            self._index_block.add(
+                shortest_separator(self._last_key, key), self._pending_handle.encode()
+            )
+            self._pending_handle = None
+        self._data_block.add(key, value)
+        self._last_key = key
+        if self._data_block.size_estimate() >= self._block_size:
+            self._flush_data_block()
+
+    def _flush_data_block(self) -> None:
+        self._pending_handle = self._write_block(self._data_block.finish(), self._snappy)
+        self._data_block = BlockBuilder(self._restart_interval)
+
+    def _write_block(self, raw: bytes, snappy: bool) -> BlockHandle:
+        stored, compression = raw, NO_COMPRESSION
+        if snappy:
+            packed = bytes(cramjam.snappy.compress_raw(raw))
+            if len(packed) < len(raw) - len(raw) // 8:  # keep only if it saves 1/8, as TF would
+                stored, compression = packed, SNAPPY_COMPRESSION
+        handle = BlockHandle(len(self._out), len(stored))
+        self._out += stored
+        self._out += encode_block_trailer(stored, compression)
+        return handle
+
+    def finish(self) -> bytes:
+        """Close the last block, write metaindex, index and footer; return the whole file."""
+        if self._finished:
+            raise RuntimeError("table already finished")
+        self._finished = True
+        if not self._data_block.empty:
+            self._flush_data_block()
+        metaindex = self._write_block(BlockBuilder(self._restart_interval).finish(), False)
+        if self._pending_handle is not None:
+            assert self._last_key is not None
+            self._index_block.add(
+                short_successor(self._last_key), self._pending_handle.encode()
+            )
+        index = self._write_block(self._index_block.finish(), self._snappy)
+        self._out += encode_footer(Footer(metaindex, index))
+        return bytes(self._out)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexBlock:
+    """The decoded index block: separator keys and the handles of the data blocks."""
+
+    separators: tuple[bytes, ...]
+    handles: tuple[BlockHandle, ...]
+
+    def find(self, key: bytes) -> BlockHandle | None:
+        """The data block that would hold ``key``: the first whose separator is >= key."""
+        i = bisect.bisect_left(self.separators, key)
+        return self.handles[i] if i < len(self.handles) else None
+
+    @property
+    def data_span(self) -> tuple[int, int]:
+        """``(start, end)`` covering every data block with trailers (to fetch them at once)."""
+        if not self.handles:
+            return (0, 0)
+        return (
+            min(h.offset for h in self.handles),
+            max(h.end_with_trailer for h in self.handles),
+        )
+
+
+def decode_index_block(block: bytes | memoryview, *, index_offset: int, limit: int) -> IndexBlock:
+    """Parse the (already verified and inflated) index block.
+
+    ``limit`` is the offset of the footer: every data block must end before it.
+    """
+    separators: list[bytes] = []
+    handles: list[BlockHandle] = []
+    previous: bytes | None = None
+    for key, value in iter_block(block):
+        if previous is not None and key <= previous:
+            raise CorruptCheckpointError("index block keys are not sorted", offset=index_offset)
+        handle, _ = decode_handle(value)  # TF tolerates bytes after the handle; so do we
+        if handle.end_with_trailer > limit:
+            raise CorruptCheckpointError(
+                "data block handle points past the end of the index", offset=index_offset
+            )
+        separators.append(key)
+        handles.append(handle)
+        previous = key
+    return IndexBlock(tuple(separators), tuple(handles))
+
+
+def iter_data_block(
+    block: bytes | memoryview, *, offset: int
+) -> Iterator[tuple[bytes, memoryview]]:
+    """Records of a data block, with the block's offset added to any error."""
+    try:
+        yield from iter_block(block)
+    except CorruptCheckpointError as exc:
+        raise exc.with_context(offset=offset) from None
+
+
+def lookup_in_block(
+    block: bytes | memoryview, key: bytes, *, offset: int
+) -> memoryview | None:
+    """The value stored under exactly ``key`` in one data block, if any."""
+    try:
+        found = seek_block(block, key)
+    except CorruptCheckpointError as exc:
+        raise exc.with_context(offset=offset) from None
+    if found is None or found[0] != key:
+        return None
+    return found[1]

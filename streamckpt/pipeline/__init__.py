@@ -1,0 +1,1 @@
+"""Save and read: pure planners, then small async executors that run the plans under limits."""

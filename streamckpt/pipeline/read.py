@@ -1,0 +1,531 @@
+"""Read: open (footer + index block in one ranged read) -> plan -> coalesce -> fetch -> verify
+-> decode.
+
+Opening costs one suffix read of the .index file, which usually holds the footer, the index
+block and, for small checkpoints, every data block too. Looking up one tensor in a huge index
+then costs one more read (its data block); ``load_index`` fetches all data blocks at once.
+
+Invariants: every whole-tensor read verifies the entry's crc32c before a value is returned;
+nothing is allocated from a size an entry claims before the bytes are known to exist (large
+claims are checked against the shard's real size first); errors name URI, tensor, shard and
+offset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+
+from streamckpt.errors import (
+    ChecksumError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StreamCkptError,
+    TensorNotFoundError,
+    TruncatedError,
+    UnsupportedError,
+)
+from streamckpt.format.bundle import (
+    HEADER_KEY,
+    BundleEntry,
+    BundleHeader,
+    data_filename,
+    decode_entry,
+    decode_header,
+    decode_records,
+    index_filename,
+    key_to_name,
+    name_to_key,
+)
+from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
+from streamckpt.format.slices import TensorSlice, encode_slice_key, is_slice_key
+from streamckpt.format.table import (
+    FOOTER_SIZE,
+    BlockHandle,
+    IndexBlock,
+    decode_block,
+    decode_footer,
+    decode_index_block,
+    lookup_in_block,
+)
+from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
+from streamckpt.pipeline.region import Region, UnsupportedIndexError, plan_region
+from streamckpt.pipeline.tensors import decode_payload
+from streamckpt.storage import ByteRange, Store
+
+# First read of an index: enough for footer + index block of any realistic checkpoint, and the
+# whole index of a checkpoint with up to ~1,000 tensors.
+DEFAULT_TAIL_BYTES = 64 << 10
+# Reads closer than this on one shard are merged; merged reads stay below the group cap.
+DEFAULT_MAX_GAP = 256 << 10
+DEFAULT_MAX_GROUP_BYTES = 64 << 20
+# Tensors claiming more than this are checked against the shard's real size before any buffer
+# is allocated for them (a hostile index must not make us allocate what it merely claims).
+_SIZE_CHECK_THRESHOLD = 64 << 20
+DEFAULT_MAX_CONCURRENT_READS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """What the index says about one tensor, without its data."""
+
+    name: str
+    key: bytes
+    tf_dtype: DataType
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc32c: int
+    slices: tuple[TensorSlice, ...] = ()
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return numpy_dtype(self.tf_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded array (for strings: the stored payload size)."""
+        if not is_fixed_size(self.tf_dtype):
+            return self.size
+        return math.prod(self.shape) * itemsize(self.tf_dtype)
+
+    @property
+    def is_partitioned(self) -> bool:
+        return bool(self.slices)
+
+
+def _info(key: bytes, entry: BundleEntry) -> TensorInfo:
+    return TensorInfo(
+        name=key_to_name(key),
+        key=key,
+        tf_dtype=entry.dtype,
+        shape=entry.shape,
+        shard=entry.shard_id,
+        offset=entry.offset,
+        size=entry.size,
+        crc32c=entry.crc32c,
+        slices=entry.slices,
+    )
+
+
+class CheckpointReader:
+    """An open checkpoint. Create with :func:`open_reader`; entries may load lazily."""
+
+    def __init__(
+        self,
+        store: Store,
+        prefix_path: str,
+        index: IndexBlock,
+        index_size: int,
+        tail: bytes,
+    ) -> None:
+        self.store = store
+        self.prefix_path = prefix_path
+        self.uri = store.uri(prefix_path)
+        self._header: BundleHeader | None = None
+        self._index = index
+        self._index_size = index_size
+        self._tail = tail
+        self._tail_start = index_size - len(tail)
+        self._blocks: dict[int, bytes | memoryview] = {}
+        self._entries: dict[bytes, BundleEntry] | None = None
+        self._lookups: dict[bytes, BundleEntry | None] = {}
+        self._shard_sizes: dict[int, int] = {}
+        self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
+
+    # -- index --------------------------------------------------------------------------
+
+    @property
+    def header(self) -> BundleHeader:
+        if self._header is None:
+            raise RuntimeError("the bundle header has not been read")
+        return self._header
+
+    async def read_header(self) -> BundleHeader:
+        """The bundle header: the first record of the first data block."""
+        if self._header is None:
+            if not self._index.handles:
+                raise CorruptCheckpointError("index has no data blocks, so no bundle header")
+            first = self._index.handles[0]
+            block = await self._block(first)
+            value = lookup_in_block(block, HEADER_KEY, offset=first.offset)
+            if value is None:
+                raise CorruptCheckpointError("index has no bundle header", offset=first.offset)
+            self._header = decode_header(value)
+        return self._header
+
+    @property
+    def index_uri(self) -> str:
+        return self.store.uri(index_filename(self.prefix_path))
+
+    def _from_tail(self, start: int, end: int) -> memoryview | None:
+        if start >= self._tail_start and end <= self._index_size:
+            base = start - self._tail_start
+            return memoryview(self._tail)[base : base + end - start]
+        return None
+
+    async def _fetch_index_bytes(self, start: int, end: int) -> bytes | memoryview:
+        cached = self._from_tail(start, end)
+        if cached is not None:
+            return cached
+        path = index_filename(self.prefix_path)
+        return bytes(await self.store.read_range(path, start, end))
+
+    async def load_index(self) -> None:
+        """Fetch every data block of the index (one read) and decode all entries."""
+        if self._entries is not None:
+            return
+        handles = self._index.handles
+        if not handles:
+            self._entries = {}
+            return
+        start, end = self._index.data_span
+        span = await self._fetch_index_bytes(start, end)
+        view = memoryview(span)
+        blocks = [(view[h.offset - start : h.end_with_trailer - start], h.offset) for h in handles]
+        try:
+            decoded = await anyio.to_thread.run_sync(decode_records, blocks)
+        except StreamCkptError as exc:
+            raise exc.with_context(uri=self.index_uri) from None
+        self._entries = decoded.entries
+        self._header = decoded.header
+
+    @property
+    def entries(self) -> dict[str, TensorInfo]:
+        """Every tensor by name (slice pieces of partitioned tensors are left out)."""
+        if self._entries is None:
+            raise RuntimeError("the index is not loaded; open with load_index=True")
+        return {
+            key_to_name(k): _info(k, e) for k, e in self._entries.items() if not is_slice_key(k)
+        }
+
+    async def _block(self, handle: BlockHandle) -> bytes | memoryview:
+        block = self._blocks.get(handle.offset)
+        if block is None:
+            stored = await self._fetch_index_bytes(handle.offset, handle.end_with_trailer)
+            try:
+                block = decode_block(stored, offset=handle.offset)
+            except StreamCkptError as exc:
+                raise exc.with_context(uri=self.index_uri) from None
+            self._blocks[handle.offset] = block
+        return block
+
+    async def entry(self, name: str | bytes) -> BundleEntry:
+        """The entry of one tensor, reading at most one index block if not loaded yet."""
+        key = name_to_key(name)
+        if self._entries is not None:
+            found = self._entries.get(key)
+        elif key in self._lookups:
+            found = self._lookups[key]
+        else:
+            found = None
+            handle = self._index.find(key) if key != HEADER_KEY else None
+            if handle is not None:
+                block = await self._block(handle)
+                value = lookup_in_block(block, key, offset=handle.offset)
+                if value is not None:
+                    try:
+                        found = decode_entry(value, num_shards=self.header.num_shards)
+                    except StreamCkptError as exc:
+                        raise exc.with_context(
+                            uri=self.index_uri, tensor=key_to_name(key), offset=handle.offset
+                        ) from None
+            self._lookups[key] = found
+        if found is None or key == HEADER_KEY:
+            raise TensorNotFoundError(
+                "no such tensor in the checkpoint", uri=self.uri, tensor=key_to_name(key)
+            )
+        return found
+
+    async def info(self, name: str | bytes) -> TensorInfo:
+        key = name_to_key(name)
+        return _info(key, await self.entry(key))
+
+    # -- data ---------------------------------------------------------------------------
+
+    def shard_path(self, shard_id: int) -> str:
+        return data_filename(self.prefix_path, shard_id, self.header.num_shards)
+
+    async def _check_fits(self, placements: Iterable[Placement]) -> None:
+        """Large claimed sizes are checked against the real shard size before allocating."""
+        for p in placements:
+            if p.size <= _SIZE_CHECK_THRESHOLD:
+                continue
+            size = self._shard_sizes.get(p.shard_id)
+            if size is None:
+                size = await self.store.size(self.shard_path(p.shard_id))
+                self._shard_sizes[p.shard_id] = size
+            if p.offset + p.size > size:
+                raise TruncatedError(
+                    f"tensor needs bytes up to {p.offset + p.size} but the shard has {size}",
+                    uri=self.store.uri(self.shard_path(p.shard_id)),
+                    tensor=key_to_name(p.key),
+                    shard=p.shard_id,
+                    offset=p.offset,
+                )
+
+    async def _fetch_groups(self, groups: Sequence[ReadGroup]) -> dict[bytes, memoryview]:
+        """Fetch merged ranges concurrently; return each member's bytes (views, no copy)."""
+        results: dict[bytes, memoryview] = {}
+        limiter = anyio.CapacityLimiter(self.max_concurrent_reads)
+
+        async def fetch_shard(shard_id: int, shard_groups: list[ReadGroup]) -> None:
+            path = self.shard_path(shard_id)
+            async with limiter:
+                try:
+                    buffers = await self.store.read_ranges(
+                        path, [ByteRange(g.start, g.end) for g in shard_groups]
+                    )
+                except StreamCkptError as exc:
+                    if isinstance(exc, CheckpointNotFoundError):
+                        exc.message = "data shard is missing"
+                    raise exc.with_context(
+                        uri=self.store.uri(path),
+                        shard=shard_id,
+                        tensor=key_to_name(shard_groups[0].members[0].key)
+                        if len(shard_groups) == 1 and len(shard_groups[0].members) == 1
+                        else None,
+                    ) from None
+            for group, buffer in zip(shard_groups, buffers, strict=True):
+                view = memoryview(buffer)
+                for p in group.members:
+                    results[p.key] = view[p.offset - group.start : p.offset - group.start + p.size]
+
+        by_shard: dict[int, list[ReadGroup]] = {}
+        for g in groups:
+            by_shard.setdefault(g.shard_id, []).append(g)
+        async with anyio.create_task_group() as tg:
+            for shard_id, shard_groups in by_shard.items():
+                # split the shard's groups into batches so several requests overlap
+                for i in range(0, len(shard_groups), 8):
+                    tg.start_soon(fetch_shard, shard_id, shard_groups[i : i + 8])
+        return results
+
+    def _verify_and_decode(
+        self, key: bytes, entry: BundleEntry, payload: memoryview
+    ) -> np.ndarray[Any, Any]:
+        buffer = payload if payload.readonly is False else bytearray(payload)
+        try:
+            return decode_payload(
+                buffer,
+                dtype=entry.dtype,
+                shape=entry.shape,
+                big_endian=self.header.big_endian,
+                expected_crc=entry.crc32c,
+            )
+        except StreamCkptError as exc:
+            raise exc.with_context(
+                uri=self.store.uri(self.shard_path(entry.shard_id)),
+                tensor=key_to_name(key),
+                shard=entry.shard_id,
+                offset=entry.offset,
+            ) from None
+
+    async def _plain_entries(
+        self, keys: Sequence[bytes]
+    ) -> tuple[dict[bytes, BundleEntry], dict[bytes, list[tuple[TensorSlice, bytes]]]]:
+        """Entries to fetch for ``keys``: partitioned tensors expand to their slice pieces."""
+        plain: dict[bytes, BundleEntry] = {}
+        pieces: dict[bytes, list[tuple[TensorSlice, bytes]]] = {}
+        for key in keys:
+            entry = await self.entry(key)
+            if not entry.slices:
+                plain[key] = entry
+                continue
+            _check_cover(key, entry, self.uri)
+            pieces[key] = []
+            for piece in entry.slices:
+                piece_key = encode_slice_key(key, piece)
+                try:
+                    piece_entry = await self.entry(piece_key)
+                except TensorNotFoundError:
+                    raise CorruptCheckpointError(
+                        "a slice of a partitioned tensor is missing from the index",
+                        uri=self.uri,
+                        tensor=key_to_name(key),
+                    ) from None
+                if piece_entry.dtype != entry.dtype or piece_entry.shape != piece.shape_in(
+                    entry.shape
+                ):
+                    raise CorruptCheckpointError(
+                        "a slice's dtype or shape disagrees with its partitioned tensor",
+                        uri=self.uri,
+                        tensor=key_to_name(key),
+                    )
+                plain[piece_key] = piece_entry
+                pieces[key].append((piece, piece_key))
+        return plain, pieces
+
+    async def read_many(self, names: Iterable[str | bytes]) -> dict[str, np.ndarray[Any, Any]]:
+        """Whole tensors, fetched with merged ranged reads, each verified by its crc32c."""
+        keys = [name_to_key(n) for n in names]
+        plain, pieces = await self._plain_entries(keys)
+        placements = [Placement(k, e.shard_id, e.offset, e.size) for k, e in plain.items()]
+        await self._check_fits(placements)
+        groups = plan_reads(
+            placements, max_gap=DEFAULT_MAX_GAP, max_group_bytes=DEFAULT_MAX_GROUP_BYTES
+        )
+        payloads = await self._fetch_groups(groups)
+
+        def decode_all() -> dict[str, np.ndarray[Any, Any]]:
+            arrays = {k: self._verify_and_decode(k, e, payloads[k]) for k, e in plain.items()}
+            out: dict[str, np.ndarray[Any, Any]] = {}
+            for key in keys:
+                if key in pieces:
+                    out[key_to_name(key)] = self._assemble(key, pieces[key], arrays)
+                else:
+                    out[key_to_name(key)] = arrays[key]
+            return out
+
+        return await anyio.to_thread.run_sync(decode_all)
+
+    def _assemble(
+        self,
+        key: bytes,
+        pieces: list[tuple[TensorSlice, bytes]],
+        arrays: dict[bytes, np.ndarray[Any, Any]],
+    ) -> np.ndarray[Any, Any]:
+        entry = self._entries[key] if self._entries is not None else self._lookups[key]
+        assert entry is not None
+        full = np.empty(entry.shape, dtype=numpy_dtype(entry.dtype))
+        for piece, piece_key in pieces:
+            full[piece.index_in(entry.shape)] = arrays[piece_key]
+        return full
+
+    async def read(self, name: str | bytes, index: Any = None) -> np.ndarray[Any, Any]:
+        """One tensor, or with ``index`` (basic numpy indexing) only the bytes it needs."""
+        key = name_to_key(name)
+        if index is None:
+            return (await self.read_many([key]))[key_to_name(key)]
+        entry = await self.entry(key)
+        region = None
+        if not entry.slices and is_fixed_size(entry.dtype):
+            try:
+                region = plan_region(entry.shape, itemsize(entry.dtype), index)
+            except UnsupportedIndexError:
+                region = None
+        if region is None:
+            whole = (await self.read_many([key]))[key_to_name(key)]
+            return np.array(whole[index], copy=True)
+        return await self._read_region(key, entry, region)
+
+    async def _read_region(
+        self, key: bytes, entry: BundleEntry, region: Region
+    ) -> np.ndarray[Any, Any]:
+        """Partial reads are not checked by crc32c (it covers the whole tensor only)."""
+        if region.byte_length == 0:
+            return np.empty(region.result_shape, dtype=numpy_dtype(entry.dtype))
+        start = entry.offset + region.byte_start
+        path = self.shard_path(entry.shard_id)
+        try:
+            data = await self.store.read_range(path, start, start + region.byte_length)
+        except StreamCkptError as exc:
+            raise exc.with_context(
+                uri=self.store.uri(path),
+                tensor=key_to_name(key),
+                shard=entry.shard_id,
+                offset=start,
+            ) from None
+        dtype = numpy_dtype(entry.dtype, big_endian=self.header.big_endian)
+        flat = np.frombuffer(data, dtype=dtype)
+        box = np.lib.stride_tricks.as_strided(
+            flat, shape=region.box_shape, strides=region.box_strides, writeable=False
+        )
+        result = np.array(box[region.inner_index], dtype=numpy_dtype(entry.dtype), copy=True)
+        return result
+
+    async def __aenter__(self) -> CheckpointReader:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._blocks.clear()
+
+
+def _check_cover(key: bytes, entry: BundleEntry, uri: str) -> None:
+    """Slices must tile the tensor exactly: no gap, no overlap (TF refuses both)."""
+    boxes = [piece.index_in(entry.shape) for piece in entry.slices]
+    total = sum(math.prod(s.stop - s.start for s in box) for box in boxes)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b, strict=True)):
+                raise CorruptCheckpointError(
+                    "partitioned tensor has overlapping slices", uri=uri, tensor=key_to_name(key)
+                )
+    if total != math.prod(entry.shape):
+        raise CorruptCheckpointError(
+            "partitioned tensor's slices do not cover it", uri=uri, tensor=key_to_name(key)
+        )
+
+
+async def open_reader(
+    store: Store,
+    prefix_path: str,
+    *,
+    load_index: bool = True,
+    tail_bytes: int = DEFAULT_TAIL_BYTES,
+) -> CheckpointReader:
+    """Read the index's tail (footer, index block, often everything) and return a reader."""
+    index_path = index_filename(prefix_path)
+    uri = store.uri(index_path)
+    try:
+        tail, known_size = await store.read_suffix(index_path, tail_bytes)
+    except CheckpointNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            "no checkpoint at this prefix (its .index is missing)", uri=uri
+        ) from exc
+    try:
+        if len(tail) < FOOTER_SIZE:
+            raise TruncatedError(f"index of {len(tail)} bytes is shorter than its footer")
+        size = known_size if known_size is not None else _infer_size(tail)
+        if size is None:
+            size = await store.size(index_path)
+        footer = decode_footer(tail[-FOOTER_SIZE:], file_size=size)
+        handle = footer.index
+        tail_start = size - len(tail)
+        if handle.offset >= tail_start:
+            base = handle.offset - tail_start
+            stored: bytes | memoryview = memoryview(tail)[base : base + handle.size + 5]
+        else:
+            stored = bytes(await store.read_range(index_path, handle.offset, handle.end_with_trailer))
+        index = decode_index_block(
+            decode_block(stored, offset=handle.offset),
+            index_offset=handle.offset,
+            limit=size - FOOTER_SIZE,
+        )
+        reader = CheckpointReader(store, prefix_path, index, size, tail)
+        if load_index:
+            await reader.load_index()
+        else:
+            await reader.read_header()
+    except StreamCkptError as exc:
+        raise exc.with_context(uri=uri) from None
+    return reader
+
+
+def _infer_size(tail: bytes) -> int | None:
+    """The index's size when the backend did not say, or None to ask it.
+
+    TensorFlow's writer and ours put the footer right after the index block, so the size is
+    where that block ends plus 48. The guess is kept only if the index block's checksum holds
+    at the position it implies; anything else falls back to asking the store.
+    """
+    try:
+        footer = decode_footer(tail[-FOOTER_SIZE:], file_size=1 << 62)
+    except StreamCkptError:
+        return None
+    guess = footer.index.end_with_trailer + FOOTER_SIZE
+    tail_start = guess - len(tail)
+    if tail_start < 0 or footer.index.offset < tail_start:
+        return None
+    base = footer.index.offset - tail_start
+    try:
+        decode_block(memoryview(tail)[base : base + footer.index.size + 5], offset=0)
+    except StreamCkptError:
+        return None
+    return guess

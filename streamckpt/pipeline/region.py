@@ -1,0 +1,89 @@
+"""Which bytes a basic numpy index needs, for reading part of a tensor with one ranged read.
+
+For a C-order tensor the elements of any box (a range per axis) lie between the flat positions
+of its first and last corners. We fetch that one contiguous span, view it with the full
+tensor's strides (``as_strided``), and apply the remaining steps and integer picks in memory.
+A selection along the first axis, the common case, fetches exactly what it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class UnsupportedIndexError(Exception):
+    """The index is not basic indexing (ints, slices, Ellipsis); read the whole tensor."""
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    byte_start: int
+    byte_length: int
+    box_shape: tuple[int, ...]
+    box_strides: tuple[int, ...]
+    inner_index: tuple[int | slice, ...]
+    result_shape: tuple[int, ...]
+
+
+def _normalize(index: Any, rank: int) -> list[Any]:
+    items = list(index) if isinstance(index, tuple) else [index]
+    for item in items:
+        if item is not Ellipsis and not isinstance(item, slice | int | np.integer):
+            raise UnsupportedIndexError(f"not basic indexing: {item!r}")
+        if isinstance(item, bool | np.bool_):
+            raise UnsupportedIndexError("boolean index")
+    if items.count(Ellipsis) > 1:
+        raise IndexError("an index can only have a single ellipsis")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        fill = rank - (len(items) - 1)
+        items[at : at + 1] = [slice(None)] * fill
+    if len(items) > rank:
+        raise IndexError(f"too many indices for a tensor of rank {rank}")
+    return items + [slice(None)] * (rank - len(items))
+
+
+def plan_region(shape: tuple[int, ...], itemsize: int, index: Any) -> Region:
+    items = _normalize(index, len(shape))
+    result_shape = np.broadcast_to(np.empty((), dtype=np.uint8), shape)[tuple(items)].shape
+    strides = tuple(itemsize * math.prod(shape[d + 1 :]) for d in range(len(shape)))
+    lows: list[int] = []
+    highs: list[int] = []
+    inner: list[int | slice] = []
+    empty = math.prod(result_shape) == 0
+    for axis, (item, size) in enumerate(zip(items, shape, strict=True)):
+        if isinstance(item, slice):
+            picked = range(*item.indices(size))
+            if len(picked) == 0:
+                empty = True
+                lows.append(0)
+                highs.append(0)
+                inner.append(slice(0, 0))
+                continue
+            lo, hi = min(picked), max(picked)
+            stop = picked.stop - lo
+            inner.append(slice(picked.start - lo, stop if stop >= 0 else None, picked.step))
+        else:
+            position = int(item)
+            if not -size <= position < size:
+                raise IndexError(f"index {position} is out of bounds for axis {axis} of {size}")
+            lo = hi = position % size
+            inner.append(0)
+        lows.append(lo)
+        highs.append(hi)
+    if empty:
+        return Region(0, 0, (), (), (), tuple(result_shape))
+    byte_start = sum(lo * st for lo, st in zip(lows, strides, strict=True))
+    byte_end = sum(hi * st for hi, st in zip(highs, strides, strict=True)) + itemsize
+    return Region(
+        byte_start=byte_start,
+        byte_length=byte_end - byte_start,
+        box_shape=tuple(hi - lo + 1 for lo, hi in zip(lows, highs, strict=True)),
+        box_strides=strides,
+        inner_index=tuple(inner),
+        result_shape=tuple(result_shape),
+    )

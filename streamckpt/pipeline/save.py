@@ -1,0 +1,227 @@
+"""Save: prepare -> plan -> stream every shard concurrently -> commit the index.
+
+Invariants:
+- the index is written only after every shard write has been committed (fsync'd / uploaded),
+  in one atomic step, create-only unless ``overwrite``; a reader that finds an index finds
+  complete data;
+- a save that fails or is cancelled removes every data file it created (cleanup is shielded
+  from cancellation) and never touches another prefix's files;
+- a tensor's bytes are never copied whole: each shard task streams views of the caller's
+  arrays in chunks of ``chunk_bytes``, extending the tensor's crc32c as it goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from streamckpt.errors import CheckpointExistsError, StreamCkptError
+from streamckpt.format.bundle import (
+    BundleEntry,
+    BundleHeader,
+    data_filename,
+    encode_index,
+    index_filename,
+    name_to_key,
+)
+from streamckpt.format.crc import crc32c, mask
+from streamckpt.pipeline.plan import Placement, SavePlan, plan_save
+from streamckpt.pipeline.tensors import PreparedTensor, prepare
+from streamckpt.storage import Store
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+# Shards written at once; each is one worker thread streaming sequentially.
+DEFAULT_MAX_CONCURRENT_SHARDS = 16
+
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveInfo:
+    """What a save wrote, and how long it took."""
+
+    prefix: str
+    num_shards: int
+    num_tensors: int
+    bytes_written: int
+    index_bytes: int
+    files: tuple[str, ...]
+    seconds: float
+    seconds_by_phase: Mapping[str, float]
+
+
+async def prepare_all(
+    tensors: Mapping[str | bytes, Any], *, copy: bool
+) -> dict[bytes, PreparedTensor]:
+    """Payloads for every tensor, in one worker thread (string encoding and copies are CPU)."""
+
+    def work() -> dict[bytes, PreparedTensor]:
+        prepared: dict[bytes, PreparedTensor] = {}
+        for name, value in tensors.items():
+            key = name_to_key(name)
+            if not key:
+                raise ValueError("a tensor name must not be empty (it is the header's key)")
+            if key in prepared:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            try:
+                prepared[key] = prepare(key, value, copy=copy)
+            except StreamCkptError as exc:
+                raise exc.with_context(tensor=str(name)) from None
+        return prepared
+
+    return await anyio.to_thread.run_sync(work)
+
+
+def _write_shard(
+    store: Store,
+    path: str,
+    placements: Sequence[Placement],
+    prepared: Mapping[bytes, PreparedTensor],
+    chunk_bytes: int,
+    progress: ProgressCallback | None,
+) -> dict[bytes, int]:
+    """Runs in a worker thread: stream one shard, return each tensor's masked crc32c."""
+    crcs: dict[bytes, int] = {}
+    writer = store.open_writer(path)
+    try:
+        for placement in placements:
+            tensor = prepared[placement.key]
+            view = tensor.payload
+            crc = 0
+            for start in range(0, len(view), chunk_bytes):
+                anyio.from_thread.check_cancelled()
+                chunk = view[start : start + chunk_bytes]
+                if tensor.crc32c is None:
+                    crc = crc32c(chunk, crc)
+                writer.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            crcs[placement.key] = tensor.crc32c if tensor.crc32c is not None else mask(crc)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return crcs
+
+
+async def write_bundle(
+    store: Store,
+    prefix_path: str,
+    prepared: Mapping[bytes, PreparedTensor],
+    plan: SavePlan,
+    *,
+    overwrite: bool,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_concurrent_shards: int = DEFAULT_MAX_CONCURRENT_SHARDS,
+    progress: ProgressCallback | None = None,
+) -> SaveInfo:
+    """Execute a save plan and commit the index. The executor behind :func:`save`."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    index_path = index_filename(prefix_path)
+    index_uri = store.uri(index_path)
+    if await store.exists(index_path):
+        if not overwrite:
+            raise CheckpointExistsError(
+                "a checkpoint already exists at this prefix (pass overwrite=True)", uri=index_uri
+            )
+        # Invalidate the old checkpoint first: its data files are about to be replaced.
+        await store.delete([index_path])
+    directory = store.dirname(prefix_path)
+    if directory:
+        await store.make_dirs(directory)
+    shard_paths = [
+        data_filename(prefix_path, shard_id, plan.num_shards) for shard_id in range(plan.num_shards)
+    ]
+    crcs: dict[bytes, int] = {}
+    limiter = anyio.CapacityLimiter(max_concurrent_shards)
+    committed = False
+    try:
+        t0 = time.perf_counter()
+
+        async def run_shard(shard_id: int) -> None:
+            result = await anyio.to_thread.run_sync(
+                _write_shard,
+                store,
+                shard_paths[shard_id],
+                plan.shards[shard_id],
+                prepared,
+                chunk_bytes,
+                progress,
+                limiter=limiter,
+            )
+            crcs.update(result)
+
+        async with anyio.create_task_group() as tg:
+            for shard_id in range(plan.num_shards):
+                tg.start_soon(run_shard, shard_id)
+        phases["write_shards"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        header = BundleHeader(num_shards=plan.num_shards)
+        entries = []
+        for key, placement in sorted(plan.placements.items()):
+            tensor = prepared[key]
+            entries.append(
+                (
+                    key,
+                    BundleEntry(
+                        dtype=tensor.dtype,
+                        shape=tensor.shape,
+                        shard_id=placement.shard_id,
+                        offset=placement.offset,
+                        size=placement.size,
+                        crc32c=crcs[key],
+                    ),
+                )
+            )
+        index_bytes = await anyio.to_thread.run_sync(encode_index, header, entries)
+        if directory:
+            await store.sync_dir(directory)  # shard names durable before the index appears
+        await store.write_atomic(index_path, index_bytes, exclusive=not overwrite)
+        committed = True
+        phases["commit_index"] = time.perf_counter() - t0
+    finally:
+        if not committed:
+            with anyio.CancelScope(shield=True):
+                await store.delete(shard_paths)
+    return SaveInfo(
+        prefix=store.uri(prefix_path),
+        num_shards=plan.num_shards,
+        num_tensors=len(prepared),
+        bytes_written=sum(t.size for t in prepared.values()),
+        index_bytes=len(index_bytes),
+        files=(*(store.uri(p) for p in shard_paths), index_uri),
+        seconds=time.perf_counter() - started,
+        seconds_by_phase=phases,
+    )
+
+
+async def save_tensors(
+    store: Store,
+    prefix_path: str,
+    tensors: Mapping[str | bytes, Any],
+    *,
+    num_shards: int,
+    overwrite: bool,
+    copy: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: ProgressCallback | None = None,
+) -> SaveInfo:
+    prepared = await prepare_all(tensors, copy=copy)
+    plan = plan_save(sizes={k: t.size for k, t in prepared.items()}, num_shards=num_shards)
+    return await write_bundle(
+        store,
+        prefix_path,
+        prepared,
+        plan,
+        overwrite=overwrite,
+        chunk_bytes=chunk_bytes,
+        progress=progress,
+    )

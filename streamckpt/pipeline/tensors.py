@@ -1,0 +1,127 @@
+"""Turning caller values into payloads ready to stream, and payload bytes back into arrays.
+
+On save a numeric tensor's payload is a view of the caller's (contiguous, little-endian)
+array: nothing is copied unless the layout demands it or the caller asked for a snapshot.
+DT_STRING / DT_VARIANT payloads are encoded up front; they are small next to numeric ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streamckpt.errors import ChecksumError, UnsupportedError
+from streamckpt.format.crc import crc32c, mask
+from streamckpt.format.dtypes import DataType, from_numpy, numpy_dtype
+from streamckpt.format.strings import decode_strings, encode_strings
+from streamckpt.format.variant import decode_variants, encode_variants
+
+
+@dataclass(frozen=True, slots=True)
+class Typed:
+    """A value saved with an explicit TensorFlow dtype, for the types numpy cannot name
+    (``DT_QINT8`` and the other quantized types, ``DT_VARIANT`` elements as bytes)."""
+
+    value: Any
+    dtype: DataType
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedTensor:
+    """A tensor ready to stream: its payload bytes and what the entry will say about them."""
+
+    key: bytes
+    dtype: DataType
+    shape: tuple[int, ...]
+    payload: memoryview
+    crc32c: int | None  # masked; known up front for encoded payloads, else computed while writing
+
+    @property
+    def size(self) -> int:
+        return self.payload.nbytes
+
+
+def as_array(value: Any) -> np.ndarray[Any, Any]:
+    """Host numpy view of a leaf: numpy, Python scalars, anything with DLPack or __array__."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, np.generic | int | float | bool | complex):
+        return np.asarray(value)
+    if isinstance(value, bytes | str):
+        return np.array(value.encode() if isinstance(value, str) else value, dtype=object)
+    if hasattr(value, "__dlpack__") and not hasattr(value, "__array__"):
+        return np.from_dlpack(value)
+    if hasattr(value, "__array__"):
+        return np.asarray(value)
+    if hasattr(value, "__dlpack__"):
+        return np.from_dlpack(value)
+    return np.asarray(value)
+
+
+def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:
+    """Build the payload for one tensor; ``copy`` snapshots numeric data (async saves)."""
+    forced: DataType | None = None
+    if isinstance(value, Typed):
+        forced, value = value.dtype, value.value
+    array = as_array(value)
+    dtype = forced if forced is not None else from_numpy(array.dtype)
+    shape = tuple(int(d) for d in array.shape)
+    if dtype == DataType.DT_STRING:
+        payload, crc = encode_strings([_as_bytes(x) for x in array.reshape(-1)])
+        return PreparedTensor(key, dtype, shape, memoryview(payload), crc)
+    if dtype == DataType.DT_VARIANT:
+        payload, crc = encode_variants([_as_bytes(x) for x in array.reshape(-1)])
+        return PreparedTensor(key, dtype, shape, memoryview(payload), crc)
+    target = numpy_dtype(dtype)
+    if array.dtype != target:
+        array = array.astype(target)  # big-endian input, or a dtype the caller forced
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if copy and np.shares_memory(flat, array):
+        flat = flat.copy()
+    return PreparedTensor(key, dtype, shape, memoryview(flat.view(np.uint8)), None)
+
+
+def _as_bytes(element: Any) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    if isinstance(element, np.bytes_ | bytearray | memoryview):
+        return bytes(element)
+    raise UnsupportedError(f"cannot save {type(element).__name__} as a string element")
+
+
+def decode_payload(
+    buffer: bytes | bytearray | memoryview,
+    *,
+    dtype: DataType,
+    shape: tuple[int, ...],
+    big_endian: bool,
+    expected_crc: int,
+) -> np.ndarray[Any, Any]:
+    """An array over ``buffer`` (no copy for little-endian fixed-size data), checked against
+    the entry's masked crc32c."""
+    count = math.prod(shape)
+    if dtype == DataType.DT_STRING or dtype == DataType.DT_VARIANT:
+        # Their entry crc covers fixed-width lengths, not the stored varints: the codec checks.
+        if dtype == DataType.DT_STRING:
+            values = decode_strings(
+                buffer, count, big_endian=big_endian, expected_crc=expected_crc
+            )
+        else:
+            values = decode_variants(buffer, count, expected_crc=expected_crc)
+        out = np.empty(count, dtype=object)
+        out[:] = values
+        return out.reshape(shape)
+    actual = mask(crc32c(buffer))
+    if actual != expected_crc:
+        raise ChecksumError(
+            f"tensor checksum mismatch (stored {expected_crc:#010x}, computed {actual:#010x})"
+        )
+    array = np.frombuffer(buffer, dtype=numpy_dtype(dtype, big_endian=big_endian), count=count)
+    if big_endian and array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.reshape(shape)

@@ -1,0 +1,147 @@
+"""The one storage interface the pipeline talks to, and the error boundary for backends.
+
+A Store holds paths of one filesystem. Reads are async (they overlap); writing a shard is a
+*sync* object used from a worker thread, because the save loop that feeds it (crc32c, copies)
+is CPU work that belongs in a thread anyway: one thread hop per shard, not per chunk.
+
+Every backend error is translated here (``map_errors``) into the streamckpt error tree, with the
+URI of the object that failed.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from streamckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    PermissionDeniedError,
+    StorageError,
+    StreamCkptError,
+    TruncatedError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """``[start, end)`` of one object."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class ShardWriter(abc.ABC):
+    """Streams one object from a worker thread: ``write`` chunks, then ``commit`` or ``abort``.
+
+    ``commit`` makes the bytes durable (fsync, or the completed upload); ``abort`` removes
+    whatever was written and never raises.
+    """
+
+    @abc.abstractmethod
+    def write(self, chunk: memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+
+class Store(abc.ABC):
+    """Async access to the objects of one filesystem, addressed by that filesystem's paths."""
+
+    #: ``True`` where ``write_atomic(exclusive=True)`` is a real create-only write.
+    atomic_exclusive: bool = True
+
+    @abc.abstractmethod
+    def uri(self, path: str) -> str:
+        """A full URI for messages (``gs://bucket/x``, a local path)."""
+
+    @abc.abstractmethod
+    def join(self, *parts: str) -> str: ...
+
+    @abc.abstractmethod
+    def dirname(self, path: str) -> str: ...
+
+    @abc.abstractmethod
+    async def size(self, path: str) -> int: ...
+
+    @abc.abstractmethod
+    async def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def read_range(self, path: str, start: int, end: int) -> bytes | bytearray:
+        """Exactly ``end - start`` bytes; a short object raises TruncatedError."""
+
+    async def read_ranges(
+        self, path: str, ranges: Sequence[ByteRange]
+    ) -> list[bytes | bytearray]:
+        """Several ranges of one object; backends override to overlap the requests."""
+        return [await self.read_range(path, r.start, r.end) for r in ranges]
+
+    @abc.abstractmethod
+    async def read_suffix(self, path: str, length: int) -> tuple[bytes, int | None]:
+        """The last ``length`` bytes (all of them if the object is shorter) and, when the
+        backend knows it for free, the object's size."""
+
+    @abc.abstractmethod
+    async def read_all(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    async def write_atomic(self, path: str, data: bytes, *, exclusive: bool) -> None:
+        """Publish a whole object in one step; with ``exclusive`` refuse an existing one
+        (CheckpointExistsError)."""
+
+    @abc.abstractmethod
+    def open_writer(self, path: str) -> ShardWriter:
+        """Called from a worker thread; may block."""
+
+    @abc.abstractmethod
+    async def delete(self, paths: Sequence[str]) -> None:
+        """Remove objects; missing ones are ignored."""
+
+    @abc.abstractmethod
+    async def list_dir(self, path: str) -> list[str]:
+        """Paths of the objects directly inside ``path`` (empty when it does not exist)."""
+
+    async def make_dirs(self, path: str) -> None:  # noqa: B027 - object stores need nothing
+        """Create a directory where the backend has them."""
+
+    async def sync_dir(self, path: str) -> None:  # noqa: B027 - object stores need nothing
+        """Make a directory's entries durable where the backend has them."""
+
+
+def check_length(data: bytes | bytearray, expected: int, *, uri: str, offset: int) -> None:
+    if len(data) != expected:
+        raise TruncatedError(
+            f"wanted {expected} bytes, the object has only {len(data)} there",
+            uri=uri,
+            offset=offset,
+        )
+
+
+@contextlib.contextmanager
+def map_errors(uri: str) -> Iterator[None]:
+    """Translate backend exceptions into the streamckpt tree, naming the URI."""
+    try:
+        yield
+    except StreamCkptError as exc:
+        raise exc.with_context(uri=uri) from None
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(f"not found: {exc}", uri=uri) from exc
+    except FileExistsError as exc:
+        raise CheckpointExistsError(f"already exists: {exc}", uri=uri) from exc
+    except PermissionError as exc:
+        raise PermissionDeniedError(f"permission denied: {exc}", uri=uri) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise CheckpointNotFoundError(f"not found: {exc}", uri=uri) from exc
+        raise StorageError(f"storage error: {exc}", uri=uri) from exc

@@ -1,0 +1,213 @@
+"""Local disk through the os module: positional reads into caller buffers, large sequential
+writes, fsync, and the commit rule's atomic publish (temp file, fsync, link or rename, fsync of
+the directory).
+
+fsspec's local filesystem would work too, but it hides fsync and ``readinto``; on local disk
+those are exactly where the time and the durability are.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+
+import anyio.to_thread
+
+from streamckpt.storage.base import ByteRange, ShardWriter, Store, check_length, map_errors
+
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _read_exact_into(fd: int, offset: int, out: memoryview) -> int:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+class LocalShardWriter(ShardWriter):
+    def __init__(self, path: str) -> None:
+        self._path = path
+        with map_errors(path):
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
+        self._closed = False
+
+    def write(self, chunk: memoryview) -> None:
+        with map_errors(self._path):
+            while chunk:
+                n = os.write(self._fd, chunk)
+                chunk = chunk[n:]
+
+    def commit(self) -> None:
+        with map_errors(self._path):
+            os.fsync(self._fd)
+            self._closed = True
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+        try:
+            os.unlink(self._path)
+        except OSError:
+            pass
+
+
+class LocalStore(Store):
+    """Paths are ordinary OS paths."""
+
+    def uri(self, path: str) -> str:
+        return path
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(*parts)
+
+    def dirname(self, path: str) -> str:
+        return os.path.dirname(path) or "."
+
+    async def size(self, path: str) -> int:
+        with map_errors(path):
+            return (await anyio.to_thread.run_sync(os.stat, path)).st_size
+
+    async def exists(self, path: str) -> bool:
+        return await anyio.to_thread.run_sync(os.path.exists, path)
+
+    async def read_range(self, path: str, start: int, end: int) -> bytearray:
+        out = bytearray(end - start)
+        await self.read_into(path, start, memoryview(out))
+        return out
+
+    async def read_into(self, path: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` from ``start``: the zero-copy path for large tensors."""
+
+        def work() -> None:
+            with map_errors(path):
+                fd = os.open(path, os.O_RDONLY | _O_BINARY)
+                try:
+                    got = _read_exact_into(fd, start, out)
+                finally:
+                    os.close(fd)
+            if got != len(out):
+                check_length(out[:got].tobytes(), len(out), uri=path, offset=start)
+
+        await anyio.to_thread.run_sync(work)
+
+    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[bytes | bytearray]:
+        def work() -> list[bytes | bytearray]:
+            results: list[bytes | bytearray] = []
+            with map_errors(path):
+                fd = os.open(path, os.O_RDONLY | _O_BINARY)
+                try:
+                    for r in ranges:
+                        buf = bytearray(r.length)
+                        got = _read_exact_into(fd, r.start, memoryview(buf))
+                        check_length(buf[:got], r.length, uri=path, offset=r.start)
+                        results.append(buf)
+                finally:
+                    os.close(fd)
+            return results
+
+        return await anyio.to_thread.run_sync(work)
+
+    async def read_suffix(self, path: str, length: int) -> tuple[bytes, int | None]:
+        def work() -> tuple[bytes, int | None]:
+            with map_errors(path):
+                fd = os.open(path, os.O_RDONLY | _O_BINARY)
+                try:
+                    size = os.fstat(fd).st_size
+                    start = max(0, size - length)
+                    buf = bytearray(size - start)
+                    got = _read_exact_into(fd, start, memoryview(buf))
+                finally:
+                    os.close(fd)
+            return bytes(buf[:got]), size
+
+        return await anyio.to_thread.run_sync(work)
+
+    async def read_all(self, path: str) -> bytes:
+        def work() -> bytes:
+            with map_errors(path), open(path, "rb") as f:
+                return f.read()
+
+        return await anyio.to_thread.run_sync(work)
+
+    async def write_atomic(self, path: str, data: bytes, *, exclusive: bool) -> None:
+        def work() -> None:
+            with map_errors(path):
+                directory = os.path.dirname(path) or "."
+                tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(6)}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    if exclusive:
+                        os.link(tmp, path)  # atomic and create-only, unlike rename
+                        os.unlink(tmp)
+                    else:
+                        os.replace(tmp, path)
+                except BaseException:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
+                _fsync_dir(directory)
+
+        await anyio.to_thread.run_sync(work)
+
+    def open_writer(self, path: str) -> ShardWriter:
+        return LocalShardWriter(path)
+
+    async def delete(self, paths: Sequence[str]) -> None:
+        def work() -> None:
+            for path in paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    with map_errors(path):
+                        raise exc
+
+        await anyio.to_thread.run_sync(work)
+
+    async def list_dir(self, path: str) -> list[str]:
+        def work() -> list[str]:
+            try:
+                names = os.listdir(path)
+            except FileNotFoundError:
+                return []
+            return [os.path.join(path, n) for n in sorted(names)]
+
+        with map_errors(path):
+            return await anyio.to_thread.run_sync(work)
+
+    async def make_dirs(self, path: str) -> None:
+        with map_errors(path):
+            await anyio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+
+    async def sync_dir(self, path: str) -> None:
+        await anyio.to_thread.run_sync(_fsync_dir, path)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the data itself is synced
+    finally:
+        os.close(fd)
