@@ -1,5 +1,6 @@
-"""streamckpt: TensorFlow v2 checkpoints through an async streaming pipeline, on any fsspec
-filesystem.
+"""streamckpt: TensorFlow v2 checkpoints through an async streaming pipeline.
+
+Any fsspec filesystem works: local disk, ``memory://``, ``gs://``, ``s3://``.
 
 ```python
 info = await streamckpt.save("gs://b/run/ckpt-7", {"dense/kernel": a}, num_shards=4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from streamckpt.pipeline.save import (
     DEFAULT_CHUNK_BYTES,
     ProgressCallback,
     SaveInfo,
+    Tensors,
     save_tensors,
 )
 from streamckpt.storage import PathLike, resolve
@@ -20,7 +21,7 @@ from streamckpt.storage import PathLike, resolve
 
 async def save(
     prefix: PathLike,
-    tensors: Mapping[str | bytes, Any],
+    tensors: Tensors,
     *,
     num_shards: int = 1,
     overwrite: bool = False,
@@ -49,7 +50,7 @@ async def save(
 
 
 @contextlib.asynccontextmanager
-async def open(  # noqa: A001 - mirrors the builtin on purpose: streamckpt.open(prefix)
+async def open(
     prefix: PathLike,
     *,
     load_index: bool = True,

@@ -78,10 +78,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     restored = sync.load(prefix)
     seconds = time.perf_counter() - t0
     for name, value in model.items():
-        if not np.array_equal(np.asarray(restored[name]), np.asarray(value, dtype=None)):
-            if not (isinstance(value, bytes) and restored[name].item() == value):
-                print(f"MISMATCH in {name}", file=sys.stderr)
-                return 1
+        same = (
+            restored[name].item() == value
+            if isinstance(value, bytes)
+            else np.array_equal(restored[name], value)
+        )
+        if not same:
+            print(f"MISMATCH in {name}", file=sys.stderr)
+            return 1
     print(
         f"loaded all {len(restored)} tensors back in {seconds:.2f} s "
         f"({total / seconds / 1e9:.2f} GB/s), every crc32c verified, values identical"
@@ -137,7 +141,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _parse_index(text: str | None) -> Any:
     if not text:
         return None
-    parts = []
+    parts: list[Any] = []
     for item in text.split(","):
         item = item.strip()
         if item == "...":
@@ -176,8 +180,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
             print(f"{'-' if name in a else '+'} {name}")
             differences += 1
         elif a[name].shape != b[name].shape or a[name].dtype != b[name].dtype:
-            print(f"~ {name}: {a[name].dtype}{list(a[name].shape)} -> "
-                  f"{b[name].dtype}{list(b[name].shape)}")
+            print(
+                f"~ {name}: {a[name].dtype}{list(a[name].shape)} -> "
+                f"{b[name].dtype}{list(b[name].shape)}"
+            )
             differences += 1
         elif not np.array_equal(a[name], b[name], equal_nan=a[name].dtype.kind in "fc"):
             print(f"~ {name}: values differ")

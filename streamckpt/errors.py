@@ -2,7 +2,7 @@
 
 ```
 StreamCkptError
-├── CheckpointNotFoundError      (also FileNotFoundError)  no index at the prefix, or a shard missing
+├── CheckpointNotFoundError      (also FileNotFoundError)  no index, or a shard missing
 ├── CheckpointExistsError        (also FileExistsError)    save onto a committed checkpoint
 ├── CorruptCheckpointError       (also ValueError)         bytes that break the format's rules
 │   ├── ChecksumError                                      a block or tensor crc32c mismatch

@@ -11,7 +11,7 @@ import asyncio
 import builtins
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import anyio
@@ -20,7 +20,7 @@ import numpy as np
 
 from streamckpt import api
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
-from streamckpt.pipeline.save import ProgressCallback, SaveInfo
+from streamckpt.pipeline.save import ProgressCallback, SaveInfo, Tensors
 from streamckpt.storage import PathLike
 
 __all__ = ["SyncCheckpointReader", "load", "open", "read_tensor", "run", "save"]
@@ -48,7 +48,7 @@ def run(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
 
 def save(
     prefix: PathLike,
-    tensors: Mapping[str | bytes, Any],
+    tensors: Tensors,
     *,
     num_shards: int = 1,
     overwrite: bool = False,
@@ -127,7 +127,7 @@ class SyncCheckpointReader:
 
 
 @contextlib.contextmanager
-def open(  # noqa: A001 - mirrors streamckpt.open
+def open(
     prefix: PathLike,
     *,
     load_index: bool = True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from google.protobuf.message import DecodeError
 
@@ -112,7 +113,7 @@ class BundleEntry:
 
     def encode(self) -> bytes:
         proto = tensor_bundle_pb2.BundleEntryProto(
-            dtype=int(self.dtype),
+            dtype=cast(Any, int(self.dtype)),
             shard_id=self.shard_id,
             offset=self.offset,
             size=self.size,
@@ -215,9 +216,7 @@ def decode_index(index_file: bytes | memoryview) -> DecodedIndex:
     handle = footer.index
     index_block = decode_block(view[handle.offset : handle.end_with_trailer], offset=handle.offset)
     index = decode_index_block(index_block, index_offset=handle.offset, limit=size - FOOTER_SIZE)
-    return decode_records(
-        (view[h.offset : h.end_with_trailer], h.offset) for h in index.handles
-    )
+    return decode_records((view[h.offset : h.end_with_trailer], h.offset) for h in index.handles)
 
 
 def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedIndex:

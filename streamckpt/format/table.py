@@ -223,9 +223,7 @@ class TableWriter:
         metaindex = self._write_block(BlockBuilder(self._restart_interval).finish(), False)
         if self._pending_handle is not None:
             assert self._last_key is not None
-            self._index_block.add(
-                short_successor(self._last_key), self._pending_handle.encode()
-            )
+            self._index_block.add(short_successor(self._last_key), self._pending_handle.encode())
         index = self._write_block(self._index_block.finish(), self._snappy)
         self._out += encode_footer(Footer(metaindex, index))
         return bytes(self._out)
@@ -286,9 +284,7 @@ def iter_data_block(
         raise exc.with_context(offset=offset) from None
 
 
-def lookup_in_block(
-    block: bytes | memoryview, key: bytes, *, offset: int
-) -> memoryview | None:
+def lookup_in_block(block: bytes | memoryview, key: bytes, *, offset: int) -> memoryview | None:
     """The value stored under exactly ``key`` in one data block, if any."""
     try:
         found = seek_block(block, key)

@@ -52,9 +52,7 @@ def plan_save(*, sizes: Mapping[bytes, int], num_shards: int) -> SavePlan:
         load, shard_id = heapq.heappop(loads)
         members[shard_id].append(key)
         heapq.heappush(loads, (load + sizes[key], shard_id))
-    return plan_in_order(
-        shards=[sorted(keys) for keys in members], sizes=sizes
-    )
+    return plan_in_order(shards=[sorted(keys) for keys in members], sizes=sizes)
 
 
 def plan_in_order(*, shards: Sequence[Sequence[bytes]], sizes: Mapping[bytes, int]) -> SavePlan:

@@ -1,5 +1,4 @@
-"""Read: open (footer + index block in one ranged read) -> plan -> coalesce -> fetch -> verify
--> decode.
+"""Read: open (one ranged read of the index tail) -> plan -> coalesce -> fetch -> verify.
 
 Opening costs one suffix read of the .index file, which usually holds the footer, the index
 block and, for small checkpoints, every data block too. Looking up one tensor in a huge index
@@ -22,13 +21,11 @@ import anyio
 import numpy as np
 
 from streamckpt.errors import (
-    ChecksumError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StreamCkptError,
     TensorNotFoundError,
     TruncatedError,
-    UnsupportedError,
 )
 from streamckpt.format.bundle import (
     HEADER_KEY,
@@ -492,7 +489,9 @@ async def open_reader(
             base = handle.offset - tail_start
             stored: bytes | memoryview = memoryview(tail)[base : base + handle.size + 5]
         else:
-            stored = bytes(await store.read_range(index_path, handle.offset, handle.end_with_trailer))
+            stored = bytes(
+                await store.read_range(index_path, handle.offset, handle.end_with_trailer)
+            )
         index = decode_index_block(
             decode_block(stored, offset=handle.offset),
             index_offset=handle.offset,

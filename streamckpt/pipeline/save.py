@@ -40,6 +40,8 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_MAX_CONCURRENT_SHARDS = 16
 
 ProgressCallback = Callable[[int], None]
+# Mapping keys are invariant, so spell out the forms callers pass.
+Tensors = Mapping[str, Any] | Mapping[bytes, Any] | Mapping[str | bytes, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +58,7 @@ class SaveInfo:
     seconds_by_phase: Mapping[str, float]
 
 
-async def prepare_all(
-    tensors: Mapping[str | bytes, Any], *, copy: bool
-) -> dict[bytes, PreparedTensor]:
+async def prepare_all(tensors: Tensors, *, copy: bool) -> dict[bytes, PreparedTensor]:
     """Payloads for every tensor, in one worker thread (string encoding and copies are CPU)."""
 
     def work() -> dict[bytes, PreparedTensor]:
@@ -206,7 +206,7 @@ async def write_bundle(
 async def save_tensors(
     store: Store,
     prefix_path: str,
-    tensors: Mapping[str | bytes, Any],
+    tensors: Tensors,
     *,
     num_shards: int,
     overwrite: bool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -22,8 +22,11 @@ from streamckpt.format.variant import decode_variants, encode_variants
 
 @dataclass(frozen=True, slots=True)
 class Typed:
-    """A value saved with an explicit TensorFlow dtype, for the types numpy cannot name
-    (``DT_QINT8`` and the other quantized types, ``DT_VARIANT`` elements as bytes)."""
+    """A value saved with an explicit TensorFlow dtype.
+
+    For the types numpy cannot name: ``DT_QINT8`` and the other quantized types, and
+    ``DT_VARIANT`` (elements given as bytes).
+    """
 
     value: Any
     dtype: DataType
@@ -81,7 +84,7 @@ def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:
     flat = np.ascontiguousarray(array).reshape(-1)
     if copy and np.shares_memory(flat, array):
         flat = flat.copy()
-    return PreparedTensor(key, dtype, shape, memoryview(flat.view(np.uint8)), None)
+    return PreparedTensor(key, dtype, shape, memoryview(cast(Any, flat.view(np.uint8))), None)
 
 
 def _as_bytes(element: Any) -> bytes:
@@ -102,17 +105,19 @@ def decode_payload(
     big_endian: bool,
     expected_crc: int,
 ) -> np.ndarray[Any, Any]:
-    """An array over ``buffer`` (no copy for little-endian fixed-size data), checked against
-    the entry's masked crc32c."""
+    """An array over ``buffer``, checked against the entry's masked crc32c.
+
+    Little-endian fixed-size data is not copied.
+    """
     count = math.prod(shape)
     if dtype == DataType.DT_STRING or dtype == DataType.DT_VARIANT:
         # Their entry crc covers fixed-width lengths, not the stored varints: the codec checks.
         if dtype == DataType.DT_STRING:
             values = decode_strings(
-                buffer, count, big_endian=big_endian, expected_crc=expected_crc
+                memoryview(buffer), count, big_endian=big_endian, expected_crc=expected_crc
             )
         else:
-            values = decode_variants(buffer, count, expected_crc=expected_crc)
+            values = decode_variants(memoryview(buffer), count, expected_crc=expected_crc)
         out = np.empty(count, dtype=object)
         out[:] = values
         return out.reshape(shape)

@@ -81,24 +81,26 @@ class Store(abc.ABC):
     async def read_range(self, path: str, start: int, end: int) -> bytes | bytearray:
         """Exactly ``end - start`` bytes; a short object raises TruncatedError."""
 
-    async def read_ranges(
-        self, path: str, ranges: Sequence[ByteRange]
-    ) -> list[bytes | bytearray]:
+    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[bytes | bytearray]:
         """Several ranges of one object; backends override to overlap the requests."""
         return [await self.read_range(path, r.start, r.end) for r in ranges]
 
     @abc.abstractmethod
     async def read_suffix(self, path: str, length: int) -> tuple[bytes, int | None]:
-        """The last ``length`` bytes (all of them if the object is shorter) and, when the
-        backend knows it for free, the object's size."""
+        """The last ``length`` bytes (all of them if the object is shorter).
+
+        Also the object's size, when the backend knows it for free.
+        """
 
     @abc.abstractmethod
     async def read_all(self, path: str) -> bytes: ...
 
     @abc.abstractmethod
     async def write_atomic(self, path: str, data: bytes, *, exclusive: bool) -> None:
-        """Publish a whole object in one step; with ``exclusive`` refuse an existing one
-        (CheckpointExistsError)."""
+        """Publish a whole object in one step.
+
+        With ``exclusive``, refuse an existing one (CheckpointExistsError).
+        """
 
     @abc.abstractmethod
     def open_writer(self, path: str) -> ShardWriter:

@@ -9,6 +9,7 @@ matters for the sync face (its loop lives in a worker thread).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,12 +50,10 @@ class FsspecShardWriter(ShardWriter):
                     discard()  # aborts a multipart / resumable upload in progress
                 else:
                     self._file.close()
-            except Exception:  # noqa: BLE001 - abort must not raise; delete below cleans up
+            except Exception:
                 pass
-        try:
+        with contextlib.suppress(Exception):
             self._fs.rm_file(self._path)
-        except Exception:  # noqa: BLE001
-            pass
 
 
 class FsspecStore(Store):
@@ -145,7 +144,7 @@ class FsspecStore(Store):
                     self.fs.rm_file(path)
                 except FileNotFoundError:
                     pass
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     with map_errors(self.uri(path)):
                         raise exc
 

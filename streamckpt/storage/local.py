@@ -1,6 +1,7 @@
-"""Local disk through the os module: positional reads into caller buffers, large sequential
-writes, fsync, and the commit rule's atomic publish (temp file, fsync, link or rename, fsync of
-the directory).
+"""Local disk through the os module.
+
+Positional reads into caller buffers, large sequential writes, fsync, and the commit rule's
+atomic publish (temp file, fsync, link or rename, fsync of the directory).
 
 fsspec's local filesystem would work too, but it hides fsync and ``readinto``; on local disk
 those are exactly where the time and the durability are.
@@ -8,6 +9,7 @@ those are exactly where the time and the durability are.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Sequence
@@ -52,10 +54,8 @@ class LocalShardWriter(ShardWriter):
         if not self._closed:
             self._closed = True
             os.close(self._fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(self._path)
-        except OSError:
-            pass
 
 
 class LocalStore(Store):
@@ -140,7 +140,9 @@ class LocalStore(Store):
         def work() -> None:
             with map_errors(path):
                 directory = os.path.dirname(path) or "."
-                tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(6)}")
+                tmp = os.path.join(
+                    directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(6)}"
+                )
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
                 try:
                     view = memoryview(data)
@@ -156,10 +158,8 @@ class LocalStore(Store):
                     else:
                         os.replace(tmp, path)
                 except BaseException:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.unlink(tmp)
-                    except OSError:
-                        pass
                     raise
                 _fsync_dir(directory)
 
