@@ -13,7 +13,8 @@ async with streamckpt.open("gs://b/run/ckpt-7") as ckpt:
 Blocking versions of the same functions live in :mod:`streamckpt.sync`.
 """
 
-from streamckpt.api import load, open, read_tensor, save
+from typing import TYPE_CHECKING, Any
+
 from streamckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -27,10 +28,39 @@ from streamckpt.errors import (
     TruncatedError,
     UnsupportedError,
 )
-from streamckpt.format.dtypes import DataType
-from streamckpt.pipeline.read import CheckpointReader, TensorInfo
-from streamckpt.pipeline.save import SaveInfo
-from streamckpt.pipeline.tensors import Typed
+
+if TYPE_CHECKING:
+    from streamckpt.api import load, open, read_tensor, save
+    from streamckpt.format.dtypes import DataType
+    from streamckpt.pipeline.read import CheckpointReader, TensorInfo
+    from streamckpt.pipeline.save import SaveInfo
+    from streamckpt.pipeline.tensors import Typed
+
+# The I/O layers load on first use, so that ``import streamckpt.format`` (pure, no I/O)
+# pulls in neither anyio nor fsspec.
+_LAZY = {
+    "load": "streamckpt.api",
+    "open": "streamckpt.api",
+    "read_tensor": "streamckpt.api",
+    "save": "streamckpt.api",
+    "DataType": "streamckpt.format.dtypes",
+    "CheckpointReader": "streamckpt.pipeline.read",
+    "TensorInfo": "streamckpt.pipeline.read",
+    "SaveInfo": "streamckpt.pipeline.save",
+    "Typed": "streamckpt.pipeline.tensors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

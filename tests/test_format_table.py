@@ -1,0 +1,186 @@
+"""SSTable pieces: varints, masked crc, blocks, separators, whole tables (incl. Snappy)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamckpt.errors import ChecksumError, CorruptCheckpointError, StreamCkptError
+from streamckpt.format.block import BlockBuilder, iter_block, seek_block
+from streamckpt.format.crc import crc32c, mask, unmask
+from streamckpt.format.table import (
+    FOOTER_SIZE,
+    TableWriter,
+    decode_block,
+    decode_footer,
+    decode_index_block,
+    short_successor,
+    shortest_separator,
+)
+from streamckpt.format.varint import decode_varint, encode_varint
+
+
+def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
+    footer = decode_footer(data[-FOOTER_SIZE:], file_size=len(data))
+    h = footer.index
+    index = decode_index_block(
+        decode_block(data[h.offset : h.end_with_trailer], offset=h.offset),
+        index_offset=h.offset,
+        limit=len(data) - FOOTER_SIZE,
+    )
+    out = []
+    for handle in index.handles:
+        block = decode_block(data[handle.offset : handle.end_with_trailer], offset=handle.offset)
+        out.extend((k, bytes(v)) for k, v in iter_block(block))
+    return out
+
+
+def test_crc_check_values() -> None:
+    assert crc32c(b"123456789") == 0xE3069283
+    assert mask(0) == 0xA282EAD8
+    assert mask(crc32c(b"123456789")) == 0xC78AB0E5
+    assert crc32c(b"56789", crc32c(b"1234")) == 0xE3069283
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_mask_inverts(value: int) -> None:
+    assert unmask(mask(value)) == value
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1))
+def test_varint_round_trip(value: int) -> None:
+    encoded = encode_varint(value)
+    assert decode_varint(encoded, 0) == (value, len(encoded))
+    assert len(encoded) == max(1, (value.bit_length() + 6) // 7)
+
+
+def test_varint_rejects_overlong_and_truncated() -> None:
+    with pytest.raises(CorruptCheckpointError):
+        decode_varint(b"\x80" * 11, 0)
+    with pytest.raises(CorruptCheckpointError):
+        decode_varint(b"\x80\x80", 0)
+    with pytest.raises(CorruptCheckpointError):
+        decode_varint(encode_varint(2**32), 0, max_bytes=5)
+
+
+def test_separators_match_tf_examples() -> None:
+    assert shortest_separator(b"b_small", b"hxxx") == b"c"
+    assert shortest_separator(b"d1eedf05", b"d1ef") == b"d1eedf05"
+    assert shortest_separator(b"abc", b"abcd") == b"abc"
+    assert short_successor(b"s") == b"t"
+    assert short_successor(b"uint8") == b"v"
+    assert short_successor(b"z_small") == b"{"
+    assert short_successor(b"\xff\xfe-not-utf8") == b"\xff\xff"
+    assert short_successor(b"\xff\xff") == b"\xff\xff"
+
+
+@given(st.binary(max_size=12), st.binary(max_size=12))
+def test_separator_lies_between(a: bytes, b: bytes) -> None:
+    start, limit = min(a, b), max(a, b)
+    if start == limit:
+        return
+    sep = shortest_separator(start, limit)
+    assert start <= sep < limit
+    assert short_successor(start) >= start
+
+
+def test_empty_block_is_eight_bytes() -> None:
+    assert BlockBuilder(16).finish() == bytes.fromhex("0000000001000000")
+
+
+keys = st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=200, unique=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys, st.integers(min_value=1, max_value=20), st.sampled_from([64, 300, 4096]))
+def test_block_seek_finds_every_key(key_list: list[bytes], interval: int, _: int) -> None:
+    builder = BlockBuilder(interval)
+    ordered = sorted(key_list)
+    for i, key in enumerate(ordered):
+        builder.add(key, str(i).encode())
+    block = builder.finish()
+    assert [k for k, _ in iter_block(block)] == ordered
+    for i, key in enumerate(ordered):
+        found = seek_block(block, key)
+        assert found is not None and found[0] == key and bytes(found[1]) == str(i).encode()
+    assert seek_block(block, ordered[-1] + b"\x00") is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(keys, st.sampled_from([64, 512, 262144]), st.booleans(), st.integers(0, 300))
+def test_table_round_trip(key_list: list[bytes], block_size: int, snappy: bool, vlen: int) -> None:
+    writer = TableWriter(block_size=block_size, snappy=snappy)
+    records = [(k, (k * (vlen // max(1, len(k)) + 1))[:vlen]) for k in sorted(key_list)]
+    for k, v in records:
+        writer.add(k, v)
+    assert read_table(writer.finish()) == records
+
+
+def test_snappy_blocks_are_written_and_read() -> None:
+    writer = TableWriter(snappy=True)
+    records = [(f"layer/{i:05d}/kernel".encode(), b"\x00" * 40) for i in range(2000)]
+    for k, v in records:
+        writer.add(k, v)
+    data = writer.finish()
+    assert read_table(data) == records
+    plain = TableWriter()
+    for k, v in records:
+        plain.add(k, v)
+    assert len(data) < len(plain.finish()) // 2  # compressed for real
+
+
+def test_writer_refuses_unsorted_or_duplicate_keys() -> None:
+    writer = TableWriter()
+    writer.add(b"b", b"")
+    with pytest.raises(ValueError):
+        writer.add(b"a", b"")
+    with pytest.raises(ValueError):
+        writer.add(b"b", b"")
+
+
+def test_oversized_record_closes_the_block_first() -> None:
+    writer = TableWriter()
+    writer.add(b"a", b"x")
+    writer.add(b"b" * (530001), b"y")
+    writer.add(b"c", b"z")
+    data = writer.finish()
+    footer = decode_footer(data[-FOOTER_SIZE:], file_size=len(data))
+    h = footer.index
+    index = decode_index_block(
+        decode_block(data[h.offset : h.end_with_trailer], offset=h.offset),
+        index_offset=h.offset,
+        limit=len(data),
+    )
+    assert len(index.handles) == 3  # the huge key sits alone in the middle block
+
+
+def test_block_crc_and_compression_type_are_checked() -> None:
+    writer = TableWriter()
+    writer.add(b"k", b"v")
+    data = bytearray(writer.finish())
+    data[3] ^= 0x01
+    with pytest.raises(ChecksumError):
+        read_table(bytes(data))
+    stored = bytearray(b"abc") + bytes([7])
+    stored += mask(crc32c(bytes(stored))).to_bytes(4, "little")
+    with pytest.raises(CorruptCheckpointError, match="compression"):
+        decode_block(bytes(stored), offset=0)
+
+
+def test_bad_magic_and_short_footer() -> None:
+    writer = TableWriter()
+    writer.add(b"k", b"v")
+    data = writer.finish()
+    with pytest.raises(CorruptCheckpointError, match="magic"):
+        decode_footer(data[-FOOTER_SIZE:-1] + b"\x00", file_size=len(data))
+    with pytest.raises(CorruptCheckpointError):
+        decode_footer(data[-10:], file_size=10)
+
+
+def test_hostile_snappy_length_is_refused_before_inflating() -> None:
+    body = encode_varint(1 << 40) + b"\x00"  # claims a terabyte
+    stored = body + b"\x01"
+    stored += mask(crc32c(stored)).to_bytes(4, "little")
+    with pytest.raises(StreamCkptError):
+        decode_block(stored, offset=0)
