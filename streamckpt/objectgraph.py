@@ -1,0 +1,447 @@
+"""TensorFlow's object-based checkpoint names and the ``_CHECKPOINTABLE_OBJECT_GRAPH`` proto.
+
+``tf.train.Checkpoint`` names a value by the path of local names from the root object to the
+object that owns it, and records the whole object graph beside the tensors, so that a restore
+can match objects even when Python attribute names alone would be ambiguous. This module
+builds that graph from a nested Python tree and reads it back; it does no I/O.
+
+Invariants (format spec, section 8; checked against TensorFlow 2.21 by the tests):
+
+* Node 0 is the root; node ids are the breadth-first visiting order. The root's children are
+  sorted by name (``tf.train.Checkpoint(**kwargs)`` sorts its keyword arguments), with
+  ``save_counter`` appended last. Below the root, children keep their declared order:
+  ``dict`` insertion order, list and tuple indices ``"0"``, ``"1"``, ..., a namedtuple's field
+  names followed by its indices as aliases of the same nodes, dataclass fields, object
+  attributes in assignment order. Unlike ``tf.Module``, objects' attributes whose names start
+  with ``_`` are skipped, as in :mod:`streamckpt.naming`; ``None`` and code are skipped.
+* An object reached twice (by identity) is one node; its key uses the first breadth-first
+  path. Immutable scalars are never shared, since Python interns small ones.
+* Every node carries ``has_checkpoint_values``, true when it or anything below it holds a
+  value, and written even when false, as TensorFlow does.
+* Keys are ``<escaped path>/.ATTRIBUTES/<escaped attribute>``; escaping turns ``.`` into
+  ``..`` and then ``/`` into ``.S``, so it can be undone unambiguously.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from streamckpt.errors import CorruptCheckpointError, UnsupportedError
+from streamckpt.naming import (
+    Leaf,
+    NamingError,
+    _children,
+    _is_namedtuple,
+    _is_skipped_value,
+    is_leaf,
+)
+from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
+
+__all__ = [
+    "ATTRIBUTES",
+    "OBJECT_GRAPH_KEY",
+    "OPTIMIZER_SLOT",
+    "SAVE_COUNTER",
+    "VARIABLE_VALUE",
+    "ObjectGraph",
+    "SavedAttribute",
+    "SlotVariable",
+    "build_object_graph",
+    "checkpoint_key",
+    "escape_local_name",
+    "keys_to_nested",
+    "object_path_key",
+    "parse_object_graph",
+    "unescape_local_name",
+]
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+ATTRIBUTES = ".ATTRIBUTES"
+OPTIMIZER_SLOT = ".OPTIMIZER_SLOT"
+VARIABLE_VALUE = "VARIABLE_VALUE"
+SAVE_COUNTER = "save_counter"
+
+_IMMUTABLE_SCALARS = (bool, int, float, complex, str, bytes, np.generic)
+
+
+def escape_local_name(name: str) -> str:
+    """Make a local name safe to join with ``/``: ``a/b.c`` becomes ``a.Sb..c``."""
+    return name.replace(".", "..").replace("/", ".S")
+
+
+def unescape_local_name(escaped: str) -> str:
+    """Undo :func:`escape_local_name`; a ``.`` not followed by ``.`` or ``S`` is corrupt."""
+    out: list[str] = []
+    pos = 0
+    while True:
+        dot = escaped.find(".", pos)
+        if dot < 0:
+            out.append(escaped[pos:])
+            return "".join(out)
+        out.append(escaped[pos:dot])
+        follower = escaped[dot + 1 : dot + 2]
+        if follower == ".":
+            out.append(".")
+        elif follower == "S":
+            out.append("/")
+        else:
+            raise CorruptCheckpointError(f"bad escape in local name {escaped!r}")
+        pos = dot + 2
+
+
+def object_path_key(path: Sequence[str]) -> str:
+    """The key prefix of the object at ``path`` (a sequence of unescaped local names)."""
+    return "/".join(escape_local_name(name) for name in path)
+
+
+def checkpoint_key(path: Sequence[str], attribute: str = VARIABLE_VALUE) -> str:
+    """The bundle key of one attribute of the object at ``path``."""
+    return f"{object_path_key(path)}/{ATTRIBUTES}/{escape_local_name(attribute)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building.
+
+
+@dataclasses.dataclass(slots=True)
+class _BuildNode:
+    path: tuple[str, ...]
+    value: Any
+    is_leaf: bool
+    children: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+
+def _graph_children(node: Any, path: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """The children TensorFlow's data-structure wrappers would track, in their order."""
+    children = _children(node, path)
+    if children is None:
+        shown = "/".join(path) or "the root"
+        raise UnsupportedError(
+            f"{type(node).__name__} at {shown!r} is neither a leaf nor a container"
+        )
+    if isinstance(node, dict):
+        for key in node:
+            if not isinstance(key, str):
+                raise UnsupportedError(
+                    f"dict key {key!r} at {'/'.join(path)!r} is not a str; TensorFlow "
+                    "checkpoints name dict entries by string keys only"
+                )
+    kept = [(child.name, child.value) for child in children if not _is_skipped_value(child.value)]
+    if _is_namedtuple(node):
+        # TensorFlow's tuple wrapper tracks a namedtuple's fields by name and by position.
+        kept += [
+            (str(index), child.value)
+            for index, child in enumerate(children)
+            if not _is_skipped_value(child.value)
+        ]
+    return kept
+
+
+def build_object_graph(
+    root_children: Mapping[str, Any], *, save_counter: int | None = None
+) -> tuple[dict[str, Leaf], bytes]:
+    """Checkpoint keys with their leaves, and the serialized object graph, for a tree.
+
+    The root plays the part of ``tf.train.Checkpoint(**root_children)``. ``save_counter``,
+    when given, is added as the int64 scalar ``tf.train.Checkpoint.save`` writes. Leaves are
+    returned as they are (see :func:`streamckpt.naming.to_numpy`); each one gets the
+    attribute ``VARIABLE_VALUE`` and, as its TF1-style ``full_name``, its unescaped path joined
+    with ``/`` (TensorFlow writes the variable's own name there and ignores it on restore).
+    """
+    for name in root_children:
+        if not isinstance(name, str):
+            raise UnsupportedError(f"root child name {name!r} is not a str")
+    if save_counter is not None and SAVE_COUNTER in root_children:
+        raise NamingError(f"{SAVE_COUNTER!r} is reserved for the save counter")
+    top = sorted(
+        ((name, value) for name, value in root_children.items() if not _is_skipped_value(value)),
+        key=lambda item: item[0],
+    )
+    if save_counter is not None:
+        top.append((SAVE_COUNTER, np.asarray(save_counter, dtype=np.int64)))
+
+    nodes = [_BuildNode((), root_children, is_leaf=False)]
+    ids_by_identity: dict[int, int] = {}
+    queue = collections.deque([0])
+    while queue:
+        node_id = queue.popleft()
+        node = nodes[node_id]
+        if node.is_leaf:
+            continue
+        children = top if node_id == 0 else _graph_children(node.value, node.path)
+        for local_name, child in children:
+            shared = not isinstance(child, _IMMUTABLE_SCALARS)
+            child_id = ids_by_identity.get(id(child)) if shared else None
+            if child_id is None:
+                child_id = len(nodes)
+                nodes.append(_BuildNode((*node.path, local_name), child, is_leaf(child)))
+                if shared:
+                    ids_by_identity[id(child)] = child_id
+                queue.append(child_id)
+            node.children.append((child_id, local_name))
+
+    values_by_key = {checkpoint_key(n.path): n.value for n in nodes if n.is_leaf}
+    return values_by_key, _serialize(nodes)
+
+
+def _serialize(nodes: Sequence[_BuildNode]) -> bytes:
+    has_values = _nodes_with_values(
+        [[child_id for child_id, _ in n.children] for n in nodes],
+        [n.is_leaf for n in nodes],
+    )
+    graph = TrackableObjectGraph()
+    for node_id, node in enumerate(nodes):
+        proto = graph.nodes.add()
+        for child_id, local_name in node.children:
+            proto.children.add(node_id=child_id, local_name=local_name)
+        if node.is_leaf:
+            proto.attributes.add(
+                name=VARIABLE_VALUE,
+                full_name="/".join(node.path),
+                checkpoint_key=checkpoint_key(node.path),
+            )
+        proto.has_checkpoint_values.value = node_id in has_values
+    return graph.SerializeToString(deterministic=True)
+
+
+def _nodes_with_values(children: Sequence[Sequence[int]], holds_value: Sequence[bool]) -> set[int]:
+    """Nodes that hold a value or reach one; linear even when the graph has cycles."""
+    parents: list[list[int]] = [[] for _ in children]
+    for parent, child_ids in enumerate(children):
+        for child_id in child_ids:
+            parents[child_id].append(parent)
+    marked = {node_id for node_id, holds in enumerate(holds_value) if holds}
+    queue = collections.deque(marked)
+    while queue:
+        for parent in parents[queue.popleft()]:
+            if parent not in marked:
+                marked.add(parent)
+                queue.append(parent)
+    return marked
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SavedAttribute:
+    """One tensor an object saved: where the object sits, and under which bundle key."""
+
+    checkpoint_key: str
+    object_path: tuple[str, ...]
+    attribute_name: str
+    full_name: str
+    node_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SlotVariable:
+    """One optimizer slot (``m``, ``v``, ...) of one variable, as legacy optimizers save them.
+
+    Slot variables are not children of any object; the optimizer's node names them through
+    ``slot_variables``, and their keys read
+    ``<variable>/.OPTIMIZER_SLOT/<optimizer>/<slot name>/.ATTRIBUTES/VARIABLE_VALUE``.
+    """
+
+    checkpoint_key: str
+    variable_path: tuple[str, ...]
+    optimizer_path: tuple[str, ...]
+    slot_name: str
+    attribute_name: str
+    node_id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectGraph:
+    """What a ``_CHECKPOINTABLE_OBJECT_GRAPH`` says about the keys of its checkpoint.
+
+    ``node_paths[i]`` is node ``i``'s shortest breadth-first path of unescaped local names, or
+    None when the root does not reach it (slot variables, and orphans no restore can use;
+    an orphan's attributes are listed nowhere).
+    """
+
+    node_paths: tuple[tuple[str, ...] | None, ...]
+    attributes: tuple[SavedAttribute, ...]
+    slot_variables: tuple[SlotVariable, ...]
+
+    @property
+    def checkpoint_keys(self) -> frozenset[str]:
+        """Every bundle key the graph accounts for."""
+        return frozenset(a.checkpoint_key for a in self.attributes) | frozenset(
+            s.checkpoint_key for s in self.slot_variables
+        )
+
+
+def parse_object_graph(graph_bytes: bytes) -> ObjectGraph:
+    """Read a serialized ``TrackableObjectGraph``; raise CorruptCheckpointError if malformed."""
+    graph = TrackableObjectGraph()
+    try:
+        graph.ParseFromString(graph_bytes)
+    except DecodeError as exc:
+        raise CorruptCheckpointError(
+            f"object graph is not a TrackableObjectGraph: {exc}", tensor=OBJECT_GRAPH_KEY
+        ) from exc
+    if not graph.nodes:
+        raise CorruptCheckpointError("object graph has no root node", tensor=OBJECT_GRAPH_KEY)
+    paths = _breadth_first_paths(graph)
+    attributes = [
+        SavedAttribute(attr.checkpoint_key, path, attr.name, attr.full_name, node_id)
+        for node_id, path in enumerate(paths)
+        if path is not None
+        for attr in graph.nodes[node_id].attributes
+    ]
+    slots = _slot_variables(graph, paths)
+    _check_unique_keys([a.checkpoint_key for a in attributes] + [s.checkpoint_key for s in slots])
+    return ObjectGraph(tuple(paths), tuple(attributes), tuple(slots))
+
+
+def _node_ref(graph: TrackableObjectGraph, node_id: int, owner: int) -> int:
+    if not 0 <= node_id < len(graph.nodes):
+        raise CorruptCheckpointError(
+            f"node {owner} refers to node {node_id}, but the graph has {len(graph.nodes)} nodes",
+            tensor=OBJECT_GRAPH_KEY,
+        )
+    return node_id
+
+
+def _breadth_first_paths(graph: TrackableObjectGraph) -> list[tuple[str, ...] | None]:
+    paths: list[tuple[str, ...] | None] = [None] * len(graph.nodes)
+    paths[0] = ()
+    queue = collections.deque([0])
+    while queue:
+        node_id = queue.popleft()
+        path = paths[node_id]
+        assert path is not None
+        for ref in graph.nodes[node_id].children:
+            child_id = _node_ref(graph, ref.node_id, node_id)
+            if paths[child_id] is None:
+                paths[child_id] = (*path, ref.local_name)
+                queue.append(child_id)
+    return paths
+
+
+def _slot_variables(
+    graph: TrackableObjectGraph, paths: Sequence[tuple[str, ...] | None]
+) -> list[SlotVariable]:
+    slots: list[SlotVariable] = []
+    for optimizer_id, optimizer_path in enumerate(paths):
+        if optimizer_path is None:
+            continue
+        for ref in graph.nodes[optimizer_id].slot_variables:
+            variable_id = _node_ref(graph, ref.original_variable_node_id, optimizer_id)
+            slot_id = _node_ref(graph, ref.slot_variable_node_id, optimizer_id)
+            variable_path = paths[variable_id]
+            if variable_path is None:
+                raise CorruptCheckpointError(
+                    f"slot {ref.slot_name!r} of node {optimizer_id} belongs to node "
+                    f"{variable_id}, which the root does not reach",
+                    tensor=OBJECT_GRAPH_KEY,
+                )
+            slots.extend(
+                SlotVariable(
+                    attr.checkpoint_key,
+                    variable_path,
+                    optimizer_path,
+                    ref.slot_name,
+                    attr.name,
+                    slot_id,
+                )
+                for attr in graph.nodes[slot_id].attributes
+            )
+    return slots
+
+
+def _check_unique_keys(keys: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise CorruptCheckpointError("object graph names one checkpoint key twice", tensor=key)
+        seen.add(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested view of a restored checkpoint.
+
+
+def keys_to_nested(graph: ObjectGraph, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Arrange restored values as nested dicts keyed by unescaped local names.
+
+    A variable becomes the value itself at its object path
+    (``{"model": {"dense": {"kernel": arr}}}``). Attributes other than ``VARIABLE_VALUE``,
+    and a ``VARIABLE_VALUE`` of an object that also has saved children, go under
+    ``".ATTRIBUTES"`` in the object's dict, as in the key (``{"table": {".ATTRIBUTES":
+    {"table-keys": arr, ...}}}``). Optimizer slots live with the optimizer:
+    ``<optimizer>[".OPTIMIZER_SLOT"][<escaped variable path>][<slot name>]``, for instance
+    ``{"optimizer": {".OPTIMIZER_SLOT": {"w": {"m": arr, "v": arr}}}}``. Keys of ``values``
+    the graph does not name (the graph's own key among them) are left out; keys the graph
+    names that ``values`` lacks are skipped, so a partial read gives a partial tree.
+    """
+    # Each value with the node that owns it, its location, and whether it is a plain variable
+    # (which becomes a bare leaf unless something else is saved below its object).
+    by_node: dict[int, list[tuple[tuple[str, ...], Any, str, bool]]] = {}
+    for attr in graph.attributes:
+        if attr.checkpoint_key in values:
+            plain = attr.attribute_name == VARIABLE_VALUE
+            location = (
+                attr.object_path if plain else (*attr.object_path, ATTRIBUTES, attr.attribute_name)
+            )
+            entry = (location, values[attr.checkpoint_key], attr.checkpoint_key, plain)
+            by_node.setdefault(attr.node_id, []).append(entry)
+    slots: list[tuple[tuple[str, ...], Any, str, bool]] = []
+    for slot in graph.slot_variables:
+        if slot.checkpoint_key in values:
+            location = (
+                *slot.optimizer_path,
+                OPTIMIZER_SLOT,
+                object_path_key(slot.variable_path),
+                slot.slot_name,
+            )
+            if slot.attribute_name != VARIABLE_VALUE:
+                location = (*location, ATTRIBUTES, slot.attribute_name)
+            slots.append((location, values[slot.checkpoint_key], slot.checkpoint_key, False))
+
+    everything = [entry for entries in by_node.values() for entry in entries] + slots
+    interior = {loc[:depth] for loc, _, _, _ in everything for depth in range(len(loc))}
+    nested: dict[str, Any] = {}
+    # Node order is breadth-first, so each dict receives its entries in child order.
+    for node_id, path in enumerate(graph.node_paths):
+        if path and path in interior:
+            _dict_at(nested, path, None)
+        for location, value, key, plain in by_node.get(node_id, ()):
+            if plain and (not location or location in interior):
+                location = (*location, ATTRIBUTES, VARIABLE_VALUE)
+            _place(nested, location, value, key)
+    for location, value, key, _ in slots:
+        _place(nested, location, value, key)
+    return nested
+
+
+def _dict_at(nested: dict[str, Any], path: tuple[str, ...], key: str | None) -> dict[str, Any]:
+    """The dict at ``path``, made on the way; ``key`` names the value that needs it."""
+    level = nested
+    for name in path:
+        below = level.setdefault(name, {})
+        if not isinstance(below, dict):
+            raise UnsupportedError(
+                f"{'/'.join(path)!r} is both a saved value and an object", tensor=key
+            )
+        level = below
+    return level
+
+
+def _place(nested: dict[str, Any], location: tuple[str, ...], value: Any, key: str) -> None:
+    level = _dict_at(nested, location[:-1], key)
+    if location[-1] in level:
+        raise UnsupportedError(
+            f"key {key!r} lands where another value already sits "
+            f"(a local name {ATTRIBUTES!r} or {OPTIMIZER_SLOT!r}?)",
+            tensor=key,
+        )
+    level[location[-1]] = value
