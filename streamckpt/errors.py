@@ -20,6 +20,9 @@ context travels as attributes too, so a caller can act on it without parsing tex
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -136,3 +139,32 @@ class PermissionDeniedError(StorageError, PermissionError):
 
 class SaveInProgressError(StreamCkptError, RuntimeError):
     """A save was started while another one of the same object is still running."""
+
+
+@contextlib.contextmanager
+def unwrap_task_group() -> Iterator[None]:
+    """Re-raise a task group's failure as the child's own error, not an ExceptionGroup.
+
+    anyio wraps even a single child failure in an ExceptionGroup, which would slip past a
+    caller's ``except CheckpointNotFoundError`` / ``except OSError``. The first of our errors
+    wins, else the first ordinary exception; a group of cancellations only stays as it is.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        pending: list[BaseException] = [group]
+        while pending:
+            item = pending.pop(0)
+            if isinstance(item, BaseExceptionGroup):
+                pending[:0] = item.exceptions
+            else:
+                leaves.append(item)
+        primary: BaseException | None = next(
+            (e for e in leaves if isinstance(e, StreamCkptError)), None
+        )
+        if primary is None:
+            primary = next((e for e in leaves if isinstance(e, Exception)), None)
+        if primary is None:
+            raise
+        raise primary from primary.__cause__  # keep its own chain; drop the group

@@ -26,6 +26,7 @@ from streamckpt.errors import (
     StreamCkptError,
     TensorNotFoundError,
     TruncatedError,
+    unwrap_task_group,
 )
 from streamckpt.format.bundle import (
     HEADER_KEY,
@@ -297,11 +298,12 @@ class CheckpointReader:
         by_shard: dict[int, list[ReadGroup]] = {}
         for g in groups:
             by_shard.setdefault(g.shard_id, []).append(g)
-        async with anyio.create_task_group() as tg:
-            for shard_id, shard_groups in by_shard.items():
-                # split the shard's groups into batches so several requests overlap
-                for i in range(0, len(shard_groups), 8):
-                    tg.start_soon(fetch_shard, shard_id, shard_groups[i : i + 8])
+        with unwrap_task_group():
+            async with anyio.create_task_group() as tg:
+                for shard_id, shard_groups in by_shard.items():
+                    # split the shard's groups into batches so several requests overlap
+                    for i in range(0, len(shard_groups), 8):
+                        tg.start_soon(fetch_shard, shard_id, shard_groups[i : i + 8])
         return results
 
     def _verify_and_decode(
@@ -317,11 +319,13 @@ class CheckpointReader:
                 expected_crc=entry.crc32c,
             )
         except StreamCkptError as exc:
+            # the payload codecs report offsets inside the payload; ours are file offsets
+            inside, exc.offset = exc.offset, None
             raise exc.with_context(
                 uri=self.store.uri(self.shard_path(entry.shard_id)),
                 tensor=key_to_name(key),
                 shard=entry.shard_id,
-                offset=entry.offset,
+                offset=entry.offset + (inside or 0),
             ) from None
 
     async def _plain_entries(
@@ -420,6 +424,8 @@ class CheckpointReader:
             return np.empty(region.result_shape, dtype=numpy_dtype(entry.dtype))
         start = entry.offset + region.byte_start
         path = self.shard_path(entry.shard_id)
+        # a slice of a hostile entry can claim as much as the entry itself: check it first
+        await self._check_fits([Placement(key, entry.shard_id, start, region.byte_length)])
         try:
             data = await self.store.read_range(path, start, start + region.byte_length)
         except StreamCkptError as exc:

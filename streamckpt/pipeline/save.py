@@ -21,7 +21,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from streamckpt.errors import CheckpointExistsError, StreamCkptError
+from streamckpt.errors import CheckpointExistsError, StreamCkptError, unwrap_task_group
 from streamckpt.format.bundle import (
     BundleEntry,
     BundleHeader,
@@ -34,6 +34,7 @@ from streamckpt.format.crc import crc32c, mask
 from streamckpt.pipeline.plan import Placement, SavePlan, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
+from streamckpt.storage.base import ShardWriter
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Shards written at once; each is one worker thread streaming sequentially.
@@ -56,6 +57,8 @@ class SaveInfo:
     files: tuple[str, ...]
     seconds: float
     seconds_by_phase: Mapping[str, float]
+    #: requests, bytes_written, retries, throttles, failures of the store during the save
+    stats: Mapping[str, int]
 
 
 async def prepare_all(tensors: Tensors, *, copy: bool) -> dict[bytes, PreparedTensor]:
@@ -78,36 +81,48 @@ async def prepare_all(tensors: Tensors, *, copy: bool) -> dict[bytes, PreparedTe
     return await anyio.to_thread.run_sync(work)
 
 
-def _write_shard(
-    store: Store,
-    path: str,
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What streaming one shard produced.
+
+    Each tensor's masked crc32c, and the shard's own (unmasked) crc32c when the store can
+    check it.
+    """
+
+    tensor_crcs: dict[bytes, int]
+    size: int
+    shard_crc: int | None
+
+
+def _stream_shard(
+    writer: ShardWriter,
     placements: Sequence[Placement],
     prepared: Mapping[bytes, PreparedTensor],
     chunk_bytes: int,
     progress: ProgressCallback | None,
-) -> dict[bytes, int]:
-    """Runs in a worker thread: stream one shard, return each tensor's masked crc32c."""
+    whole_crc: bool,
+) -> ShardResult:
+    """Runs in a worker thread: write one shard's tensors in order, in bounded chunks."""
     crcs: dict[bytes, int] = {}
-    writer = store.open_writer(path)
-    try:
-        for placement in placements:
-            tensor = prepared[placement.key]
-            view = tensor.payload
-            crc = 0
-            for start in range(0, len(view), chunk_bytes):
-                anyio.from_thread.check_cancelled()
-                chunk = view[start : start + chunk_bytes]
-                if tensor.crc32c is None:
-                    crc = crc32c(chunk, crc)
-                writer.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-            crcs[placement.key] = tensor.crc32c if tensor.crc32c is not None else mask(crc)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    return crcs
+    shard_crc = 0
+    size = 0
+    for placement in placements:
+        tensor = prepared[placement.key]
+        view = tensor.payload
+        crc = 0
+        for start in range(0, len(view), chunk_bytes):
+            anyio.from_thread.check_cancelled()
+            chunk = view[start : start + chunk_bytes]
+            if tensor.crc32c is None:
+                crc = crc32c(chunk, crc)
+            if whole_crc:
+                shard_crc = crc32c(chunk, shard_crc)
+            writer.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        size += len(view)
+        crcs[placement.key] = tensor.crc32c if tensor.crc32c is not None else mask(crc)
+    return ShardResult(crcs, size, shard_crc if whole_crc else None)
 
 
 async def write_bundle(
@@ -140,27 +155,34 @@ async def write_bundle(
         data_filename(prefix_path, shard_id, plan.num_shards) for shard_id in range(plan.num_shards)
     ]
     crcs: dict[bytes, int] = {}
-    limiter = anyio.CapacityLimiter(max_concurrent_shards)
+    limiter = anyio.CapacityLimiter(min(max_concurrent_shards, store.max_concurrent_writers()))
     committed = False
     try:
         t0 = time.perf_counter()
 
         async def run_shard(shard_id: int) -> None:
-            result = await anyio.to_thread.run_sync(
-                _write_shard,
-                store,
-                shard_paths[shard_id],
-                plan.shards[shard_id],
-                prepared,
-                chunk_bytes,
-                progress,
-                limiter=limiter,
-            )
-            crcs.update(result)
+            path = shard_paths[shard_id]
 
-        async with anyio.create_task_group() as tg:
-            for shard_id in range(plan.num_shards):
-                tg.start_soon(run_shard, shard_id)
+            def stream(writer: ShardWriter) -> ShardResult:
+                return _stream_shard(
+                    writer,
+                    plan.shards[shard_id],
+                    prepared,
+                    chunk_bytes,
+                    progress,
+                    store.reports_crc32c,
+                )
+
+            result = await anyio.to_thread.run_sync(
+                store.write_object, path, stream, limiter=limiter
+            )
+            await store.verify_upload(path, size=result.size, crc32c=result.shard_crc)
+            crcs.update(result.tensor_crcs)
+
+        with unwrap_task_group():
+            async with anyio.create_task_group() as tg:
+                for shard_id in range(plan.num_shards):
+                    tg.start_soon(run_shard, shard_id)
         phases["write_shards"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -200,6 +222,7 @@ async def write_bundle(
         files=(*(store.uri(p) for p in shard_paths), index_uri),
         seconds=time.perf_counter() - started,
         seconds_by_phase=phases,
+        stats=store.stats.snapshot(),
     )
 
 

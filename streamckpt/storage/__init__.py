@@ -6,16 +6,23 @@ import os
 from typing import Any
 
 from streamckpt.storage.base import ByteRange, ShardWriter, Store, map_errors
-from streamckpt.storage.fsspec_store import FsspecStore
+from streamckpt.storage.fsspec_store import (
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    FsspecStore,
+    owned_filesystem,
+)
 from streamckpt.storage.local import LocalStore
+from streamckpt.storage.retry import RetryPolicy, StoreStats
 
 __all__ = [
     "ByteRange",
     "FsspecStore",
     "LocalStore",
     "PathLike",
+    "RetryPolicy",
     "ShardWriter",
     "Store",
+    "StoreStats",
     "map_errors",
     "resolve",
 ]
@@ -28,22 +35,32 @@ def resolve(
     *,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    max_inflight_bytes: int | None = None,
+    retry_policy: RetryPolicy | None = None,
 ) -> tuple[Store, str]:
-    """The store for a checkpoint prefix and the prefix as that store's path.
+    """A fresh store (fresh statistics) for a checkpoint prefix, and the prefix as its path.
 
-    Plain paths and ``file://`` URLs use :class:`LocalStore`; any other URL goes to fsspec with
-    ``storage_options``. A ready ``filesystem`` instance (any fsspec filesystem) wins over both.
+    Plain paths and ``file://`` URLs use :class:`LocalStore`; any other URL goes to an fsspec
+    filesystem made with ``storage_options`` (cached per options, client retries off: ours
+    decide). A ready ``filesystem`` instance (any fsspec filesystem) is used as it is.
     """
     text = os.fspath(prefix)
+    budget = max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     if filesystem is not None:
-        return FsspecStore(filesystem), str(filesystem._strip_protocol(text))
+        store = FsspecStore(filesystem, max_inflight_bytes=budget, retry_policy=retry_policy)
+        return store, str(filesystem._strip_protocol(text))
     if "://" not in text:
         return LocalStore(), text
     if text.startswith("file://"):
         return LocalStore(), text[len("file://") :]
-    import fsspec.core
+    if "::" in text:  # chained URLs (simplecache::s3://...): fsspec's own resolution
+        import fsspec.core
 
-    fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(text, **(storage_options or {}))
+        return FsspecStore(fs, max_inflight_bytes=budget, retry_policy=retry_policy), str(path)
+    protocol = text.split("://", 1)[0]
+    fs = owned_filesystem(protocol, storage_options or {})
     if type(fs).__name__ == "LocalFileSystem":
-        return LocalStore(), str(path)
-    return FsspecStore(fs), str(path)
+        return LocalStore(), str(fs._strip_protocol(text))
+    store = FsspecStore(fs, max_inflight_bytes=budget, retry_policy=retry_policy)
+    return store, str(fs._strip_protocol(text))

@@ -13,8 +13,11 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
 
 from streamckpt.errors import (
     CheckpointExistsError,
@@ -24,6 +27,9 @@ from streamckpt.errors import (
     StreamCkptError,
     TruncatedError,
 )
+from streamckpt.storage.retry import StoreStats
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,33 @@ class Store(abc.ABC):
 
     #: ``True`` where ``write_atomic(exclusive=True)`` is a real create-only write.
     atomic_exclusive: bool = True
+    #: ``True`` where the store reports a crc32c of each object (worth computing ours).
+    reports_crc32c: bool = False
+    #: Requests, bytes, retries and throttles of this store: one store per save or load.
+    stats: StoreStats
+    #: Bytes that uploads and downloads may hold in flight at once.
+    budget: ByteBudget
+
+    def write_object(self, path: str, stream: Callable[[ShardWriter], T]) -> T:
+        """Stream one object from a worker thread: ``stream(writer)``, then commit.
+
+        Stores with retries restart ``stream`` after a transient failure.
+        """
+        writer = self.open_writer(path)
+        try:
+            result = stream(writer)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return result
+
+    async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:  # noqa: B027
+        """Check a committed object against what was streamed, where the store can tell."""
+
+    def max_concurrent_writers(self) -> int:
+        """How many objects may stream at once within the byte budget."""
+        return 64
 
     @abc.abstractmethod
     def uri(self, path: str) -> str:
@@ -119,6 +152,34 @@ class Store(abc.ABC):
 
     async def sync_dir(self, path: str) -> None:  # noqa: B027 - object stores need nothing
         """Make a directory's entries durable where the backend has them."""
+
+
+class ByteBudget:
+    """A semaphore counted in bytes: holds transfers back while the budget is spent.
+
+    A request larger than the whole budget waits for all of it, then runs alone.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.available = self.total
+        self.peak_in_flight = 0
+        self._condition = anyio.Condition()
+
+    async def acquire(self, nbytes: int) -> int:
+        """Wait until ``nbytes`` (capped at the total) are free; return what was taken."""
+        taken = min(nbytes, self.total)
+        async with self._condition:
+            while self.available < taken:
+                await self._condition.wait()
+            self.available -= taken
+            self.peak_in_flight = max(self.peak_in_flight, self.total - self.available)
+        return taken
+
+    async def release(self, taken: int) -> None:
+        async with self._condition:
+            self.available += taken
+            self._condition.notify_all()
 
 
 def check_length(data: bytes | bytearray, expected: int, *, uri: str, offset: int) -> None:

@@ -5,36 +5,93 @@ fsspec runs the requests on its own event loop, so one blocking call such as ``c
 still overlaps many requests; for the others a thread is what they need anyway. This keeps the
 store free of any tie between a filesystem's HTTP session and the caller's event loop, which
 matters for the sync face (its loop lives in a worker thread).
+
+Every request goes through :func:`call_with_retries`: an adaptive concurrency limit, retries of
+transient failures, and the counters reported in a save's or load's statistics. For the
+filesystems streamckpt creates itself, the clients' own retry loops are switched off so that
+one policy, ours, decides (s3fs over botocore would otherwise send a throttled PUT 25 times).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-import anyio.to_thread
+from streamckpt.errors import (
+    CheckpointExistsError,
+    ChecksumError,
+    StreamCkptError,
+    TruncatedError,
+    unwrap_task_group,
+)
+from streamckpt.storage.base import (
+    ByteBudget,
+    ByteRange,
+    ShardWriter,
+    Store,
+    check_length,
+    map_errors,
+)
+from streamckpt.storage.retry import (
+    AdaptiveLimiter,
+    RetryPolicy,
+    StoreStats,
+    call_with_retries,
+    classify,
+    run_blocking_with_retries,
+)
 
-from streamckpt.errors import CheckpointExistsError
-from streamckpt.storage.base import ByteRange, ShardWriter, Store, check_length, map_errors
+T = TypeVar("T")
 
 # Upload part size for streamed shard writes: big enough for throughput, small enough that
-# the buffers of several shards in flight stay modest.
+# the buffers of several shards in flight stay modest (S3 needs at least 5 MiB per part).
 DEFAULT_WRITE_BLOCK = 16 << 20
+# Large reads are split into parts of this size, fetched in parallel.
+DEFAULT_READ_PART = 16 << 20
+DEFAULT_MAX_INFLIGHT_BYTES = 256 << 20
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if isinstance(current, FileExistsError):
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            if response.get("Error", {}).get("Code") == "PreconditionFailed":
+                return True
+            if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return True
+        if getattr(current, "code", None) == 412:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class FsspecShardWriter(ShardWriter):
-    def __init__(self, fs: Any, path: str, uri: str, block_size: int) -> None:
-        self._fs = fs
+    """A streamed upload (multipart for S3, resumable for GCS) with bounded buffers."""
+
+    def __init__(self, store: FsspecStore, path: str) -> None:
+        self._fs = store.fs
         self._path = path
-        self._uri = uri
-        with map_errors(uri):
-            self._file = fs.open(path, "wb", block_size=block_size)
+        self._uri = store.uri(path)
+        self._stats = store.stats
+        self.bytes_written = 0
+        with map_errors(self._uri):
+            self._file = self._fs.open(path, "wb", block_size=store.write_block_size)
         self._closed = False
 
     def write(self, chunk: memoryview) -> None:
         with map_errors(self._uri):
             self._file.write(chunk)
+        self.bytes_written += len(chunk)
+        self._stats.add(bytes_written=len(chunk))
 
     def commit(self) -> None:
         with map_errors(self._uri):
@@ -57,11 +114,31 @@ class FsspecShardWriter(ShardWriter):
 
 
 class FsspecStore(Store):
-    atomic_exclusive = False
+    atomic_exclusive = True
 
-    def __init__(self, fs: Any, *, write_block_size: int = DEFAULT_WRITE_BLOCK) -> None:
+    def __init__(
+        self,
+        fs: Any,
+        *,
+        write_block_size: int = DEFAULT_WRITE_BLOCK,
+        read_part_size: int = DEFAULT_READ_PART,
+        retry_policy: RetryPolicy | None = None,
+        limiter: AdaptiveLimiter | None = None,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    ) -> None:
         self.fs = fs
-        self._write_block_size = write_block_size
+        # parts must fit the budget a few times over, and S3 needs at least 5 MiB per part
+        self.write_block_size = max(5 << 20, min(write_block_size, max_inflight_bytes // 4))
+        self.read_part_size = max(1 << 20, min(read_part_size, max_inflight_bytes // 4))
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.limiter = limiter or AdaptiveLimiter()
+        self.stats = StoreStats()
+        self.budget = ByteBudget(max_inflight_bytes)
+        self.reports_crc32c = "GCSFileSystem" in type(fs).__name__
+
+    def max_concurrent_writers(self) -> int:
+        # an open upload buffers up to about two parts
+        return max(1, self.budget.total // (2 * self.write_block_size))
 
     def uri(self, path: str) -> str:
         return str(self.fs.unstrip_protocol(path))
@@ -72,83 +149,194 @@ class FsspecStore(Store):
     def dirname(self, path: str) -> str:
         return path.rsplit("/", 1)[0] if "/" in path else ""
 
-    async def _call(self, uri: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        def work() -> Any:
-            with map_errors(uri):
-                return fn(*args, **kwargs)
-
-        return await anyio.to_thread.run_sync(work)
+    async def _call(self, path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with map_errors(self.uri(path)):
+            return await call_with_retries(
+                functools.partial(fn, *args, **kwargs),
+                policy=self.retry_policy,
+                limiter=self.limiter,
+                stats=self.stats,
+            )
 
     async def size(self, path: str) -> int:
-        return int(await self._call(self.uri(path), self.fs.size, path))
+        info = await self._call(path, self._info, path)
+        return int(info["size"])
+
+    def _info(self, path: str) -> dict[str, Any]:
+        self.fs.invalidate_cache(path)
+        info: dict[str, Any] = self.fs.info(path)
+        return info
 
     async def exists(self, path: str) -> bool:
-        return bool(await self._call(self.uri(path), self.fs.exists, path))
+        def work() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
 
-    async def read_range(self, path: str, start: int, end: int) -> bytes:
+        return await self._call(path, work)
+
+    async def read_range(self, path: str, start: int, end: int) -> bytes | bytearray:
         if end <= start:
             return b""  # s3fs would send an invalid Range header for an empty read
-        uri = self.uri(path)
-        data: bytes = await self._call(uri, self.fs.cat_file, path, start=start, end=end)
-        check_length(data, end - start, uri=uri, offset=start)
+        if end - start > self.read_part_size:
+            out = bytearray(end - start)
+            await self.read_into(path, start, memoryview(out))
+            return out
+        taken = await self.budget.acquire(end - start)
+        try:
+            data: bytes = await self._call(path, self.fs.cat_file, path, start=start, end=end)
+        finally:
+            await self.budget.release(taken)
+        check_length(data, end - start, uri=self.uri(path), offset=start)
+        self.stats.add(bytes_read=len(data))
         return data
 
-    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[bytes | bytearray]:
-        wanted = [r for r in ranges if r.length > 0]
+    async def read_into(self, path: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with parallel ranged parts: one buffer, no second copy of the whole."""
+        import anyio
+
+        part = self.read_part_size
         uri = self.uri(path)
-        results: list[Any] = []
-        if wanted:
-            results = await self._call(
-                uri,
-                self.fs.cat_ranges,
-                [path] * len(wanted),
-                [r.start for r in wanted],
-                [r.end for r in wanted],
-                on_error="return",  # fsspec's default too: errors come back inside the list
-            )
-        found = iter(results)
-        out: list[bytes | bytearray] = []
-        for r in ranges:
-            if r.length == 0:
-                out.append(b"")
-                continue
-            item = next(found)
-            if isinstance(item, BaseException):
-                with map_errors(uri):
-                    raise item
-            check_length(item, r.length, uri=uri, offset=r.start)
-            out.append(item)
-        return out
+
+        async def fetch(offset: int) -> None:
+            length = min(part, len(out) - offset)
+            taken = await self.budget.acquire(length)
+            try:
+                data: bytes = await self._call(
+                    path, self.fs.cat_file, path, start=start + offset, end=start + offset + length
+                )
+                check_length(data, length, uri=uri, offset=start + offset)
+                out[offset : offset + length] = data
+                del data
+            finally:
+                await self.budget.release(taken)
+            self.stats.add(bytes_read=length)
+
+        with unwrap_task_group():
+            async with anyio.create_task_group() as tg:
+                for offset in range(0, len(out), part):
+                    tg.start_soon(fetch, offset)
+
+    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[bytes | bytearray]:
+        import anyio
+
+        results: list[bytes | bytearray] = [b""] * len(ranges)
+
+        async def fetch(i: int, r: ByteRange) -> None:
+            results[i] = await self.read_range(path, r.start, r.end)
+
+        with unwrap_task_group():
+            async with anyio.create_task_group() as tg:
+                for i, r in enumerate(ranges):
+                    tg.start_soon(fetch, i, r)
+        return results
 
     async def read_suffix(self, path: str, length: int) -> tuple[bytes, int | None]:
-        data: bytes = await self._call(self.uri(path), self.fs.cat_file, path, start=-length)
+        data: bytes = await self._call(path, self.fs.cat_file, path, start=-length)
+        self.stats.add(bytes_read=len(data))
         return data, (len(data) if len(data) < length else None)
 
     async def read_all(self, path: str) -> bytes:
-        data: bytes = await self._call(self.uri(path), self.fs.cat_file, path)
+        def work() -> bytes:
+            data: bytes = self.fs.cat_file(path)
+            return data
+
+        data = await self._call(path, work)
+        self.stats.add(bytes_read=len(data))
         return data
 
     async def write_atomic(self, path: str, data: bytes, *, exclusive: bool) -> None:
         uri = self.uri(path)
-        if exclusive and await self.exists(path):
-            raise CheckpointExistsError("a checkpoint index already exists", uri=uri)
-        await self._call(uri, self.fs.pipe_file, path, data)
+        attempts = 0
+
+        def put() -> None:
+            nonlocal attempts
+            attempts += 1
+            self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
+            self.fs.invalidate_cache(path)
+
+        try:
+            await self._call(path, put)
+        except StreamCkptError as exc:
+            if not (exclusive and _is_precondition_failure(exc)):
+                raise
+            if attempts > 1 and await self._holds(path, data):
+                # an earlier attempt landed but its answer was lost: the object is ours
+                return
+            raise CheckpointExistsError(
+                "a checkpoint index already exists (create-only write refused)", uri=uri
+            ) from exc
+        self.stats.add(bytes_written=len(data))
+
+    async def _holds(self, path: str, data: bytes) -> bool:
+        try:
+            return await self.read_all(path) == data
+        except StreamCkptError:
+            return False
 
     def open_writer(self, path: str) -> ShardWriter:
-        return FsspecShardWriter(self.fs, path, self.uri(path), self._write_block_size)
+        return FsspecShardWriter(self, path)
+
+    def write_object(self, path: str, stream: Callable[[ShardWriter], T]) -> T:
+        """Stream a whole object from a worker thread, restarting it on a transient failure.
+
+        ``stream`` writes every chunk to the writer it gets; it is called again from the start
+        after a failure, so it must be a pure function of data the caller still holds.
+        """
+        import anyio.from_thread
+
+        def attempt() -> T:
+            writer = FsspecShardWriter(self, path)
+            try:
+                result = stream(writer)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            return result
+
+        return run_blocking_with_retries(
+            attempt,
+            policy=self.retry_policy,
+            stats=self.stats,
+            should_stop=anyio.from_thread.check_cancelled,
+        )
+
+    async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:
+        """Compare an uploaded object with what we streamed.
+
+        Its size always; and the store's own crc32c where it reports one (GCS does; S3 only
+        when asked for at upload time).
+        """
+        info = await self._call(path, self._info, path)
+        uri = self.uri(path)
+        if int(info.get("size", -1)) != size:
+            raise TruncatedError(
+                f"uploaded object has {info.get('size')} bytes, {size} were written", uri=uri
+            )
+        reported = info.get("crc32c")
+        if crc32c is not None and isinstance(reported, str):
+            stored = int.from_bytes(base64.b64decode(reported), "big")
+            if stored != crc32c:
+                raise ChecksumError(
+                    f"store reports crc32c {stored:#010x} for the upload, we sent {crc32c:#010x}",
+                    uri=uri,
+                )
 
     async def delete(self, paths: Sequence[str]) -> None:
-        def work() -> None:
-            for path in paths:
-                try:
-                    self.fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
-                except Exception as exc:
-                    with map_errors(self.uri(path)):
-                        raise exc
+        import anyio
 
-        await anyio.to_thread.run_sync(work)
+        async def remove(path: str) -> None:
+            def work() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+                self.fs.invalidate_cache(path)
+
+            await self._call(path, work)
+
+        with unwrap_task_group():
+            async with anyio.create_task_group() as tg:
+                for path in paths:
+                    tg.start_soon(remove, path)
 
     async def list_dir(self, path: str) -> list[str]:
         def work() -> list[str]:
@@ -158,4 +346,46 @@ class FsspecStore(Store):
             except FileNotFoundError:
                 return []
 
-        return list(await self._call(self.uri(path), work))
+        return list(await self._call(path, work))
+
+
+_OWNED: dict[tuple[str, str], Any] = {}
+_OWNED_LOCK = threading.Lock()
+
+
+def owned_filesystem(protocol: str, storage_options: dict[str, Any]) -> Any:
+    """A filesystem streamckpt made itself (cached per options), with client retries off."""
+    import fsspec
+
+    key = (protocol, repr(sorted(storage_options.items())))
+    with _OWNED_LOCK:
+        fs = _OWNED.get(key)
+        if fs is None:
+            options = dict(storage_options)
+            if protocol in ("s3", "s3a"):
+                config = dict(options.get("config_kwargs") or {})
+                config.setdefault("retries", {"total_max_attempts": 1})
+                config.setdefault("max_pool_connections", 64)
+                options["config_kwargs"] = config
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+            _disable_client_retries(fs)
+            _OWNED[key] = fs
+    return fs
+
+
+def _disable_client_retries(fs: Any) -> None:
+    kind = type(fs).__name__
+    if kind == "S3FileSystem":
+        fs.retries = 1
+    elif "GCSFileSystem" in kind:
+        try:
+            import gcsfs.retry  # type: ignore[import-untyped]
+
+            wrapped = type(fs)._request.__wrapped__
+            once = gcsfs.retry.retry_request(retries=1)(wrapped)
+            fs._request = once.__get__(fs)
+        except (ImportError, AttributeError):  # another gcsfs version: keep its retries
+            pass
+
+
+__all__ = ["DEFAULT_READ_PART", "DEFAULT_WRITE_BLOCK", "FsspecStore", "classify"]

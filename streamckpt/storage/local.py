@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import anyio.to_thread
 
-from streamckpt.storage.base import ByteRange, ShardWriter, Store, check_length, map_errors
+from streamckpt.storage.base import (
+    ByteBudget,
+    ByteRange,
+    ShardWriter,
+    Store,
+    check_length,
+    map_errors,
+)
+from streamckpt.storage.retry import StoreStats
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
 
@@ -32,8 +40,9 @@ def _read_exact_into(fd: int, offset: int, out: memoryview) -> int:
 
 
 class LocalShardWriter(ShardWriter):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, stats: StoreStats) -> None:
         self._path = path
+        self._stats = stats
         with map_errors(path):
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY, 0o644)
         self._closed = False
@@ -43,6 +52,7 @@ class LocalShardWriter(ShardWriter):
             while chunk:
                 n = os.write(self._fd, chunk)
                 chunk = chunk[n:]
+                self._stats.add(bytes_written=n)
 
     def commit(self) -> None:
         with map_errors(self._path):
@@ -59,7 +69,15 @@ class LocalShardWriter(ShardWriter):
 
 
 class LocalStore(Store):
-    """Paths are ordinary OS paths."""
+    """Paths are ordinary OS paths.
+
+    ``stats.requests`` counts file reads (one per range) so that local reads can be compared
+    with object-store requests.
+    """
+
+    def __init__(self, *, max_inflight_bytes: int = 1 << 62) -> None:
+        self.stats = StoreStats()
+        self.budget = ByteBudget(max_inflight_bytes)
 
     def uri(self, path: str) -> str:
         return path
@@ -92,6 +110,7 @@ class LocalStore(Store):
                     got = _read_exact_into(fd, start, out)
                 finally:
                     os.close(fd)
+            self.stats.add(requests=1, bytes_read=got)
             if got != len(out):
                 check_length(out[:got].tobytes(), len(out), uri=path, offset=start)
 
@@ -106,6 +125,7 @@ class LocalStore(Store):
                     for r in ranges:
                         buf = bytearray(r.length)
                         got = _read_exact_into(fd, r.start, memoryview(buf))
+                        self.stats.add(requests=1, bytes_read=got)
                         check_length(buf[:got], r.length, uri=path, offset=r.start)
                         results.append(buf)
                 finally:
@@ -123,6 +143,7 @@ class LocalStore(Store):
                     start = max(0, size - length)
                     buf = bytearray(size - start)
                     got = _read_exact_into(fd, start, memoryview(buf))
+                    self.stats.add(requests=1, bytes_read=got)
                 finally:
                     os.close(fd)
             return bytes(buf[:got]), size
@@ -166,7 +187,7 @@ class LocalStore(Store):
         await anyio.to_thread.run_sync(work)
 
     def open_writer(self, path: str) -> ShardWriter:
-        return LocalShardWriter(path)
+        return LocalShardWriter(path, self.stats)
 
     async def delete(self, paths: Sequence[str]) -> None:
         def work() -> None:
