@@ -28,6 +28,7 @@ async def save(
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_inflight_bytes: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> SaveInfo:
     """Save ``{name: array}`` as ``PREFIX.index`` + ``PREFIX.data-*-of-N``.
@@ -37,7 +38,12 @@ async def save(
     and scalars, Python numbers, ``bytes``/``str`` (DT_STRING), object arrays of bytes, anything
     with ``__array__`` or DLPack, or :class:`streamckpt.Typed` for an explicit dtype.
     """
-    store, path = resolve(prefix, storage_options=storage_options, filesystem=filesystem)
+    store, path = resolve(
+        prefix,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
+    )
     return await save_tensors(
         store,
         path,
@@ -56,13 +62,21 @@ async def open(
     load_index: bool = True,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    max_inflight_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
 ) -> AsyncIterator[CheckpointReader]:
     """Open a checkpoint without reading tensor data: ``ckpt.entries``, ``await ckpt.read``.
 
     With ``load_index=False`` only the index's tail is read; entries are then looked up one
     data block at a time (``await ckpt.info(name)``), which suits huge indexes.
     """
-    store, path = resolve(prefix, storage_options=storage_options, filesystem=filesystem)
+    store, path = resolve(
+        prefix,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
+    )
+    store.stats.on_bytes = progress
     reader = await open_reader(store, path, load_index=load_index)
     async with reader:
         yield reader
@@ -74,19 +88,30 @@ async def load(
     names: Iterable[str | bytes] | None = None,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    max_inflight_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
+    stats: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray[Any, Any]]:
     """Every tensor (or those in ``names``), each verified by its crc32c.
 
     Partitioned tensors come back assembled; DT_STRING tensors are object arrays of bytes.
+    ``progress`` gets byte counts as they arrive; a ``stats`` dict is filled with requests,
+    bytes, retries, throttles and seconds per phase.
     """
     async with open(
         prefix,
         load_index=names is None,
         storage_options=storage_options,
         filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
+        progress=progress,
     ) as reader:
-        wanted = list(reader.entries) if names is None else list(names)
-        return await reader.read_many(wanted)
+        try:
+            wanted = list(reader.entries) if names is None else list(names)
+            return await reader.read_many(wanted)
+        finally:
+            if stats is not None:
+                stats.update(reader.stats)
 
 
 async def read_tensor(
@@ -96,9 +121,14 @@ async def read_tensor(
     index: Any = None,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    stats: dict[str, float] | None = None,
 ) -> np.ndarray[Any, Any]:
     """One tensor, fetching only the index pieces and byte ranges it needs."""
     async with open(
         prefix, load_index=False, storage_options=storage_options, filesystem=filesystem
     ) as reader:
-        return await reader.read(name, index=index)
+        try:
+            return await reader.read(name, index=index)
+        finally:
+            if stats is not None:
+                stats.update(reader.stats)

@@ -54,6 +54,7 @@ def save(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    max_inflight_bytes: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> SaveInfo:
     """Blocking :func:`streamckpt.save`."""
@@ -65,6 +66,7 @@ def save(
         overwrite=overwrite,
         storage_options=storage_options,
         filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
         progress=progress,
     )
 
@@ -75,10 +77,20 @@ def load(
     names: Iterable[str | bytes] | None = None,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    max_inflight_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
+    stats: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray[Any, Any]]:
     """Blocking :func:`streamckpt.load`."""
     return run(
-        api.load, prefix, names=names, storage_options=storage_options, filesystem=filesystem
+        api.load,
+        prefix,
+        names=names,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
+        progress=progress,
+        stats=stats,
     )
 
 
@@ -89,6 +101,7 @@ def read_tensor(
     index: Any = None,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    stats: dict[str, float] | None = None,
 ) -> np.ndarray[Any, Any]:
     """Blocking :func:`streamckpt.read_tensor`."""
     return run(
@@ -98,6 +111,7 @@ def read_tensor(
         index=index,
         storage_options=storage_options,
         filesystem=filesystem,
+        stats=stats,
     )
 
 

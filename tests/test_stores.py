@@ -158,3 +158,26 @@ async def test_store_level_create_only_write(store: StoreUnderTest) -> None:
     assert await target.read_all(path) == b"first"
     await target.write_atomic(path, b"third", exclusive=False)
     assert await target.read_all(path) == b"third"
+
+
+@pytest.mark.anyio
+async def test_statistics_and_progress(store: StoreUnderTest) -> None:
+    prefix = store.prefix("ckpt-6")
+    values = {"a": np.ones(300_000, dtype=np.float32), "b": np.arange(10)}
+    moved: list[int] = []
+    info = await streamckpt.save(
+        prefix, values, num_shards=2, storage_options=store.storage_options, progress=moved.append
+    )
+    payload = 300_000 * 4 + 10 * 8
+    assert sum(moved) == info.stats["bytes_written"] >= payload  # payload + the index
+    assert set(info.seconds_by_phase) == {"write_shards", "commit_index"}
+    if store.kind != "local":
+        assert info.stats["requests"] >= 3  # two shard uploads and the index
+    stats: dict[str, float] = {}
+    arrived: list[int] = []
+    await streamckpt.load(
+        prefix, storage_options=store.storage_options, stats=stats, progress=arrived.append
+    )
+    assert stats["bytes_read"] == sum(arrived) >= payload
+    assert stats["requests"] >= 2 and stats["retries"] == 0 and stats["throttles"] == 0
+    assert {"seconds_open", "seconds_fetch", "seconds_verify_decode"} <= set(stats)

@@ -13,6 +13,7 @@ offset.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,17 @@ class CheckpointReader:
         self._lookups: dict[bytes, BundleEntry | None] = {}
         self._shard_sizes: dict[int, int] = {}
         self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
+        self.seconds_by_phase: dict[str, float] = {}
+
+    def _timed(self, phase: str, seconds: float) -> None:
+        self.seconds_by_phase[phase] = self.seconds_by_phase.get(phase, 0.0) + seconds
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Requests, bytes, retries, throttles so far, and seconds per phase."""
+        out: dict[str, float] = dict(self.store.stats.snapshot())
+        out.update({f"seconds_{k}": v for k, v in self.seconds_by_phase.items()})
+        return out
 
     # -- index --------------------------------------------------------------------------
 
@@ -372,7 +384,9 @@ class CheckpointReader:
         groups = plan_reads(
             placements, max_gap=DEFAULT_MAX_GAP, max_group_bytes=DEFAULT_MAX_GROUP_BYTES
         )
+        t0 = time.perf_counter()
         payloads = await self._fetch_groups(groups)
+        self._timed("fetch", time.perf_counter() - t0)
 
         def decode_all() -> dict[str, np.ndarray[Any, Any]]:
             arrays = {k: self._verify_and_decode(k, e, payloads[k]) for k, e in plain.items()}
@@ -384,7 +398,10 @@ class CheckpointReader:
                     out[key_to_name(key)] = arrays[key]
             return out
 
-        return await anyio.to_thread.run_sync(decode_all)
+        t0 = time.perf_counter()
+        decoded = await anyio.to_thread.run_sync(decode_all)
+        self._timed("verify_decode", time.perf_counter() - t0)
+        return decoded
 
     def _assemble(
         self,
@@ -474,6 +491,7 @@ async def open_reader(
     tail_bytes: int = DEFAULT_TAIL_BYTES,
 ) -> CheckpointReader:
     """Read the index's tail (footer, index block, often everything) and return a reader."""
+    started = time.perf_counter()
     index_path = index_filename(prefix_path)
     uri = store.uri(index_path)
     try:
@@ -504,6 +522,7 @@ async def open_reader(
             limit=size - FOOTER_SIZE,
         )
         reader = CheckpointReader(store, prefix_path, index, size, tail)
+        reader._timed("open", time.perf_counter() - started)
         if load_index:
             await reader.load_index()
         else:

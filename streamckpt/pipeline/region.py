@@ -64,7 +64,8 @@ def plan_region(shape: tuple[int, ...], itemsize: int, index: Any) -> Region:
                 highs.append(0)
                 inner.append(slice(0, 0))
                 continue
-            lo, hi = min(picked), max(picked)
+            # from the ends, not by walking the range: an axis may be 2**62 long
+            lo, hi = min(picked[0], picked[-1]), max(picked[0], picked[-1])
             stop = picked.stop - lo
             inner.append(slice(picked.start - lo, stop if stop >= 0 else None, picked.step))
         else:

@@ -99,7 +99,6 @@ def _stream_shard(
     placements: Sequence[Placement],
     prepared: Mapping[bytes, PreparedTensor],
     chunk_bytes: int,
-    progress: ProgressCallback | None,
     whole_crc: bool,
 ) -> ShardResult:
     """Runs in a worker thread: write one shard's tensors in order, in bounded chunks."""
@@ -118,8 +117,6 @@ def _stream_shard(
             if whole_crc:
                 shard_crc = crc32c(chunk, shard_crc)
             writer.write(chunk)
-            if progress is not None:
-                progress(len(chunk))
         size += len(view)
         crcs[placement.key] = tensor.crc32c if tensor.crc32c is not None else mask(crc)
     return ShardResult(crcs, size, shard_crc if whole_crc else None)
@@ -139,6 +136,8 @@ async def write_bundle(
     """Execute a save plan and commit the index. The executor behind :func:`save`."""
     started = time.perf_counter()
     phases: dict[str, float] = {}
+    if progress is not None:
+        store.stats.on_bytes = progress  # byte counts as they reach the store
     index_path = index_filename(prefix_path)
     index_uri = store.uri(index_path)
     if await store.exists(index_path):
@@ -169,7 +168,6 @@ async def write_bundle(
                     plan.shards[shard_id],
                     prepared,
                     chunk_bytes,
-                    progress,
                     store.reports_crc32c,
                 )
 

@@ -128,12 +128,17 @@ class StoreStats:
     retries: int = 0
     throttles: int = 0
     failures: int = 0
+    #: called with the bytes of every read or write as it completes (progress bars)
+    on_bytes: Callable[[int], None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
         with self._lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+        moved = counts.get("bytes_read", 0) + counts.get("bytes_written", 0)
+        if moved and self.on_bytes is not None:
+            self.on_bytes(moved)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
