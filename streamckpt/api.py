@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from streamckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from streamckpt.pipeline.read import CheckpointReader, open_reader
 from streamckpt.pipeline.save import (
     DEFAULT_CHUNK_BYTES,
@@ -55,6 +56,10 @@ async def save(
     )
 
 
+# Errors a stale cached index would cause; the read is retried once on a fresh index.
+_STALE = (CheckpointNotFoundError, CorruptCheckpointError)
+
+
 @contextlib.asynccontextmanager
 async def open(
     prefix: PathLike,
@@ -64,6 +69,7 @@ async def open(
     filesystem: Any = None,
     max_inflight_bytes: int | None = None,
     progress: ProgressCallback | None = None,
+    use_cache: bool = True,
 ) -> AsyncIterator[CheckpointReader]:
     """Open a checkpoint without reading tensor data: ``ckpt.entries``, ``await ckpt.read``.
 
@@ -77,7 +83,7 @@ async def open(
         max_inflight_bytes=max_inflight_bytes,
     )
     store.stats.on_bytes = progress
-    reader = await open_reader(store, path, load_index=load_index)
+    reader = await open_reader(store, path, load_index=load_index, use_cache=use_cache)
     async with reader:
         yield reader
 
@@ -98,20 +104,26 @@ async def load(
     ``progress`` gets byte counts as they arrive; a ``stats`` dict is filled with requests,
     bytes, retries, throttles and seconds per phase.
     """
-    async with open(
-        prefix,
-        load_index=names is None,
-        storage_options=storage_options,
-        filesystem=filesystem,
-        max_inflight_bytes=max_inflight_bytes,
-        progress=progress,
-    ) as reader:
-        try:
-            wanted = list(reader.entries) if names is None else list(names)
-            return await reader.read_many(wanted)
-        finally:
-            if stats is not None:
-                stats.update(reader.stats)
+    wanted = None if names is None else list(names)
+    for use_cache in (True, False):
+        async with open(
+            prefix,
+            load_index=wanted is None,
+            storage_options=storage_options,
+            filesystem=filesystem,
+            max_inflight_bytes=max_inflight_bytes,
+            progress=progress,
+            use_cache=use_cache,
+        ) as reader:
+            try:
+                return await reader.read_many(list(reader.entries) if wanted is None else wanted)
+            except _STALE:
+                if not reader.from_cache:
+                    raise
+            finally:
+                if stats is not None:
+                    stats.update(reader.stats)
+    raise AssertionError("unreachable: the second pass does not use the cache")
 
 
 async def read_tensor(
@@ -124,11 +136,20 @@ async def read_tensor(
     stats: dict[str, float] | None = None,
 ) -> np.ndarray[Any, Any]:
     """One tensor, fetching only the index pieces and byte ranges it needs."""
-    async with open(
-        prefix, load_index=False, storage_options=storage_options, filesystem=filesystem
-    ) as reader:
-        try:
-            return await reader.read(name, index=index)
-        finally:
-            if stats is not None:
-                stats.update(reader.stats)
+    for use_cache in (True, False):
+        async with open(
+            prefix,
+            load_index=False,
+            storage_options=storage_options,
+            filesystem=filesystem,
+            use_cache=use_cache,
+        ) as reader:
+            try:
+                return await reader.read(name, index=index)
+            except _STALE:
+                if not reader.from_cache:
+                    raise
+            finally:
+                if stats is not None:
+                    stats.update(reader.stats)
+    raise AssertionError("unreachable: the second pass does not use the cache")

@@ -181,3 +181,48 @@ async def test_statistics_and_progress(store: StoreUnderTest) -> None:
     assert stats["bytes_read"] == sum(arrived) >= payload
     assert stats["requests"] >= 2 and stats["retries"] == 0 and stats["throttles"] == 0
     assert {"seconds_open", "seconds_fetch", "seconds_verify_decode"} <= set(stats)
+
+
+@pytest.mark.anyio
+async def test_index_cache_makes_repeated_reads_one_request(store: StoreUnderTest) -> None:
+    from streamckpt.pipeline.cache import INDEX_CACHE
+
+    prefix = store.prefix("cached")
+    values = {f"t{i:03d}": np.full(8, i, dtype=np.int32) for i in range(50)}
+    await streamckpt.save(prefix, values, storage_options=store.storage_options)
+    INDEX_CACHE.clear()
+    cold: dict[str, float] = {}
+    await streamckpt.read_tensor(prefix, "t007", storage_options=store.storage_options, stats=cold)
+    assert cold["requests"] == 2  # the index's tail holds everything; then the tensor
+    for name in ("t001", "t042", "t007"):
+        warm: dict[str, float] = {}
+        got = await streamckpt.read_tensor(
+            prefix, name, storage_options=store.storage_options, stats=warm
+        )
+        assert got.tolist() == values[name].tolist()
+        assert warm["requests"] == 1
+    # An overwrite in place through streamckpt drops the cached index.
+    await streamckpt.save(
+        prefix, {"t001": np.zeros(3)}, overwrite=True, storage_options=store.storage_options
+    )
+    assert (
+        await streamckpt.read_tensor(prefix, "t001", storage_options=store.storage_options)
+    ).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.anyio
+async def test_stale_cached_index_is_detected(store: StoreUnderTest) -> None:
+    """Another writer replaced the checkpoint behind the cache's back: a whole-tensor read
+    fails its crc32c on the stale index, and the read is retried on a fresh one."""
+    from streamckpt.pipeline.cache import INDEX_CACHE
+
+    first, second = store.prefix("a"), store.prefix("b")
+    await streamckpt.save(first, {"x": np.arange(4.0)}, storage_options=store.storage_options)
+    await streamckpt.save(second, {"x": np.arange(4.0) + 10}, storage_options=store.storage_options)
+    INDEX_CACHE.clear()
+    assert (await streamckpt.load(first, storage_options=store.storage_options))["x"][0] == 0
+    fs = store.filesystem()
+    for suffix in (".index", ".data-00000-of-00001"):  # "another process" swaps the files
+        fs.pipe_file(store.strip(first) + suffix, fs.cat_file(store.strip(second) + suffix))
+    loaded = await streamckpt.load(first, storage_options=store.storage_options)
+    assert loaded["x"].tolist() == [10.0, 11.0, 12.0, 13.0]

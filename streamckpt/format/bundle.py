@@ -34,6 +34,7 @@ HEADER_KEY = b""
 # hostile and would only make protobuf allocate.
 _MAX_ENTRY_BYTES = 64 << 20
 _MAX_INT64 = (1 << 63) - 1
+_MAX_RANK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,14 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
     shape = tuple(dim.size for dim in proto.shape.dim)
     if any(d < 0 for d in shape):
         raise CorruptCheckpointError(f"entry shape {list(shape)} has a negative dimension")
+    # numpy holds at most 64 dimensions, and refuses a shape whose non-zero extents multiply
+    # past its address space even when another extent is 0 (and so the tensor is empty)
+    if len(shape) > _MAX_RANK:
+        raise UnsupportedError(
+            f"entry shape has rank {len(shape)}; numpy holds at most {_MAX_RANK}"
+        )
+    if math.prod(d for d in shape if d) * (itemsize(dtype) or 8) > _MAX_INT64:
+        raise UnsupportedError(f"entry shape {list(shape)} is too large for numpy")
     slices = tuple(TensorSlice.from_proto(p) for p in proto.slices)
     entry = BundleEntry(
         dtype=dtype,

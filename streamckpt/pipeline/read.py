@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -52,6 +52,7 @@ from streamckpt.format.table import (
     decode_index_block,
     lookup_in_block,
 )
+from streamckpt.pipeline.cache import INDEX_CACHE
 from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
 from streamckpt.pipeline.region import Region, UnsupportedIndexError, plan_region
 from streamckpt.pipeline.tensors import decode_payload
@@ -113,29 +114,39 @@ def _info(key: bytes, entry: BundleEntry) -> TensorInfo:
     )
 
 
+@dataclass(slots=True)
+class IndexState:
+    """What a reader knows of one index.
+
+    Shared by every reader of the same checkpoint through the index cache, so that repeated
+    reads cost only their data requests.
+    """
+
+    index: IndexBlock
+    index_size: int
+    tail: bytes
+    version: object = None
+    header: BundleHeader | None = None
+    blocks: dict[int, bytes | memoryview] = field(default_factory=dict)
+    entries: dict[bytes, BundleEntry] | None = None
+    lookups: dict[bytes, BundleEntry | None] = field(default_factory=dict)
+    shard_sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def tail_start(self) -> int:
+        return self.index_size - len(self.tail)
+
+
 class CheckpointReader:
     """An open checkpoint. Create with :func:`open_reader`; entries may load lazily."""
 
-    def __init__(
-        self,
-        store: Store,
-        prefix_path: str,
-        index: IndexBlock,
-        index_size: int,
-        tail: bytes,
-    ) -> None:
+    def __init__(self, store: Store, prefix_path: str, state: IndexState) -> None:
         self.store = store
         self.prefix_path = prefix_path
         self.uri = store.uri(prefix_path)
-        self._header: BundleHeader | None = None
-        self._index = index
-        self._index_size = index_size
-        self._tail = tail
-        self._tail_start = index_size - len(tail)
-        self._blocks: dict[int, bytes | memoryview] = {}
-        self._entries: dict[bytes, BundleEntry] | None = None
-        self._lookups: dict[bytes, BundleEntry | None] = {}
-        self._shard_sizes: dict[int, int] = {}
+        self._s = state
+        #: True when the index came from the cache (a stale one is retried by the API)
+        self.from_cache = False
         self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
         self.seconds_by_phase: dict[str, float] = {}
 
@@ -153,31 +164,31 @@ class CheckpointReader:
 
     @property
     def header(self) -> BundleHeader:
-        if self._header is None:
+        if self._s.header is None:
             raise RuntimeError("the bundle header has not been read")
-        return self._header
+        return self._s.header
 
     async def read_header(self) -> BundleHeader:
         """The bundle header: the first record of the first data block."""
-        if self._header is None:
-            if not self._index.handles:
+        if self._s.header is None:
+            if not self._s.index.handles:
                 raise CorruptCheckpointError("index has no data blocks, so no bundle header")
-            first = self._index.handles[0]
+            first = self._s.index.handles[0]
             block = await self._block(first)
             value = lookup_in_block(block, HEADER_KEY, offset=first.offset)
             if value is None:
                 raise CorruptCheckpointError("index has no bundle header", offset=first.offset)
-            self._header = decode_header(value)
-        return self._header
+            self._s.header = decode_header(value)
+        return self._s.header
 
     @property
     def index_uri(self) -> str:
         return self.store.uri(index_filename(self.prefix_path))
 
     def _from_tail(self, start: int, end: int) -> memoryview | None:
-        if start >= self._tail_start and end <= self._index_size:
-            base = start - self._tail_start
-            return memoryview(self._tail)[base : base + end - start]
+        if start >= self._s.tail_start and end <= self._s.index_size:
+            base = start - self._s.tail_start
+            return memoryview(self._s.tail)[base : base + end - start]
         return None
 
     async def _fetch_index_bytes(self, start: int, end: int) -> bytes | memoryview:
@@ -189,13 +200,13 @@ class CheckpointReader:
 
     async def load_index(self) -> None:
         """Fetch every data block of the index (one read) and decode all entries."""
-        if self._entries is not None:
+        if self._s.entries is not None:
             return
-        handles = self._index.handles
+        handles = self._s.index.handles
         if not handles:
-            self._entries = {}
+            self._s.entries = {}
             return
-        start, end = self._index.data_span
+        start, end = self._s.index.data_span
         span = await self._fetch_index_bytes(start, end)
         view = memoryview(span)
         blocks = [(view[h.offset - start : h.end_with_trailer - start], h.offset) for h in handles]
@@ -203,40 +214,46 @@ class CheckpointReader:
             decoded = await anyio.to_thread.run_sync(decode_records, blocks)
         except StreamCkptError as exc:
             raise exc.with_context(uri=self.index_uri) from None
-        self._entries = decoded.entries
-        self._header = decoded.header
+        self._s.entries = decoded.entries
+        self._s.header = decoded.header
 
     @property
     def entries(self) -> dict[str, TensorInfo]:
         """Every tensor by name (slice pieces of partitioned tensors are left out)."""
-        if self._entries is None:
+        if self._s.entries is None:
             raise RuntimeError("the index is not loaded; open with load_index=True")
         return {
-            key_to_name(k): _info(k, e) for k, e in self._entries.items() if not is_slice_key(k)
+            key_to_name(k): _info(k, e) for k, e in self._s.entries.items() if not is_slice_key(k)
         }
 
     async def _block(self, handle: BlockHandle) -> bytes | memoryview:
-        block = self._blocks.get(handle.offset)
+        block = self._s.blocks.get(handle.offset)
         if block is None:
             stored = await self._fetch_index_bytes(handle.offset, handle.end_with_trailer)
             try:
                 block = decode_block(stored, offset=handle.offset)
             except StreamCkptError as exc:
                 raise exc.with_context(uri=self.index_uri) from None
-            self._blocks[handle.offset] = block
+            self._s.blocks[handle.offset] = block
         return block
 
     async def entry(self, name: str | bytes) -> BundleEntry:
         """The entry of one tensor, reading at most one index block if not loaded yet."""
         key = name_to_key(name)
-        if self._entries is not None:
-            found = self._entries.get(key)
-        elif key in self._lookups:
-            found = self._lookups[key]
+        if self._s.entries is not None:
+            found = self._s.entries.get(key)
+        elif key in self._s.lookups:
+            found = self._s.lookups[key]
         else:
             found = None
-            handle = self._index.find(key) if key != HEADER_KEY else None
+            handle = self._s.index.find(key) if key != HEADER_KEY else None
             if handle is not None:
+                if self._s.header is None:
+                    # the header's block and this key's block in one round trip
+                    with unwrap_task_group():
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(self.read_header)
+                            tg.start_soon(self._block, handle)
                 block = await self._block(handle)
                 value = lookup_in_block(block, key, offset=handle.offset)
                 if value is not None:
@@ -246,7 +263,7 @@ class CheckpointReader:
                         raise exc.with_context(
                             uri=self.index_uri, tensor=key_to_name(key), offset=handle.offset
                         ) from None
-            self._lookups[key] = found
+            self._s.lookups[key] = found
         if found is None or key == HEADER_KEY:
             raise TensorNotFoundError(
                 "no such tensor in the checkpoint", uri=self.uri, tensor=key_to_name(key)
@@ -267,10 +284,10 @@ class CheckpointReader:
         for p in placements:
             if p.size <= _SIZE_CHECK_THRESHOLD:
                 continue
-            size = self._shard_sizes.get(p.shard_id)
+            size = self._s.shard_sizes.get(p.shard_id)
             if size is None:
                 size = await self.store.size(self.shard_path(p.shard_id))
-                self._shard_sizes[p.shard_id] = size
+                self._s.shard_sizes[p.shard_id] = size
             if p.offset + p.size > size:
                 raise TruncatedError(
                     f"tensor needs bytes up to {p.offset + p.size} but the shard has {size}",
@@ -409,7 +426,7 @@ class CheckpointReader:
         pieces: list[tuple[TensorSlice, bytes]],
         arrays: dict[bytes, np.ndarray[Any, Any]],
     ) -> np.ndarray[Any, Any]:
-        entry = self._entries[key] if self._entries is not None else self._lookups[key]
+        entry = self._s.entries[key] if self._s.entries is not None else self._s.lookups[key]
         assert entry is not None
         full = np.empty(entry.shape, dtype=numpy_dtype(entry.dtype))
         for piece, piece_key in pieces:
@@ -464,7 +481,7 @@ class CheckpointReader:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._blocks.clear()
+        self._s.blocks.clear()
 
 
 def _check_cover(key: bytes, entry: BundleEntry, uri: str) -> None:
@@ -489,11 +506,27 @@ async def open_reader(
     *,
     load_index: bool = True,
     tail_bytes: int = DEFAULT_TAIL_BYTES,
+    use_cache: bool = True,
 ) -> CheckpointReader:
-    """Read the index's tail (footer, index block, often everything) and return a reader."""
+    """Read the index's tail (footer, index block, often everything) and return a reader.
+
+    With ``use_cache`` an index opened before (see :mod:`streamckpt.pipeline.cache`) is reused
+    without any request.
+    """
     started = time.perf_counter()
     index_path = index_filename(prefix_path)
     uri = store.uri(index_path)
+    cache_key = (store.cache_key, uri)
+    version = await store.version(index_path)
+    if use_cache:
+        cached = INDEX_CACHE.get(cache_key, version=version)
+        if cached is not None:
+            reader = CheckpointReader(store, prefix_path, cached)
+            reader.from_cache = True
+            if load_index:
+                await reader.load_index()
+            reader._timed("open", time.perf_counter() - started)
+            return reader
     try:
         tail, known_size = await store.read_suffix(index_path, tail_bytes)
     except CheckpointNotFoundError as exc:
@@ -521,15 +554,23 @@ async def open_reader(
             index_offset=handle.offset,
             limit=size - FOOTER_SIZE,
         )
-        reader = CheckpointReader(store, prefix_path, index, size, tail)
+        reader = CheckpointReader(store, prefix_path, IndexState(index, size, tail, version))
         reader._timed("open", time.perf_counter() - started)
         if load_index:
             await reader.load_index()
-        else:
-            await reader.read_header()
+        elif reader._from_tail(*_first_block_span(index)) is not None:
+            await reader.read_header()  # free: the first block came with the tail
     except StreamCkptError as exc:
         raise exc.with_context(uri=uri) from None
+    INDEX_CACHE.put(cache_key, reader._s)
     return reader
+
+
+def _first_block_span(index: IndexBlock) -> tuple[int, int]:
+    if not index.handles:
+        return (0, 0)
+    first = index.handles[0]
+    return first.offset, first.end_with_trailer
 
 
 def _infer_size(tail: bytes) -> int | None:

@@ -31,6 +31,7 @@ from streamckpt.format.bundle import (
     name_to_key,
 )
 from streamckpt.format.crc import crc32c, mask
+from streamckpt.pipeline.cache import INDEX_CACHE
 from streamckpt.pipeline.plan import Placement, SavePlan, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
@@ -206,6 +207,7 @@ async def write_bundle(
             await store.sync_dir(directory)  # shard names durable before the index appears
         await store.write_atomic(index_path, index_bytes, exclusive=not overwrite)
         committed = True
+        INDEX_CACHE.invalidate_uri(index_uri)  # a cached index of an overwritten checkpoint
         phases["commit_index"] = time.perf_counter() - t0
     finally:
         if not committed:

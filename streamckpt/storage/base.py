@@ -90,6 +90,15 @@ class Store(abc.ABC):
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:  # noqa: B027
         """Check a committed object against what was streamed, where the store can tell."""
 
+    @property
+    def cache_key(self) -> object:
+        """Identifies the backend in the index cache (two stores may name the same path)."""
+        return type(self).__name__
+
+    async def version(self, path: str) -> object:
+        """A version stamp of an object when the backend gives one for free, else None."""
+        return None
+
     def max_concurrent_writers(self) -> int:
         """How many objects may stream at once within the byte budget."""
         return 64

@@ -136,6 +136,10 @@ class FsspecStore(Store):
         self.budget = ByteBudget(max_inflight_bytes)
         self.reports_crc32c = "GCSFileSystem" in type(fs).__name__
 
+    @property
+    def cache_key(self) -> object:
+        return ("fsspec", id(self.fs))
+
     def max_concurrent_writers(self) -> int:
         # an open upload buffers up to about two parts
         return max(1, self.budget.total // (2 * self.write_block_size))
