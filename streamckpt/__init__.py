@@ -31,7 +31,11 @@ from streamckpt.errors import (
 
 if TYPE_CHECKING:
     from streamckpt.api import load, open, read_tensor, save
+    from streamckpt.checkpoint import Checkpoint, RestoreStatus, SaveHandle, load_nested
     from streamckpt.format.dtypes import DataType
+    from streamckpt.manager import CheckpointManager, latest_checkpoint
+    from streamckpt.naming import assign_into, flatten, identity_map, lookup_map, unflatten
+    from streamckpt.pipeline.cache import clear_index_cache
     from streamckpt.pipeline.read import CheckpointReader, TensorInfo
     from streamckpt.pipeline.save import SaveInfo
     from streamckpt.pipeline.tensors import Typed
@@ -48,6 +52,18 @@ _LAZY = {
     "TensorInfo": "streamckpt.pipeline.read",
     "SaveInfo": "streamckpt.pipeline.save",
     "Typed": "streamckpt.pipeline.tensors",
+    "Checkpoint": "streamckpt.checkpoint",
+    "RestoreStatus": "streamckpt.checkpoint",
+    "SaveHandle": "streamckpt.checkpoint",
+    "load_nested": "streamckpt.checkpoint",
+    "CheckpointManager": "streamckpt.manager",
+    "latest_checkpoint": "streamckpt.manager",
+    "assign_into": "streamckpt.naming",
+    "flatten": "streamckpt.naming",
+    "identity_map": "streamckpt.naming",
+    "lookup_map": "streamckpt.naming",
+    "unflatten": "streamckpt.naming",
+    "clear_index_cache": "streamckpt.pipeline.cache",
 }
 
 
@@ -65,13 +81,17 @@ def __getattr__(name: str) -> Any:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "ChecksumError",
     "CorruptCheckpointError",
     "DataType",
     "PermissionDeniedError",
+    "RestoreStatus",
+    "SaveHandle",
     "SaveInProgressError",
     "SaveInfo",
     "StorageError",
@@ -81,8 +101,16 @@ __all__ = [
     "TruncatedError",
     "Typed",
     "UnsupportedError",
+    "assign_into",
+    "clear_index_cache",
+    "flatten",
+    "identity_map",
+    "latest_checkpoint",
     "load",
+    "load_nested",
+    "lookup_map",
     "open",
     "read_tensor",
     "save",
+    "unflatten",
 ]

@@ -19,11 +19,24 @@ import anyio.from_thread
 import numpy as np
 
 from streamckpt import api
+from streamckpt import checkpoint as _checkpoint
+from streamckpt import manager as _manager
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
 from streamckpt.pipeline.save import ProgressCallback, SaveInfo, Tensors
 from streamckpt.storage import PathLike
 
-__all__ = ["SyncCheckpointReader", "load", "open", "read_tensor", "run", "save"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointManager",
+    "SyncCheckpointReader",
+    "latest_checkpoint",
+    "load",
+    "load_nested",
+    "open",
+    "read_tensor",
+    "run",
+    "save",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -158,3 +171,38 @@ def open(
             yield SyncCheckpointReader(portal, reader)
         finally:
             portal.call(manager.__aexit__, None, None, None)
+
+
+# The high level's blocking faces live beside their async classes; exported here by name.
+Checkpoint = _checkpoint.SyncCheckpoint
+CheckpointManager = _manager.SyncCheckpointManager
+
+
+def latest_checkpoint(
+    directory: PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> str | None:
+    """Blocking :func:`streamckpt.latest_checkpoint`: one read of the state file."""
+    return run(
+        _manager.latest_checkpoint,
+        directory,
+        storage_options=storage_options,
+        filesystem=filesystem,
+    )
+
+
+def load_nested(
+    save_path: PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> dict[str, Any]:
+    """Blocking :func:`streamckpt.load_nested`: an object-based checkpoint as nested dicts."""
+    return run(
+        _checkpoint.load_nested,
+        save_path,
+        storage_options=storage_options,
+        filesystem=filesystem,
+    )

@@ -22,13 +22,17 @@ from streamckpt.format.strings import encode_strings
 
 def test_public_names_are_pinned() -> None:
     assert sorted(streamckpt.__all__) == [
+        "Checkpoint",
         "CheckpointExistsError",
+        "CheckpointManager",
         "CheckpointNotFoundError",
         "CheckpointReader",
         "ChecksumError",
         "CorruptCheckpointError",
         "DataType",
         "PermissionDeniedError",
+        "RestoreStatus",
+        "SaveHandle",
         "SaveInProgressError",
         "SaveInfo",
         "StorageError",
@@ -38,14 +42,28 @@ def test_public_names_are_pinned() -> None:
         "TruncatedError",
         "Typed",
         "UnsupportedError",
+        "assign_into",
+        "clear_index_cache",
+        "flatten",
+        "identity_map",
+        "latest_checkpoint",
         "load",
+        "load_nested",
+        "lookup_map",
         "open",
         "read_tensor",
         "save",
+        "unflatten",
     ]
+    for name in streamckpt.__all__:
+        assert getattr(streamckpt, name) is not None
     assert sorted(streamckpt.sync.__all__) == [
+        "Checkpoint",
+        "CheckpointManager",
         "SyncCheckpointReader",
+        "latest_checkpoint",
         "load",
+        "load_nested",
         "open",
         "read_tensor",
         "run",
