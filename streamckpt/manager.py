@@ -699,6 +699,10 @@ class SyncCheckpointManager:
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
     ) -> None:
+        # A blocking streamckpt.sync.Checkpoint carries the async one the manager drives.
+        inner = getattr(checkpoint, "checkpoint", None)
+        if inner is not None and hasattr(inner, "write"):
+            checkpoint = inner
         self.manager = CheckpointManager(
             checkpoint,
             directory,
