@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,9 +297,15 @@ class CheckpointReader:
                     offset=p.offset,
                 )
 
-    async def _fetch_groups(self, groups: Sequence[ReadGroup]) -> dict[bytes, memoryview]:
-        """Fetch merged ranges concurrently; return each member's bytes (views, no copy)."""
-        results: dict[bytes, memoryview] = {}
+    async def _fetch_groups(
+        self, groups: Sequence[ReadGroup], plain: Mapping[bytes, BundleEntry]
+    ) -> dict[bytes, np.ndarray[Any, Any]]:
+        """Fetch merged ranges concurrently; verify and decode each batch as it arrives.
+
+        Decoding works on views of the fetched buffers (no copy), in a worker thread per
+        batch, so that checking one batch overlaps with fetching the next.
+        """
+        results: dict[bytes, np.ndarray[Any, Any]] = {}
         limiter = anyio.CapacityLimiter(self.max_concurrent_reads)
 
         async def fetch_shard(shard_id: int, shard_groups: list[ReadGroup]) -> None:
@@ -319,10 +325,15 @@ class CheckpointReader:
                         if len(shard_groups) == 1 and len(shard_groups[0].members) == 1
                         else None,
                     ) from None
-            for group, buffer in zip(shard_groups, buffers, strict=True):
-                view = memoryview(buffer)
-                for p in group.members:
-                    results[p.key] = view[p.offset - group.start : p.offset - group.start + p.size]
+
+            def decode_batch() -> None:
+                for group, buffer in zip(shard_groups, buffers, strict=True):
+                    view = memoryview(buffer)
+                    for p in group.members:
+                        payload = view[p.offset - group.start : p.offset - group.start + p.size]
+                        results[p.key] = self._verify_and_decode(p.key, plain[p.key], payload)
+
+            await anyio.to_thread.run_sync(decode_batch)
 
         by_shard: dict[int, list[ReadGroup]] = {}
         for g in groups:
@@ -331,8 +342,8 @@ class CheckpointReader:
             async with anyio.create_task_group() as tg:
                 for shard_id, shard_groups in by_shard.items():
                     # split the shard's groups into batches so several requests overlap
-                    for i in range(0, len(shard_groups), 8):
-                        tg.start_soon(fetch_shard, shard_id, shard_groups[i : i + 8])
+                    for i in range(0, len(shard_groups), 2):
+                        tg.start_soon(fetch_shard, shard_id, shard_groups[i : i + 2])
         return results
 
     def _verify_and_decode(
@@ -402,11 +413,10 @@ class CheckpointReader:
             placements, max_gap=DEFAULT_MAX_GAP, max_group_bytes=DEFAULT_MAX_GROUP_BYTES
         )
         t0 = time.perf_counter()
-        payloads = await self._fetch_groups(groups)
-        self._timed("fetch", time.perf_counter() - t0)
+        arrays = await self._fetch_groups(groups, plain)
+        self._timed("fetch_verify_decode", time.perf_counter() - t0)
 
-        def decode_all() -> dict[str, np.ndarray[Any, Any]]:
-            arrays = {k: self._verify_and_decode(k, e, payloads[k]) for k, e in plain.items()}
+        def assemble_all() -> dict[str, np.ndarray[Any, Any]]:
             out: dict[str, np.ndarray[Any, Any]] = {}
             for key in keys:
                 if key in pieces:
@@ -415,10 +425,12 @@ class CheckpointReader:
                     out[key_to_name(key)] = arrays[key]
             return out
 
+        if not pieces:
+            return assemble_all()
         t0 = time.perf_counter()
-        decoded = await anyio.to_thread.run_sync(decode_all)
-        self._timed("verify_decode", time.perf_counter() - t0)
-        return decoded
+        assembled = await anyio.to_thread.run_sync(assemble_all)
+        self._timed("assemble", time.perf_counter() - t0)
+        return assembled
 
     def _assemble(
         self,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -27,9 +28,13 @@ from streamckpt.errors import (
     StreamCkptError,
     TruncatedError,
 )
-from streamckpt.storage.retry import StoreStats
+from streamckpt.storage.retry import StoreStats, classify
 
 T = TypeVar("T")
+
+
+#: What reads return: anything memoryview() accepts.
+Buffer = bytes | bytearray | mmap.mmap
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +128,7 @@ class Store(abc.ABC):
     async def read_range(self, path: str, start: int, end: int) -> bytes | bytearray:
         """Exactly ``end - start`` bytes; a short object raises TruncatedError."""
 
-    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[bytes | bytearray]:
+    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[Buffer]:
         """Several ranges of one object; backends override to overlap the requests."""
         return [await self.read_range(path, r.start, r.end) for r in ranges]
 
@@ -216,4 +221,13 @@ def map_errors(uri: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             raise CheckpointNotFoundError(f"not found: {exc}", uri=uri) from exc
+        if exc.errno in (errno.EACCES, errno.EPERM) or str(exc).startswith("Forbidden"):
+            # gcsfs raises a bare OSError("Forbidden: ...") for HTTP 403
+            raise PermissionDeniedError(f"permission denied: {exc}", uri=uri) from exc
         raise StorageError(f"storage error: {exc}", uri=uri) from exc
+    except Exception as exc:
+        # retries spent on a failure that is not an OSError (gcsfs HttpError, aiohttp
+        # ClientPayloadError, botocore EndpointConnectionError): still the backend's failure
+        if classify(exc) == "permanent":
+            raise
+        raise StorageError(f"storage error: {exc!r}", uri=uri) from exc

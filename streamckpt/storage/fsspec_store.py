@@ -29,6 +29,7 @@ from streamckpt.errors import (
     unwrap_task_group,
 )
 from streamckpt.storage.base import (
+    Buffer,
     ByteBudget,
     ByteRange,
     ShardWriter,
@@ -105,6 +106,9 @@ class FsspecShardWriter(ShardWriter):
                 discard = getattr(self._file, "discard", None)
                 if discard is not None:
                     discard()  # aborts a multipart / resumable upload in progress
+                    # discard() may leave the file open (gcsfs before its upload started,
+                    # s3fs always): its __del__ would then flush the buffer, i.e. upload it
+                    self._file.closed = True
                 else:
                     self._file.close()
             except Exception:
@@ -220,10 +224,10 @@ class FsspecStore(Store):
                 for offset in range(0, len(out), part):
                     tg.start_soon(fetch, offset)
 
-    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[bytes | bytearray]:
+    async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[Buffer]:
         import anyio
 
-        results: list[bytes | bytearray] = [b""] * len(ranges)
+        results: list[Buffer] = [b""] * len(ranges)
 
         async def fetch(i: int, r: ByteRange) -> None:
             results[i] = await self.read_range(path, r.start, r.end)
@@ -250,11 +254,8 @@ class FsspecStore(Store):
 
     async def write_atomic(self, path: str, data: bytes, *, exclusive: bool) -> None:
         uri = self.uri(path)
-        attempts = 0
 
         def put() -> None:
-            nonlocal attempts
-            attempts += 1
             self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
             self.fs.invalidate_cache(path)
 
@@ -263,8 +264,9 @@ class FsspecStore(Store):
         except StreamCkptError as exc:
             if not (exclusive and _is_precondition_failure(exc)):
                 raise
-            if attempts > 1 and await self._holds(path, data):
-                # an earlier attempt landed but its answer was lost: the object is ours
+            if await self._holds(path, data):
+                # an earlier try landed but its answer was lost: the object is ours. That try
+                # may be ours or the HTTP client's own (aiohttp re-sends a PUT unseen)
                 return
             raise CheckpointExistsError(
                 "a checkpoint index already exists (create-only write refused)", uri=uri

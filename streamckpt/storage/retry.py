@@ -85,6 +85,11 @@ def classify(exc: BaseException) -> Verdict:
     """Whether a failure is worth retrying, and whether the store asked us to slow down."""
     verdict: Verdict = "permanent"
     for item in _chain(exc):
+        if type(item).__name__ in _TRANSIENT_NAMES:
+            # aiohttp's parser errors carry a `code` (400) that no server sent: a body cut
+            # short is ContentLengthError(code=400) under ClientPayloadError
+            verdict = "transient"
+            continue
         status, code = _status_of(item)
         if code in _THROTTLE_CODES or status in _THROTTLE_STATUS:
             return "throttle"
