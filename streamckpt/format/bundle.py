@@ -26,6 +26,7 @@ from streamckpt.format.table import (
     decode_index_block,
     iter_data_block,
 )
+from streamckpt.format.varint import decode_varint
 from streamckpt.proto import tensor_bundle_pb2
 
 READER_VERSION = 1
@@ -132,15 +133,96 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
     """Parse and validate one entry; the caller adds the tensor name to any error."""
     if len(value) > _MAX_ENTRY_BYTES:
         raise CorruptCheckpointError(f"entry of {len(value)} bytes is implausibly large")
+    raw = bytes(value)
+    fields = _fast_fields(raw)
+    if fields is not None:
+        dtype_number, shape, shard_id, offset, size, crc = fields
+        return _validated(
+            to_datatype(dtype_number), shape, shard_id, offset, size, crc, (), num_shards
+        )
     proto = tensor_bundle_pb2.BundleEntryProto()
     try:
-        proto.ParseFromString(bytes(value))
+        proto.ParseFromString(raw)
     except DecodeError as exc:
         raise CorruptCheckpointError(f"bad bundle entry: {exc}") from None
     dtype = to_datatype(proto.dtype)
     if proto.shape.unknown_rank:
         raise CorruptCheckpointError("entry shape has unknown rank")
     shape = tuple(dim.size for dim in proto.shape.dim)
+    slices = tuple(TensorSlice.from_proto(p) for p in proto.slices)
+    return _validated(
+        dtype, shape, proto.shard_id, proto.offset, proto.size, proto.crc32c, slices, num_shards
+    )
+
+
+_Fields = tuple[int, tuple[int, ...], int, int, int, int]
+
+
+def _fast_fields(raw: bytes) -> _Fields | None:
+    """Decode the entries TF and we write (fields 1-6, dims with sizes only) without protobuf.
+
+    A plain Python walk over a few dozen bytes is several times faster than building a proto
+    message, which matters for indexes of 100,000 tensors. Anything else (slices, dimension
+    names, unknown fields, odd encodings) returns None and goes through protobuf.
+    """
+    dtype = shard = offset = size = crc = 0
+    shape: list[int] = []
+    pos, end = 0, len(raw)
+    while pos < end:
+        tag = raw[pos]
+        pos += 1
+        if tag in (0x08, 0x18, 0x20, 0x28):  # varint fields 1, 3, 4, 5
+            number, pos = decode_varint(raw, pos)
+            if tag == 0x08:
+                dtype = number
+            elif tag == 0x18:
+                if number >= 1 << 31:
+                    return None  # a negative int32: let protobuf and the checks say so
+                shard = number
+            elif tag == 0x20:
+                offset = number
+            else:
+                size = number
+        elif tag == 0x35:  # fixed32 field 6
+            if pos + 4 > end:
+                return None
+            crc = int.from_bytes(raw[pos : pos + 4], "little")
+            pos += 4
+        elif tag == 0x12:  # field 2, the shape
+            length, pos = decode_varint(raw, pos)
+            stop = pos + length
+            if stop > end:
+                return None
+            while pos < stop:
+                if raw[pos] != 0x12:  # only `dim` entries
+                    return None
+                dim_length, pos = decode_varint(raw, pos + 1)
+                dim_stop = pos + dim_length
+                dim = 0
+                while pos < dim_stop:
+                    if raw[pos] != 0x08:  # only `size`
+                        return None
+                    dim, pos = decode_varint(raw, pos + 1)
+                if pos != dim_stop or dim >= 1 << 63:
+                    return None
+                shape.append(dim)
+            if pos != stop:
+                return None
+        else:
+            return None
+    return dtype, tuple(shape), shard, offset, size, crc
+
+
+def _validated(
+    dtype: DataType,
+    shape: tuple[int, ...],
+    shard_id: int,
+    offset: int,
+    size: int,
+    crc: int,
+    slices: tuple[TensorSlice, ...],
+    num_shards: int | None,
+) -> BundleEntry:
     if any(d < 0 for d in shape):
         raise CorruptCheckpointError(f"entry shape {list(shape)} has a negative dimension")
     # numpy holds at most 64 dimensions, and refuses a shape whose non-zero extents multiply
@@ -151,14 +233,13 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
         )
     if math.prod(d for d in shape if d) * (itemsize(dtype) or 8) > _MAX_INT64:
         raise UnsupportedError(f"entry shape {list(shape)} is too large for numpy")
-    slices = tuple(TensorSlice.from_proto(p) for p in proto.slices)
     entry = BundleEntry(
         dtype=dtype,
         shape=shape,
-        shard_id=proto.shard_id,
-        offset=proto.offset,
-        size=proto.size,
-        crc32c=proto.crc32c,
+        shard_id=shard_id,
+        offset=offset,
+        size=size,
+        crc32c=crc,
         slices=slices,
     )
     if slices:

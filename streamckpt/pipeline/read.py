@@ -66,7 +66,7 @@ DEFAULT_MAX_GAP = 256 << 10
 DEFAULT_MAX_GROUP_BYTES = 64 << 20
 # Tensors claiming more than this are checked against the shard's real size before any buffer
 # is allocated for them (a hostile index must not make us allocate what it merely claims).
-_SIZE_CHECK_THRESHOLD = 64 << 20
+_SIZE_CHECK_THRESHOLD = 16 << 20
 DEFAULT_MAX_CONCURRENT_READS = 16
 
 
@@ -482,11 +482,14 @@ class CheckpointReader:
                 offset=start,
             ) from None
         dtype = numpy_dtype(entry.dtype, big_endian=self.header.big_endian)
-        flat = np.frombuffer(data, dtype=dtype)
+        # strided as raw bytes: as_strided loses dtypes whose typestr numpy cannot parse
+        # (ml_dtypes' float8_e5m2 is "<f1"), so the element type is put back after the copy
+        flat = np.frombuffer(data, dtype=np.dtype((np.void, dtype.itemsize)))
         box = np.lib.stride_tricks.as_strided(
             flat, shape=region.box_shape, strides=region.box_strides, writeable=False
         )
-        result = np.array(box[region.inner_index], dtype=numpy_dtype(entry.dtype), copy=True)
+        picked = np.array(box[region.inner_index], copy=True).view(dtype)
+        result = picked.astype(numpy_dtype(entry.dtype), copy=False)
         return result
 
     async def __aenter__(self) -> CheckpointReader:

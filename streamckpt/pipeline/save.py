@@ -38,6 +38,8 @@ from streamckpt.storage import Store
 from streamckpt.storage.base import ShardWriter
 
 DEFAULT_CHUNK_BYTES = 8 << 20
+# Payloads up to this size are copied into a shared write buffer instead of written alone.
+_SMALL_PAYLOAD = 256 << 10
 # Shards written at once; each is one worker thread streaming sequentially.
 DEFAULT_MAX_CONCURRENT_SHARDS = 16
 
@@ -102,24 +104,49 @@ def _stream_shard(
     chunk_bytes: int,
     whole_crc: bool,
 ) -> ShardResult:
-    """Runs in a worker thread: write one shard's tensors in order, in bounded chunks."""
+    """Runs in a worker thread: write one shard's tensors in order, in bounded chunks.
+
+    Small payloads are gathered into one buffer of up to ``chunk_bytes`` and written together
+    (one system call or upload part for thousands of small tensors); large ones are written
+    straight from the caller's memory, chunk by chunk. Every write is a cancellation point.
+    """
     crcs: dict[bytes, int] = {}
     shard_crc = 0
     size = 0
+    small = min(_SMALL_PAYLOAD, chunk_bytes)
+    pending = bytearray()
+
+    def flush() -> None:
+        nonlocal shard_crc
+        if pending:
+            anyio.from_thread.check_cancelled()
+            if whole_crc:
+                shard_crc = crc32c(pending, shard_crc)
+            writer.write(memoryview(pending))
+            del pending[:]
+
     for placement in placements:
         tensor = prepared[placement.key]
         view = tensor.payload
-        crc = 0
-        for start in range(0, len(view), chunk_bytes):
-            anyio.from_thread.check_cancelled()
-            chunk = view[start : start + chunk_bytes]
-            if tensor.crc32c is None:
-                crc = crc32c(chunk, crc)
-            if whole_crc:
-                shard_crc = crc32c(chunk, shard_crc)
-            writer.write(chunk)
+        if len(view) <= small:
+            crc = crc32c(view) if tensor.crc32c is None else 0
+            pending += view
+            if len(pending) >= chunk_bytes:
+                flush()
+        else:
+            flush()
+            crc = 0
+            for start in range(0, len(view), chunk_bytes):
+                anyio.from_thread.check_cancelled()
+                chunk = view[start : start + chunk_bytes]
+                if tensor.crc32c is None:
+                    crc = crc32c(chunk, crc)
+                if whole_crc:
+                    shard_crc = crc32c(chunk, shard_crc)
+                writer.write(chunk)
         size += len(view)
         crcs[placement.key] = tensor.crc32c if tensor.crc32c is not None else mask(crc)
+    flush()
     return ShardResult(crcs, size, shard_crc if whole_crc else None)
 
 

@@ -125,7 +125,7 @@ class Store(abc.ABC):
     async def exists(self, path: str) -> bool: ...
 
     @abc.abstractmethod
-    async def read_range(self, path: str, start: int, end: int) -> bytes | bytearray:
+    async def read_range(self, path: str, start: int, end: int) -> Buffer:
         """Exactly ``end - start`` bytes; a short object raises TruncatedError."""
 
     async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[Buffer]:

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -182,7 +183,7 @@ class FsspecStore(Store):
 
         return await self._call(path, work)
 
-    async def read_range(self, path: str, start: int, end: int) -> bytes | bytearray:
+    async def read_range(self, path: str, start: int, end: int) -> Buffer:
         if end <= start:
             return b""  # s3fs would send an invalid Range header for an empty read
         if end - start > self.read_part_size:
@@ -291,13 +292,27 @@ class FsspecStore(Store):
         import anyio.from_thread
 
         def attempt() -> T:
-            writer = FsspecShardWriter(self, path)
+            # Each attempt holds a slot of the adaptive limit, like any other request, so that
+            # throttled uploads shrink the concurrency of everything else on this store.
+            token = object()
+            anyio.from_thread.run(self.limiter.acquire_on_behalf_of, token)
+            started = time.monotonic()
+            self.stats.add(requests=1)
             try:
-                result = stream(writer)
-                writer.commit()
-            except BaseException:
-                writer.abort()
+                writer = FsspecShardWriter(self, path)
+                try:
+                    result = stream(writer)
+                    writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+            except Exception as exc:
+                if classify(exc) == "throttle":
+                    self.limiter.on_throttle()
                 raise
+            finally:
+                anyio.from_thread.run_sync(self.limiter.release_on_behalf_of, token)
+            self.limiter.on_success(time.monotonic() - started)
             return result
 
         return run_blocking_with_retries(

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import anyio.to_thread
 
+from streamckpt.errors import TruncatedError
 from streamckpt.storage.base import (
     Buffer,
     ByteBudget,
@@ -118,10 +119,9 @@ class LocalStore(Store):
     async def exists(self, path: str) -> bool:
         return await anyio.to_thread.run_sync(os.path.exists, path)
 
-    async def read_range(self, path: str, start: int, end: int) -> bytearray:
-        out = bytearray(end - start)
-        await self.read_into(path, start, memoryview(out))
-        return out
+    async def read_range(self, path: str, start: int, end: int) -> Buffer:
+        (buffer,) = await self.read_ranges(path, [ByteRange(start, end)])
+        return buffer
 
     async def read_into(self, path: str, start: int, out: memoryview) -> None:
         """Fill ``out`` from ``start``: the zero-copy path for large tensors."""
@@ -145,7 +145,14 @@ class LocalStore(Store):
             with map_errors(path):
                 fd = os.open(path, os.O_RDONLY | _O_BINARY)
                 try:
+                    size = os.fstat(fd).st_size
                     for r in ranges:
+                        if r.end > size:  # refuse before allocating what an index claims
+                            raise TruncatedError(
+                                f"wanted bytes up to {r.end}, the file has {size}",
+                                uri=path,
+                                offset=r.start,
+                            )
                         buf = _fresh_buffer(r.length)
                         got = _read_exact_into(fd, r.start, memoryview(buf))
                         self.stats.add(requests=1, bytes_read=got)

@@ -214,6 +214,13 @@ class AdaptiveLimiter:
         self.cuts += 1
         self._apply()
 
+    async def acquire_on_behalf_of(self, token: object) -> None:
+        """Take a slot for work running in another thread (a streamed upload)."""
+        await self._limiter.acquire_on_behalf_of(token)
+
+    def release_on_behalf_of(self, token: object) -> None:
+        self._limiter.release_on_behalf_of(token)
+
     async def __aenter__(self) -> None:
         await self._limiter.acquire()
 
