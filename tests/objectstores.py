@@ -89,6 +89,7 @@ S3_SECRET = "streamckpt-test-secret"
 S3_REGION = "us-east-1"
 GCS_PROJECT = "streamckpt-test"
 STARTUP_DEADLINE_S = 30.0
+_KEEP_ALIVE: list[Any] = []
 STOP_GRACE_S = 10.0
 MAX_POOL_CONNECTIONS = 64
 
@@ -150,6 +151,10 @@ class ObjectStoreServer:
             # _request anew with a single try.
             once = gcsfs.retry.retry_request(retries=1)(type(fs)._request.__wrapped__)
             fs._request = types.MethodType(once, fs)
+        if not asynchronous:
+            # Never collected mid-session: a sync client collected while a test's event loop
+            # runs would schedule its session close on that loop (see the quirks above).
+            _KEEP_ALIVE.append(fs)
         return fs
 
     def create_bucket(self, name: str) -> None:

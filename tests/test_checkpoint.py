@@ -551,25 +551,32 @@ async def test_cancelling_a_waiter_does_not_cancel_the_save(gated: Any) -> None:
     assert handle.done() and await handle == f"{root}/c-1"  # async with waited for it
 
 
-def _wait_for_thread_count(expected: int) -> int:
+def _new_threads(before: set[threading.Thread]) -> set[threading.Thread]:
+    """Threads started since ``before`` that are still alive, after a short grace period.
+
+    Compared by identity rather than by count: threads of earlier tests may end meanwhile.
+    """
     deadline = time.monotonic() + 5
-    while threading.active_count() > expected and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        extra = set(threading.enumerate()) - before
+        if not extra:
+            return extra
         time.sleep(0.01)
-    return threading.active_count()
+    return set(threading.enumerate()) - before
 
 
 def test_no_thread_outlives_its_checkpoint(tmp_path: Path) -> None:
-    before = threading.active_count()
+    before = set(threading.enumerate())
     with Checkpoint(w=np.ones(3)) as ckpt:
         for _ in range(3):
             ckpt.save_async(tmp_path / "c", num_shards=2)
-        assert threading.active_count() > before
-    assert _wait_for_thread_count(before) == before
+        assert set(threading.enumerate()) - before
+    assert _new_threads(before) == set()
     # Reusable after close; garbage collection stops an unclosed loop too.
     ckpt.save_async(tmp_path / "c").result()
     del ckpt
     gc.collect()
-    assert _wait_for_thread_count(before) == before
+    assert _new_threads(before) == set()
 
 
 def test_exit_waits_for_a_save_in_flight(tmp_path: Path) -> None:

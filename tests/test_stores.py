@@ -226,3 +226,30 @@ async def test_stale_cached_index_is_detected(store: StoreUnderTest) -> None:
         fs.pipe_file(store.strip(first) + suffix, fs.cat_file(store.strip(second) + suffix))
     loaded = await streamckpt.load(first, storage_options=store.storage_options)
     assert loaded["x"].tolist() == [10.0, 11.0, 12.0, 13.0]
+
+
+@pytest.mark.anyio
+async def test_overwrite_with_another_shard_count_leaves_no_stale_files(
+    store: StoreUnderTest,
+) -> None:
+    prefix = store.prefix("over")
+    await streamckpt.save(
+        prefix,
+        {"a": np.arange(50), "b": np.ones(9)},
+        num_shards=3,
+        storage_options=store.storage_options,
+    )
+    await streamckpt.save(
+        prefix,
+        {"c": np.zeros(4)},
+        num_shards=1,
+        overwrite=True,
+        storage_options=store.storage_options,
+    )
+    names = sorted(
+        p.rsplit("/", 1)[-1]
+        for p in store.filesystem().ls(store.strip(store.base), detail=False)
+        if "over" in p
+    )
+    assert names == ["over.data-00000-of-00001", "over.index"]
+    assert list(await streamckpt.load(prefix, storage_options=store.storage_options)) == ["c"]

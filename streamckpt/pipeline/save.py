@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -168,19 +169,26 @@ async def write_bundle(
         store.stats.on_bytes = progress  # byte counts as they reach the store
     index_path = index_filename(prefix_path)
     index_uri = store.uri(index_path)
-    if await store.exists(index_path):
-        if not overwrite:
-            raise CheckpointExistsError(
-                "a checkpoint already exists at this prefix (pass overwrite=True)", uri=index_uri
-            )
-        # Invalidate the old checkpoint first: its data files are about to be replaced.
+    replacing = await store.exists(index_path)
+    if replacing and not overwrite:
+        raise CheckpointExistsError(
+            "a checkpoint already exists at this prefix (pass overwrite=True)", uri=index_uri
+        )
+    # Replacing a checkpoint: where the store can rename, the new shards are staged under
+    # temporary names, so that a failed save leaves the old checkpoint whole. Elsewhere the old
+    # index goes first (its data files are about to be rewritten in place): a failed save then
+    # leaves no checkpoint at this prefix, never a mix of old and new.
+    staged = replacing and store.supports_rename
+    if replacing and not staged:
         await store.delete([index_path])
     directory = store.dirname(prefix_path)
     if directory:
         await store.make_dirs(directory)
-    shard_paths = [
+    final_paths = [
         data_filename(prefix_path, shard_id, plan.num_shards) for shard_id in range(plan.num_shards)
     ]
+    suffix = f".tmp-{secrets.token_hex(6)}"
+    shard_paths = [p + suffix for p in final_paths] if staged else final_paths
     crcs: dict[bytes, int] = {}
     limiter = anyio.CapacityLimiter(min(max_concurrent_shards, store.max_concurrent_writers()))
     committed = False
@@ -230,6 +238,12 @@ async def write_bundle(
                 )
             )
         index_bytes = await anyio.to_thread.run_sync(encode_index, header, entries)
+        if staged:
+            # the old index goes, then the staged shards take their final names
+            await store.delete([index_path])
+            for staged_path, final_path in zip(shard_paths, final_paths, strict=True):
+                await store.rename(staged_path, final_path)
+            shard_paths = final_paths
         if directory:
             await store.sync_dir(directory)  # shard names durable before the index appears
         await store.write_atomic(index_path, index_bytes, exclusive=not overwrite)
@@ -240,6 +254,8 @@ async def write_bundle(
         if not committed:
             with anyio.CancelScope(shield=True):
                 await store.delete(shard_paths)
+    if replacing:
+        await _remove_other_shard_counts(store, prefix_path, plan.num_shards)
     return SaveInfo(
         prefix=store.uri(prefix_path),
         num_shards=plan.num_shards,
@@ -251,6 +267,22 @@ async def write_bundle(
         seconds_by_phase=phases,
         stats=store.stats.snapshot(),
     )
+
+
+async def _remove_other_shard_counts(store: Store, prefix_path: str, num_shards: int) -> None:
+    """After replacing a checkpoint with another shard count, its old data files are garbage."""
+    directory = store.dirname(prefix_path)
+    base = prefix_path.rsplit("/", 1)[-1] + ".data-"
+    keep = f"-of-{num_shards:05d}"
+    stale = [
+        p
+        for p in await store.list_dir(directory or ".")
+        if (name := p.replace("\\", "/").rsplit("/", 1)[-1]).startswith(base)
+        and not name.endswith(keep)
+        and ".tmp-" not in name
+    ]
+    if stale:
+        await store.delete(stale)
 
 
 async def save_tensors(

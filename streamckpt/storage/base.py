@@ -104,6 +104,12 @@ class Store(abc.ABC):
         """A version stamp of an object when the backend gives one for free, else None."""
         return None
 
+    #: ``True`` where :meth:`rename` is cheap and atomic (local disk).
+    supports_rename: bool = False
+
+    async def rename(self, source: str, target: str) -> None:
+        raise NotImplementedError("this store cannot rename")
+
     def max_concurrent_writers(self) -> int:
         """How many objects may stream at once within the byte budget."""
         return 64

@@ -99,6 +99,12 @@ class LocalStore(Store):
     def uri(self, path: str) -> str:
         return path
 
+    supports_rename = True
+
+    async def rename(self, source: str, target: str) -> None:
+        with map_errors(target):
+            await anyio.to_thread.run_sync(os.replace, source, target)
+
     async def version(self, path: str) -> object:
         try:
             st = os.stat(path)  # one syscall; no thread hop for it
