@@ -34,7 +34,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the package."""
+    """Type-check the package with mypy --strict."""
     session.install("-e", ".[lint]")
     session.run("mypy", "--strict", "streamckpt")
 

@@ -74,7 +74,8 @@ def test_public_names_are_pinned() -> None:
 def test_format_layer_imports_no_io_libraries() -> None:
     code = (
         "import sys, pkgutil, importlib, streamckpt.format as f\n"
-        "for m in pkgutil.iter_modules(f.__path__): importlib.import_module(f'{f.__name__}.{m.name}')\n"
+        "for m in pkgutil.iter_modules(f.__path__):\n"
+        "    importlib.import_module(f'{f.__name__}.{m.name}')\n"
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('anyio', 'fsspec'))\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
