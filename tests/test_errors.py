@@ -875,10 +875,6 @@ def test_load_mutated_indexes(
         anyio.run(attempt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read.py _check_cover compares every pair of slices: O(n**2) in the slice count",
-)
 @pytest.mark.timeout(3)
 async def test_many_slices_are_checked_in_subquadratic_time(tmp_path: Path) -> None:
     """20,000 slices fit in a 200 KB entry; checking that they tile the tensor must not take
@@ -892,3 +888,24 @@ async def test_many_slices_are_checked_in_subquadratic_time(tmp_path: Path) -> N
     # the pieces themselves are absent: after the cover check, the first lookup fails
     with pytest.raises(CorruptCheckpointError, match="slice of a partitioned tensor is missing"):
         await streamckpt.load(prefix)
+
+
+@pytest.mark.parametrize(
+    ("extents", "message"),
+    [
+        ([(0, 2), (1, 2)], "overlapping"),  # same volume as the tensor: a gap and an overlap
+        ([(0, 2)], "missing"),
+        ([(0, 3), (2, 2)], "overlapping"),
+    ],
+)
+async def test_slices_that_do_not_tile_are_refused(
+    tmp_path: Path, extents: list[tuple[int, int]], message: str
+) -> None:
+    proto = tensor_bundle_pb2.BundleEntryProto(dtype=1)
+    proto.shape.dim.add(size=4)
+    for start, length in extents:
+        proto.slices.add().extent.add(start=start, length=length)
+    prefix = write_checkpoint(tmp_path, index_of({b"sliced": proto.SerializeToString()}))
+    with pytest.raises(CorruptCheckpointError, match=message) as info:
+        await streamckpt.load(prefix)
+    assert info.value.tensor == "sliced"
