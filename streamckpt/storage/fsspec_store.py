@@ -158,13 +158,16 @@ class FsspecStore(Store):
     def dirname(self, path: str) -> str:
         return path.rsplit("/", 1)[0] if "/" in path else ""
 
-    async def _call(self, path: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def _call(
+        self, path: str, fn: Callable[..., T], *args: Any, nbytes: int = 0, **kwargs: Any
+    ) -> T:
         with map_errors(self.uri(path)):
             return await call_with_retries(
                 functools.partial(fn, *args, **kwargs),
                 policy=self.retry_policy,
                 limiter=self.limiter,
                 stats=self.stats,
+                nbytes=nbytes,
             )
 
     async def size(self, path: str) -> int:
@@ -192,7 +195,9 @@ class FsspecStore(Store):
             return out
         taken = await self.budget.acquire(end - start)
         try:
-            data: bytes = await self._call(path, self.fs.cat_file, path, start=start, end=end)
+            data: bytes = await self._call(
+                path, self.fs.cat_file, path, start=start, end=end, nbytes=end - start
+            )
         finally:
             await self.budget.release(taken)
         check_length(data, end - start, uri=self.uri(path), offset=start)
@@ -211,7 +216,12 @@ class FsspecStore(Store):
             taken = await self.budget.acquire(length)
             try:
                 data: bytes = await self._call(
-                    path, self.fs.cat_file, path, start=start + offset, end=start + offset + length
+                    path,
+                    self.fs.cat_file,
+                    path,
+                    start=start + offset,
+                    end=start + offset + length,
+                    nbytes=length,
                 )
                 check_length(data, length, uri=uri, offset=start + offset)
                 out[offset : offset + length] = data
@@ -312,7 +322,7 @@ class FsspecStore(Store):
                 raise
             finally:
                 anyio.from_thread.run_sync(self.limiter.release_on_behalf_of, token)
-            self.limiter.on_success(time.monotonic() - started)
+            self.limiter.on_success(time.monotonic() - started, writer.bytes_written)
             return result
 
         return run_blocking_with_retries(

@@ -177,7 +177,9 @@ class AdaptiveLimiter:
         self.maximum = maximum
         self.latency_factor = latency_factor
         self._limiter = anyio.CapacityLimiter(initial)
-        self._baseline: float | None = None
+        # running latency per request-size class: a 16 MiB part at a capped bandwidth is
+        # slow by nature, and must not read as congestion next to 4 KiB requests
+        self._baselines: dict[int, float] = {}
         self._last_cut = 0.0
         self.cuts = 0
         self.peak = initial
@@ -191,14 +193,16 @@ class AdaptiveLimiter:
         self._limiter.total_tokens = tokens
         self.peak = max(self.peak, tokens)
 
-    def on_success(self, seconds: float) -> None:
-        if self._baseline is None:
-            self._baseline = seconds
-        elif seconds > self.latency_factor * self._baseline and seconds > 0.05:
+    def on_success(self, seconds: float, nbytes: int = 0) -> None:
+        size_class = max(0, nbytes.bit_length() - 16) // 2  # <=64 KiB, then factors of 4
+        baseline = self._baselines.get(size_class)
+        if baseline is None:
+            self._baselines[size_class] = seconds
+        elif seconds > self.latency_factor * baseline and seconds > 0.05:
             self._cut()
             return
         else:
-            self._baseline = 0.9 * self._baseline + 0.1 * seconds
+            self._baselines[size_class] = 0.9 * baseline + 0.1 * seconds
         self.limit = min(self.maximum, self.limit + 1.0 / max(1.0, self.limit))
         self._apply()
 
@@ -235,8 +239,13 @@ async def call_with_retries(
     limiter: AdaptiveLimiter,
     stats: StoreStats,
     rng: random.Random | None = None,
+    nbytes: int = 0,
 ) -> T:
-    """Run blocking ``fn`` in a worker thread under the limiter, retrying transient failures."""
+    """Run blocking ``fn`` in a worker thread under the limiter, retrying transient failures.
+
+    ``nbytes`` (what the request moves) lets the limiter compare its latency with requests of
+    the same size.
+    """
     rng = rng or random.Random()
     started = time.monotonic()
     attempt = 0
@@ -259,7 +268,7 @@ async def call_with_retries(
             stats.add(retries=1)
             await anyio.sleep(policy.backoff(attempt, rng))
             continue
-        limiter.on_success(time.monotonic() - t0)
+        limiter.on_success(time.monotonic() - t0, nbytes)
         return result
 
 
