@@ -249,7 +249,9 @@ class CheckpointReader:
             found = None
             handle = self._s.index.find(key) if key != HEADER_KEY else None
             if handle is not None:
-                if self._s.header is None:
+                if self._s.header is None and handle.offset == self._s.index.handles[0].offset:
+                    await self.read_header()  # the key sits in the header's own block
+                elif self._s.header is None:
                     # the header's block and this key's block in one round trip
                     with unwrap_task_group():
                         async with anyio.create_task_group() as tg:
