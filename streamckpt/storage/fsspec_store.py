@@ -318,11 +318,15 @@ class FsspecStore(Store):
                     raise
             except Exception as exc:
                 if classify(exc) == "throttle":
-                    self.limiter.on_throttle()
+                    anyio.from_thread.run_sync(self.limiter.on_throttle)
                 raise
             finally:
                 anyio.from_thread.run_sync(self.limiter.release_on_behalf_of, token)
-            self.limiter.on_success(time.monotonic() - started, writer.bytes_written)
+            # Limits change on the event loop's thread only: raising one wakes waiting tasks,
+            # and a wake-up sent from this thread would not reach the sleeping loop.
+            anyio.from_thread.run_sync(
+                self.limiter.on_success, time.monotonic() - started, writer.bytes_written
+            )
             return result
 
         return run_blocking_with_retries(
