@@ -960,3 +960,26 @@ async def test_corrupt_shard_is_refused_not_returned(env: Env, damage: str) -> N
         healthy = [name for name, info in reader.entries.items() if info.shard != 1]
         assert healthy
         assert_bit_exact(await reader.read_many(healthy), {name: tensors[name] for name in healthy})
+
+
+@pytest.mark.anyio
+async def test_parallel_parts_survive_a_503_on_one_part(env: Env) -> None:
+    """A shard bigger than a part goes up in several parts at once (S3) or resumable chunks
+    (GCS); a 503 on one of them restarts that shard's upload and the save still lands."""
+    rng = np.random.default_rng(7)
+    tensors = {"big": rng.standard_normal(5 * MiB).astype(np.float32)}  # 20 MiB: 4 parts
+    part = {"method": env.upload_method, "path_contains": "partNumber=2"}
+    if env.site.gcs:
+        part = env.shard_upload("ckpt-2", 0, of=1)
+    env.proxy.inject_status(503, **part)
+    store, path = resolve(
+        env.url("ckpt-2"),
+        storage_options=env.options(),
+        retry_policy=FAST,
+        max_inflight_bytes=32 * MiB,
+    )
+    info = await save_tensors(store, path, tensors, num_shards=1, overwrite=False)
+    assert info.stats["retries"] >= 1 and info.stats["throttles"] >= 1
+    assert 503 in env.sent(part)
+    assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+    assert not [o for o in env.objects() if ".tmp" in o]

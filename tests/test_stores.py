@@ -253,3 +253,20 @@ async def test_overwrite_with_another_shard_count_leaves_no_stale_files(
     )
     assert names == ["over.data-00000-of-00001", "over.index"]
     assert list(await streamckpt.load(prefix, storage_options=store.storage_options)) == ["c"]
+
+
+@pytest.mark.anyio
+async def test_multipart_shards_round_trip(store: StoreUnderTest) -> None:
+    """Shards larger than an upload part (several parts in flight on S3)."""
+    prefix = store.prefix("multi")
+    big = np.random.default_rng(3).standard_normal(6 * MiB // 4 * 4).astype(np.float32)  # 24 MiB
+    info = await streamckpt.save(
+        prefix,
+        {"big": big, "small": np.arange(3)},
+        num_shards=2,
+        max_inflight_bytes=32 * MiB,
+        storage_options=store.storage_options,
+    )
+    assert info.stats["bytes_written"] >= big.nbytes
+    loaded = await streamckpt.load(prefix, storage_options=store.storage_options)
+    assert np.array_equal(loaded["big"], big) and loaded["small"].tolist() == [0, 1, 2]

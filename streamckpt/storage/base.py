@@ -56,6 +56,9 @@ class ShardWriter(abc.ABC):
     whatever was written and never raises.
     """
 
+    #: bytes handed to ``write`` so far
+    bytes_written: int = 0
+
     @abc.abstractmethod
     def write(self, chunk: memoryview) -> None: ...
 

@@ -46,6 +46,7 @@ from streamckpt.storage.retry import (
     classify,
     run_blocking_with_retries,
 )
+from streamckpt.storage.s3_upload import DEFAULT_PARTS_IN_FLIGHT, S3MultipartWriter
 
 T = TypeVar("T")
 
@@ -145,9 +146,21 @@ class FsspecStore(Store):
     def cache_key(self) -> object:
         return ("fsspec", id(self.fs))
 
+    @property
+    def _parallel_parts(self) -> bool:
+        return type(self.fs).__name__ == "S3FileSystem"
+
     def max_concurrent_writers(self) -> int:
-        # an open upload buffers up to about two parts
-        return max(1, self.budget.total // (2 * self.write_block_size))
+        # an open upload buffers its parts in flight plus the one being filled
+        per_writer = (DEFAULT_PARTS_IN_FLIGHT + 1) if self._parallel_parts else 2
+        return max(1, self.budget.total // (per_writer * self.write_block_size))
+
+    def _new_writer(self, path: str) -> ShardWriter:
+        if self._parallel_parts:
+            return S3MultipartWriter(
+                self.fs, path, self.uri(path), self.stats, part_size=self.write_block_size
+            )
+        return FsspecShardWriter(self, path)
 
     def uri(self, path: str) -> str:
         return str(self.fs.unstrip_protocol(path))
@@ -291,7 +304,7 @@ class FsspecStore(Store):
             return False
 
     def open_writer(self, path: str) -> ShardWriter:
-        return FsspecShardWriter(self, path)
+        return self._new_writer(path)
 
     def write_object(self, path: str, stream: Callable[[ShardWriter], T]) -> T:
         """Stream a whole object from a worker thread, restarting it on a transient failure.
@@ -307,9 +320,10 @@ class FsspecStore(Store):
             token = object()
             anyio.from_thread.run(self.limiter.acquire_on_behalf_of, token)
             started = time.monotonic()
-            self.stats.add(requests=1)
+            if not self._parallel_parts:  # (that writer counts each of its requests)
+                self.stats.add(requests=1)
             try:
-                writer = FsspecShardWriter(self, path)
+                writer = self._new_writer(path)
                 try:
                     result = stream(writer)
                     writer.commit()
