@@ -150,15 +150,26 @@ class FsspecStore(Store):
     def _parallel_parts(self) -> bool:
         return type(self.fs).__name__ == "S3FileSystem"
 
+    @property
+    def _parts_in_flight(self) -> int:
+        # each writer also holds the part being filled and one transient copy of it
+        budget_parts = self.budget.total // self.write_block_size
+        return max(1, min(DEFAULT_PARTS_IN_FLIGHT, budget_parts // 2 - 2))
+
     def max_concurrent_writers(self) -> int:
-        # an open upload buffers its parts in flight plus the one being filled
-        per_writer = (DEFAULT_PARTS_IN_FLIGHT + 1) if self._parallel_parts else 2
+        # an open upload buffers its parts in flight, the one being filled and a copy of it
+        per_writer = (self._parts_in_flight + 2) if self._parallel_parts else 2
         return max(1, self.budget.total // (per_writer * self.write_block_size))
 
     def _new_writer(self, path: str) -> ShardWriter:
         if self._parallel_parts:
             return S3MultipartWriter(
-                self.fs, path, self.uri(path), self.stats, part_size=self.write_block_size
+                self.fs,
+                path,
+                self.uri(path),
+                self.stats,
+                part_size=self.write_block_size,
+                parts_in_flight=self._parts_in_flight,
             )
         return FsspecShardWriter(self, path)
 

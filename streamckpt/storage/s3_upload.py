@@ -74,7 +74,7 @@ class S3MultipartWriter(ShardWriter):
         self._buffer += chunk
         self.bytes_written += len(chunk)
         while len(self._buffer) >= self._part_size:
-            part = bytes(self._buffer[: self._part_size])
+            part = bytes(memoryview(self._buffer)[: self._part_size])  # one copy, not two
             del self._buffer[: self._part_size]
             self._send_part(part)
 
