@@ -52,6 +52,9 @@ def sample_model(total_mib: int, seed: int = 0) -> dict[str, Any]:
         tensors[f"{prefix}/norm/bias"] = np.zeros(width, dtype=np.float32)
         remaining -= per_layer
         layer += 1
+    if remaining >= 4 * width:  # an output head takes what is left
+        rows = remaining // (4 * width)
+        tensors["head/kernel"] = rng.standard_normal((rows, width), dtype=np.float32)
     tensors["step"] = np.int64(1000)
     tensors["model_name"] = b"streamckpt-demo"
     return tensors
