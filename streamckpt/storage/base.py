@@ -72,8 +72,6 @@ class ShardWriter(abc.ABC):
 class Store(abc.ABC):
     """Async access to the objects of one filesystem, addressed by that filesystem's paths."""
 
-    #: ``True`` where ``write_atomic(exclusive=True)`` is a real create-only write.
-    atomic_exclusive: bool = True
     #: ``True`` where the store reports a crc32c of each object (worth computing ours).
     reports_crc32c: bool = False
     #: Requests, bytes, retries and throttles of this store: one store per save or load.

@@ -120,8 +120,6 @@ class FsspecShardWriter(ShardWriter):
 
 
 class FsspecStore(Store):
-    atomic_exclusive = True
-
     def __init__(
         self,
         fs: Any,

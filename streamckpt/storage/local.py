@@ -129,22 +129,6 @@ class LocalStore(Store):
         (buffer,) = await self.read_ranges(path, [ByteRange(start, end)])
         return buffer
 
-    async def read_into(self, path: str, start: int, out: memoryview) -> None:
-        """Fill ``out`` from ``start``: the zero-copy path for large tensors."""
-
-        def work() -> None:
-            with map_errors(path):
-                fd = os.open(path, os.O_RDONLY | _O_BINARY)
-                try:
-                    got = _read_exact_into(fd, start, out)
-                finally:
-                    os.close(fd)
-            self.stats.add(requests=1, bytes_read=got)
-            if got != len(out):
-                check_length(out[:got].tobytes(), len(out), uri=path, offset=start)
-
-        await anyio.to_thread.run_sync(work)
-
     async def read_ranges(self, path: str, ranges: Sequence[ByteRange]) -> list[Buffer]:
         def work() -> list[Buffer]:
             results: list[Buffer] = []

@@ -120,9 +120,6 @@ class RetryPolicy:
         return rng.uniform(0, window)
 
 
-NO_RETRY = RetryPolicy(max_attempts=1)
-
-
 @dataclass(slots=True)
 class StoreStats:
     """Counters of one store (one save or load): what moved and what it took."""
