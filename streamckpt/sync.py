@@ -22,7 +22,7 @@ from streamckpt import api
 from streamckpt import checkpoint as _checkpoint
 from streamckpt import manager as _manager
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
-from streamckpt.pipeline.save import ProgressCallback, SaveInfo, Tensors
+from streamckpt.pipeline.save import DEFAULT_CHUNK_BYTES, ProgressCallback, SaveInfo, Tensors
 from streamckpt.storage import PathLike
 
 __all__ = [
@@ -67,6 +67,7 @@ def save(
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_inflight_bytes: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> SaveInfo:
@@ -79,6 +80,7 @@ def save(
         overwrite=overwrite,
         storage_options=storage_options,
         filesystem=filesystem,
+        chunk_bytes=chunk_bytes,
         max_inflight_bytes=max_inflight_bytes,
         progress=progress,
     )

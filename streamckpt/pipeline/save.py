@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -207,9 +208,8 @@ async def write_bundle(
                     store.reports_crc32c,
                 )
 
-            result = await anyio.to_thread.run_sync(
-                store.write_object, path, stream, limiter=limiter
-            )
+            write = functools.partial(store.write_object, chunk_bytes=chunk_bytes)
+            result = await anyio.to_thread.run_sync(write, path, stream, limiter=limiter)
             await store.verify_upload(path, size=result.size, crc32c=result.shard_crc)
             crcs.update(result.tensor_crcs)
 

@@ -49,6 +49,22 @@ class ByteRange:
         return self.end - self.start
 
 
+# Buffers of at least this size are anonymous mappings the kernel fills with zero pages up
+# front (MAP_POPULATE): much cheaper than faulting them in one page at a time while they are
+# filled (on a small VM, a third of the time of numpy's fresh memory), and without the
+# transparent-hugepage compaction that numpy's allocations may trigger.
+_POPULATE_MIN = 1 << 20
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def fresh_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """Writable zeroed memory of ``nbytes``, cheap to fill when large."""
+    if nbytes >= _POPULATE_MIN and _MAP_POPULATE:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
+        return mmap.mmap(-1, nbytes, flags=flags)
+    return bytearray(nbytes)
+
+
 class ShardWriter(abc.ABC):
     """Streams one object from a worker thread: ``write`` chunks, then ``commit`` or ``abort``.
 
@@ -79,12 +95,16 @@ class Store(abc.ABC):
     #: Bytes that uploads and downloads may hold in flight at once.
     budget: ByteBudget
 
-    def write_object(self, path: str, stream: Callable[[ShardWriter], T]) -> T:
+    def write_object(
+        self, path: str, stream: Callable[[ShardWriter], T], *, chunk_bytes: int = 8 << 20
+    ) -> T:
         """Stream one object from a worker thread: ``stream(writer)``, then commit.
 
-        Stores with retries restart ``stream`` after a transient failure.
+        ``chunk_bytes`` is the size of the chunks ``stream`` writes: a writer that stages
+        bytes sizes its buffer from it. Stores with retries restart ``stream`` after a
+        transient failure.
         """
-        writer = self.open_writer(path)
+        writer = self.open_writer(path, chunk_bytes=chunk_bytes)
         try:
             result = stream(writer)
             writer.commit()
@@ -157,7 +177,7 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def open_writer(self, path: str) -> ShardWriter:
+    def open_writer(self, path: str, *, chunk_bytes: int = 8 << 20) -> ShardWriter:
         """Called from a worker thread; may block."""
 
     @abc.abstractmethod

@@ -312,14 +312,17 @@ class FsspecStore(Store):
         except StreamCkptError:
             return False
 
-    def open_writer(self, path: str) -> ShardWriter:
+    def open_writer(self, path: str, *, chunk_bytes: int = 8 << 20) -> ShardWriter:
         return self._new_writer(path)
 
-    def write_object(self, path: str, stream: Callable[[ShardWriter], T]) -> T:
+    def write_object(
+        self, path: str, stream: Callable[[ShardWriter], T], *, chunk_bytes: int = 8 << 20
+    ) -> T:
         """Stream a whole object from a worker thread, restarting it on a transient failure.
 
         ``stream`` writes every chunk to the writer it gets; it is called again from the start
-        after a failure, so it must be a pure function of data the caller still holds.
+        after a failure, so it must be a pure function of data the caller still holds. Parts
+        are sized by the store's block size, not by ``chunk_bytes``.
         """
         import anyio.from_thread
 
