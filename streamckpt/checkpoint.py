@@ -80,6 +80,7 @@ from streamckpt.pipeline.read import CheckpointReader, TensorInfo
 from streamckpt.pipeline.save import SaveInfo
 from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
 from streamckpt.storage import PathLike
+from streamckpt.storage.base import fresh_buffer
 
 __all__ = [
     "Checkpoint",
@@ -231,10 +232,6 @@ class _BackgroundLoop:
         with self._lock:
             self._pending.pop(future, None)
 
-    def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn()`` on the loop and wait for its result."""
-        return self._ensure_started().call(fn)
-
     def pending(self) -> list[str]:
         with self._lock:
             return list(self._pending.values())
@@ -291,6 +288,16 @@ def _close_loops_at_exit() -> None:
                 ", ".join(pending),
             )
         loop.close()
+
+
+def _run_here(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn()`` to completion from sync code, in this thread unless a loop runs here."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(fn)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        return portal.call(fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +394,7 @@ def _snapshot(
         layout.append((key, array, target, total))
         total += _aligned(array.nbytes)
     if buffer is None or buffer.nbytes < total:
-        buffer = np.empty(total, dtype=np.uint8)
+        buffer = np.frombuffer(fresh_buffer(max(total, 1)), np.uint8)
     for key, array, target, offset in layout:
         view = buffer[offset : offset + array.nbytes].view(target).reshape(array.shape)
         np.copyto(view, array, casting="equiv")
@@ -700,9 +707,11 @@ class Checkpoint:
     this class's methods are reserved. ``on_busy`` sets what a background save does while
     another one is in flight: ``"wait"`` for it, or ``"raise"`` :class:`SaveInProgressError`.
     ``background_nice`` (0 to 19; Linux only, ignored elsewhere) lowers the CPU priority of the
-    background save's threads, so that on a machine whose cores the training step keeps busy
-    the save takes longer instead of slowing the step (storage clients with their own threads,
-    such as gcsfs's, are not affected).
+    background save's threads. The default, normal priority, is usually best: a save competing
+    as an equal takes its few tenths of a CPU-second per GiB and is durable soon. At 19, on a
+    machine whose cores the training step keeps busy, a save only gets the step's idle moments
+    and may not finish before the next one, which then waits for it. Storage clients with
+    threads of their own, such as gcsfs's, are not affected.
 
     Differences from TensorFlow: saving onto an existing checkpoint raises
     ``CheckpointExistsError`` unless ``overwrite=True`` (TensorFlow overwrites), no
@@ -877,15 +886,8 @@ class Checkpoint:
         filesystem: Any,
         on_busy: OnBusy | None,
     ) -> SaveHandle:
-        policy = on_busy or self._on_busy
         with self._start_lock:
-            previous = self._in_flight
-            if previous is not None and not previous.done():
-                if policy == "raise":
-                    raise SaveInProgressError(
-                        f"a background save to {previous.path!r} is still running"
-                    )
-                concurrent.futures.wait([previous._future])  # its errors are its own
+            self._wait_for_previous(on_busy)
             number = self._save_counter + 1 if counted else None
             snapshot, self._buffer = _snapshot(self._tensors(number), self._buffer)
             base = os.fspath(file_prefix)
@@ -903,6 +905,26 @@ class Checkpoint:
             handle = SaveHandle(path, future)
             self._in_flight = handle
         return handle
+
+    def _wait_for_previous(self, on_busy: OnBusy | None) -> None:
+        """Under ``_start_lock``: wait for the background save in flight, or raise."""
+        previous = self._in_flight
+        if previous is not None and not previous.done():
+            if (on_busy or self._on_busy) == "raise":
+                raise SaveInProgressError(
+                    f"a background save to {previous.path!r} is still running"
+                )
+            concurrent.futures.wait([previous._future])  # its errors are its own
+
+    def _in_caller(self, save: Callable[[], Awaitable[str]], on_busy: OnBusy | None) -> str:
+        """Run a blocking save in the calling thread, in turn with the background saves.
+
+        No snapshot is needed: the caller waits, so its leaves cannot change meanwhile. The
+        lock stays held, so a ``save_async`` from another thread waits for this save.
+        """
+        with self._start_lock:
+            self._wait_for_previous(on_busy)
+            return _run_here(save)
 
     # -- restoring ----------------------------------------------------------------------
 
@@ -1017,9 +1039,11 @@ class Checkpoint:
 class SyncCheckpoint:
     """:class:`Checkpoint` for sync code: blocking calls, saves in the background on request.
 
-    ``save(prefix)`` blocks until the checkpoint is committed; ``save(prefix, blocking=False)``
-    returns a :class:`SaveHandle` as soon as the leaves are snapshotted. Restores run on the
-    same background loop. Children are attributes, as on :class:`Checkpoint`.
+    ``save(prefix)`` blocks until the checkpoint is committed, streaming the leaves from where
+    they are in the calling thread (after any background save in flight, as ``on_busy``
+    says); ``save(prefix, blocking=False)`` returns a :class:`SaveHandle` as soon as the leaves
+    are snapshotted. Restores run in the calling thread too. Children are attributes, as on
+    :class:`Checkpoint`.
     """
 
     def __init__(
@@ -1086,15 +1110,24 @@ class SyncCheckpoint:
         on_busy: OnBusy | None = None,
     ) -> str | SaveHandle:
         """Blocking :meth:`Checkpoint.save`; ``blocking=False`` returns the handle."""
-        handle = self.checkpoint.save_async(
+        if not blocking:
+            return self.checkpoint.save_async(
+                file_prefix,
+                num_shards=num_shards,
+                overwrite=overwrite,
+                storage_options=storage_options,
+                filesystem=filesystem,
+                on_busy=on_busy,
+            )
+        save = functools.partial(
+            self.checkpoint.save,
             file_prefix,
             num_shards=num_shards,
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
-            on_busy=on_busy,
         )
-        return handle.result() if blocking else handle
+        return self.checkpoint._in_caller(save, on_busy)
 
     @overload
     def write(
@@ -1132,15 +1165,24 @@ class SyncCheckpoint:
         on_busy: OnBusy | None = None,
     ) -> str | SaveHandle:
         """Blocking :meth:`Checkpoint.write`; ``blocking=False`` returns the handle."""
-        handle = self.checkpoint.write_async(
+        if not blocking:
+            return self.checkpoint.write_async(
+                file_prefix,
+                num_shards=num_shards,
+                overwrite=overwrite,
+                storage_options=storage_options,
+                filesystem=filesystem,
+                on_busy=on_busy,
+            )
+        write = functools.partial(
+            self.checkpoint.write,
             file_prefix,
             num_shards=num_shards,
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
-            on_busy=on_busy,
         )
-        return handle.result() if blocking else handle
+        return self.checkpoint._in_caller(write, on_busy)
 
     def restore(
         self,
@@ -1156,7 +1198,7 @@ class SyncCheckpoint:
             storage_options=storage_options,
             filesystem=filesystem,
         )
-        return self.checkpoint._loop.call(restore)
+        return _run_here(restore)
 
     def read(
         self,
@@ -1169,7 +1211,7 @@ class SyncCheckpoint:
         read = functools.partial(
             self.checkpoint.read, save_path, storage_options=storage_options, filesystem=filesystem
         )
-        return self.checkpoint._loop.call(read)
+        return _run_here(read)
 
     def close(self) -> None:
         """Wait for the background save in flight and stop the background loop."""

@@ -630,6 +630,39 @@ async def test_save_async_from_async_code_and_sync_face(tmp_path: Path) -> None:
         back.close()
 
 
+def test_blocking_sync_save_streams_in_the_caller_after_the_save_in_flight(
+    tmp_path: Path,
+) -> None:
+    """No snapshot and no background thread for a blocking save; it queues behind async ones."""
+    with SyncCheckpoint(**make_tree(6)) as sync:
+        assert sync.save(tmp_path / "a") == f"{tmp_path / 'a'}-1"
+        assert sync.checkpoint._buffer is None  # streamed from the leaves, not copied
+        assert sync.checkpoint._loop._thread is None  # and in this thread
+        status = sync.restore(f"{tmp_path / 'a'}-1")
+        status.assert_consumed()
+        assert sync.checkpoint._loop._thread is None
+        release = threading.Event()
+        order: list[str] = []
+
+        def hold_first_write(*args: Any, **kwargs: Any) -> Any:
+            release.wait(30)
+            order.append("background")
+            return real_save(*args, **kwargs)
+
+        real_save = streamckpt.api.save
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(streamckpt.api, "save", hold_first_write)
+            handle = sync.save(tmp_path / "a", blocking=False)
+            with pytest.raises(SaveInProgressError):
+                sync.save(tmp_path / "a", on_busy="raise")
+            threading.Timer(0.2, release.set).start()
+            mp.setattr(streamckpt.api, "save", real_save)
+            assert sync.save(tmp_path / "a") == f"{tmp_path / 'a'}-3"
+            order.append("blocking")
+        assert handle.done() and handle.result() == f"{tmp_path / 'a'}-2"
+        assert order == ["background", "blocking"]
+
+
 async def test_torch_leaves(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     weights = torch.arange(6, dtype=torch.float32).reshape(2, 3)
