@@ -39,7 +39,8 @@ streamckpt's index cache cleared; each load is checked against the data afterwar
 the bucket is emptied after each tool. MB/s = workload bytes / seconds / 1e6; "x naive" =
 tool MB/s / naive MB/s on the same endpoint; "wire" = HTTP requests the proxy relayed; "bg" =
 cores that work outside this benchmark (other processes, kernel threads) kept busy meanwhile.
-Then a link check (one 32 MiB PUT and GET and a tiny GET on one connection) and a diagnosis of
+Then a link check (one 32 MiB PUT and GET and a tiny GET on one connection; and what the server
+ingests with 1, 2, 4 and 8 PUTs of 16 MiB at once, its ceiling for any client) and a diagnosis of
 streamckpt's adaptive request limiter during a load behind the proxy (--no-diagnose skips it).
 Fake-server costs that are not streamckpt's: moto copies the whole object for every ranged
 GET (a 16 MiB range costs ~45 ms from a 32 MiB object, ~560 ms from a 1 GiB one), so reading
@@ -68,6 +69,7 @@ much, and every number is one run (--repeats N takes medians).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 import importlib.metadata
@@ -749,19 +751,35 @@ def calibrate(ep: Endpoint, size: int = 32 * MIB) -> dict[str, Any]:
         seconds, _, bg = _timed(fn)
         row[f"{op}_s"] = seconds
         row[f"{op}_bg"] = bg
-    ep.clear()
     row["put_mbps"] = size / row["put_s"] / MB
     row["get_mbps"] = size / row["get_s"] / MB
+    # What the server ingests at all, by concurrency: 16 PUTs of 16 MiB, n at a time. Where
+    # even one stream is the most it takes, no client can go past that line.
+    part = payload[: 16 * MIB]
+    for n in INGEST_CONCURRENCY:
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda i: fs.pipe_file(f"{BUCKET}/ingest/{i}", part), range(16)))
+            row[f"ingest_{n}"] = 16 * len(part) / (time.perf_counter() - start) / MB
+    ep.clear()
     return row
+
+
+INGEST_CONCURRENCY = (1, 2, 4, 8)
 
 
 def print_calibration(rows: list[dict[str, Any]], pacing: str) -> None:
     table = [
-        [r["endpoint"], r["put_mbps"], r["get_mbps"], r["tiny_s"] * 1e3, r["get_bg"]] for r in rows
+        [r["endpoint"], r["put_mbps"], r["get_mbps"], r["tiny_s"] * 1e3]
+        + [r[f"ingest_{n}"] for n in INGEST_CONCURRENCY]
+        + [r["get_bg"]]
+        for r in rows
     ]
-    header = ["endpoint", "PUT MB/s", "GET MB/s", "16 B GET ms", "bg"]
+    header = ["endpoint", "PUT MB/s", "GET MB/s", "16 B GET ms"]
+    header += [f"ingest x{n}" for n in INGEST_CONCURRENCY] + ["bg"]
     print_table(
-        "Part 1, link check: one connection, one 32 MiB request each way, one tiny GET",
+        "Part 1, link check: one connection, one 32 MiB request each way, one tiny GET; "
+        "ingest: MB/s of 16 x 16 MiB PUTs, n at a time",
         header,
         table,
     )

@@ -191,7 +191,8 @@ async def write_bundle(
     suffix = f".tmp-{secrets.token_hex(6)}"
     shard_paths = [p + suffix for p in final_paths] if staged else final_paths
     crcs: dict[bytes, int] = {}
-    limiter = anyio.CapacityLimiter(min(max_concurrent_shards, store.max_concurrent_writers()))
+    sizes = [plan.shard_bytes(shard_id) for shard_id in range(plan.num_shards)]
+    limiter = anyio.CapacityLimiter(min(max_concurrent_shards, store.plan_writers(sizes)))
     committed = False
     try:
         t0 = time.perf_counter()

@@ -131,9 +131,13 @@ class Store(abc.ABC):
     async def rename(self, source: str, target: str) -> None:
         raise NotImplementedError("this store cannot rename")
 
-    def max_concurrent_writers(self) -> int:
-        """How many objects may stream at once within the byte budget."""
-        return 64
+    def plan_writers(self, sizes: Sequence[int]) -> int:
+        """Objects of these sizes are about to be streamed: how many may stream at once.
+
+        Called once per save, before any writer opens; a store whose writers buffer in memory
+        shares its byte budget out among them here.
+        """
+        return max(1, min(len(sizes), 64))
 
     @abc.abstractmethod
     def uri(self, path: str) -> str:

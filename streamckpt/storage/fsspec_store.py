@@ -46,7 +46,11 @@ from streamckpt.storage.retry import (
     classify,
     run_blocking_with_retries,
 )
-from streamckpt.storage.s3_upload import DEFAULT_PARTS_IN_FLIGHT, S3MultipartWriter
+from streamckpt.storage.s3_upload import (
+    DEFAULT_PARTS_IN_FLIGHT,
+    S3MultipartWriter,
+    plan_uploads,
+)
 
 T = TypeVar("T")
 
@@ -139,6 +143,7 @@ class FsspecStore(Store):
         self.stats = StoreStats()
         self.budget = ByteBudget(max_inflight_bytes)
         self.reports_crc32c = "GCSFileSystem" in type(fs).__name__
+        self._parts_in_flight = DEFAULT_PARTS_IN_FLIGHT  # until plan_writers shares the budget
 
     @property
     def cache_key(self) -> object:
@@ -148,16 +153,14 @@ class FsspecStore(Store):
     def _parallel_parts(self) -> bool:
         return type(self.fs).__name__ == "S3FileSystem"
 
-    @property
-    def _parts_in_flight(self) -> int:
-        # each writer also holds the part being filled and one transient copy of it
-        budget_parts = self.budget.total // self.write_block_size
-        return max(1, min(DEFAULT_PARTS_IN_FLIGHT, budget_parts // 2 - 2))
-
-    def max_concurrent_writers(self) -> int:
-        # an open upload buffers its parts in flight, the one being filled and a copy of it
-        per_writer = (self._parts_in_flight + 2) if self._parallel_parts else 2
-        return max(1, self.budget.total // (per_writer * self.write_block_size))
+    def plan_writers(self, sizes: Sequence[int]) -> int:
+        writers, self._parts_in_flight = plan_uploads(
+            sizes,
+            budget=self.budget.total,
+            part_size=self.write_block_size,
+            parallel_parts=self._parallel_parts,
+        )
+        return writers
 
     def _new_writer(self, path: str) -> ShardWriter:
         if self._parallel_parts:
