@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"preempted at step {int(step)}", flush=True)
                 os._exit(137)  # like SIGKILL: no cleanup, no final save
             if int(step) % args.save_every == 0:
-                path = manager.save(step=int(step), metrics={"loss": loss})
-                print(f"step {int(step)} loss {loss:.5f} saved {path}")
+                # In the background: returns once the arrays are copied; the write, the state
+                # file and the deletion of old checkpoints follow while training goes on.
+                handle = manager.save(step=int(step), metrics={"loss": loss}, blocking=False)
+                if handle is not None:
+                    print(f"step {int(step)} loss {loss:.5f} saving {handle.path}")
     print(f"done at step {int(step)}; kept {[os.path.basename(p) for p in manager.checkpoints]}")
     print(f"final weights[:3] {model.weights[:3, 0].tolist()}")
     return 0

@@ -885,7 +885,10 @@ class Checkpoint:
         storage_options: dict[str, Any] | None,
         filesystem: Any,
         on_busy: OnBusy | None,
+        before: Callable[[], Awaitable[None]] | None = None,
+        then: Callable[[], Awaitable[None]] | None = None,
     ) -> SaveHandle:
+        """Snapshot now; on the background loop run ``before()``, the save, then ``then()``."""
         with self._start_lock:
             self._wait_for_previous(on_busy)
             number = self._save_counter + 1 if counted else None
@@ -899,7 +902,16 @@ class Checkpoint:
                 storage_options=storage_options,
                 filesystem=filesystem,
             )
-            future = self._loop.submit(save, path, snapshot, label=path)
+
+            async def job() -> SaveInfo:
+                if before is not None:
+                    await before()
+                info = await save(path, snapshot)
+                if then is not None:
+                    await then()
+                return info
+
+            future = self._loop.submit(job, label=path)
             if number is not None:
                 self._save_counter = number
             handle = SaveHandle(path, future)

@@ -21,6 +21,8 @@ Invariants:
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import inspect
 import logging
@@ -30,7 +32,16 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Literal,
+    Protocol,
+    SupportsFloat,
+    SupportsInt,
+    TypeVar,
+    overload,
+)
 
 import anyio
 
@@ -50,6 +61,9 @@ from streamckpt.format.state import (
     encode_state,
 )
 from streamckpt.storage import PathLike, Store, resolve
+
+if TYPE_CHECKING:
+    from streamckpt.checkpoint import SaveHandle
 
 __all__ = [
     "CheckpointManager",
@@ -345,6 +359,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._has_sidecar = False
         self._saving = False
+        self._in_flight: SaveHandle | None = None  # the last save_async
         # Paths restore_or_initialize found broken; a save reusing one clears it first.
         self._broken: set[str] = set()
         self.skipped: list[SkippedCheckpoint] = []
@@ -489,9 +504,73 @@ class CheckpointManager:
             raise SaveInProgressError("a save of this manager is already running")
         self._saving = True
         try:
+            await self._background_done()
             return await self._save(step, metrics, force)
         finally:
             self._saving = False
+
+    def save_async(
+        self,
+        step: int | None = None,
+        metrics: Mapping[str, SupportsFloat] | None = None,
+        *,
+        force: bool = False,
+    ) -> SaveHandle | None:
+        """:meth:`save` in the background: the checkpoint's :meth:`~Checkpoint.save_async`.
+
+        Returns as soon as the leaves are snapshotted (None when ``checkpoint_interval`` says
+        not yet); the write, the state file and the deletions of the retention policy follow
+        on the checkpoint's background thread, in that order, so a checkpoint is published
+        only once committed and old ones go only after that. A save while another is in flight
+        waits for it, or raises :class:`SaveInProgressError`, as the checkpoint's ``on_busy``
+        says. Needs a :class:`streamckpt.Checkpoint`.
+        """
+        from streamckpt.checkpoint import Checkpoint
+
+        checkpoint = self._checkpoint
+        if not isinstance(checkpoint, Checkpoint):
+            raise TypeError("save_async needs a streamckpt.Checkpoint to snapshot")
+        if self._saving:
+            raise SaveInProgressError("a save of this manager is already running")
+        previous = self._in_flight
+        if previous is not None and not previous.done():
+            if checkpoint._on_busy == "raise":
+                raise SaveInProgressError(f"a background save to {previous.path!r} is running")
+            concurrent.futures.wait([previous._future])  # its errors are its own
+        if not self._loaded:
+            checkpoint._loop.submit(self.reload, label="reading the manager's state").result()
+        current_step = self._current_step(step)
+        if not self._due(current_step, force):
+            return None
+        values = None if metrics is None else {str(k): float(v) for k, v in metrics.items()}
+        path = self._next_path(step)
+
+        async def before() -> None:
+            await self._clear_broken(path)
+
+        async def then() -> None:
+            await self._record(path, current_step, values)
+
+        handle = checkpoint._start(
+            self._user_path(self._name if step is None else path),
+            counted=step is None,
+            num_shards=1,
+            overwrite=False,
+            storage_options=self._storage_options,
+            filesystem=self._filesystem,
+            on_busy=None,
+            before=before,
+            then=then,
+        )
+        self._in_flight = handle
+        return handle
+
+    async def _background_done(self) -> None:
+        """Wait for a :meth:`save_async` in flight; its errors are its handle's."""
+        handle = self._in_flight
+        if handle is not None and not handle.done():
+            with contextlib.suppress(Exception):
+                await handle.wait()
 
     def _current_step(self, step: int | None) -> int | None:
         if step is not None:
@@ -500,28 +579,39 @@ class CheckpointManager:
             return _read_step(self._step_counter)
         return None
 
-    async def _save(
-        self, step: int | None, metrics: Mapping[str, SupportsFloat] | None, force: bool
-    ) -> str | None:
-        await self._ensure_loaded()
-        current_step = self._current_step(step)
+    def _due(self, current_step: int | None, force: bool) -> bool:
+        """Whether ``checkpoint_interval`` lets this step be saved."""
         if self._interval is not None:
             if current_step is None:
                 raise ValueError("checkpoint_interval needs a step: pass step= or step_counter=")
             if self._last_step is not None:
                 if current_step == self._last_step:
-                    return None
+                    return False
                 if not force and current_step < self._last_step + self._interval:
-                    return None
-        values = None if metrics is None else {str(k): float(v) for k, v in metrics.items()}
+                    return False
+        return True
 
-        checkpoint = self._checkpoint
-        number = int(step) if step is not None else checkpoint.save_counter + 1
-        path = f"{self._name}-{number}"
-        prefix = self._user_path(path)
+    def _next_path(self, step: int | None) -> str:
+        number = int(step) if step is not None else self._checkpoint.save_counter + 1
+        return f"{self._name}-{number}"
+
+    async def _clear_broken(self, path: str) -> None:
         if path in self._broken:
             await self._delete([path])
             self._broken.discard(path)
+
+    async def _save(
+        self, step: int | None, metrics: Mapping[str, SupportsFloat] | None, force: bool
+    ) -> str | None:
+        await self._ensure_loaded()
+        current_step = self._current_step(step)
+        if not self._due(current_step, force):
+            return None
+        values = None if metrics is None else {str(k): float(v) for k, v in metrics.items()}
+        checkpoint = self._checkpoint
+        path = self._next_path(step)
+        prefix = self._user_path(path)
+        await self._clear_broken(path)
         options: dict[str, Any] = {
             "storage_options": self._storage_options,
             "filesystem": self._filesystem,
@@ -530,7 +620,13 @@ class CheckpointManager:
             await checkpoint.save(self._user_path(self._name), **options)
         else:
             await checkpoint.write(prefix, **options)
+        await self._record(path, current_step, values)
+        return prefix
 
+    async def _record(
+        self, path: str, current_step: int | None, values: dict[str, float] | None
+    ) -> None:
+        """A committed checkpoint joins the view: publish it, then apply the policy."""
         new = ManagedEntry(path, self._clock(), values)
         entries = [e for e in self._entries if e.path != path] + [new]
         protected = best_paths(
@@ -556,7 +652,6 @@ class CheckpointManager:
             await self._delete(plan.deleted)
         except StorageError as exc:
             logger.warning("could not delete old checkpoints %s: %s", list(plan.deleted), exc)
-        return prefix
 
     # -- restore --------------------------------------------------------------------------
 
@@ -637,6 +732,7 @@ class CheckpointManager:
         for inspection; a later save that reuses such a name removes them first). Storage
         errors are raised, not skipped: a flaky network must not silently roll training back.
         """
+        await self._background_done()
         await self.reload()
         skipped = await self._unpublished()
         candidates = [self._latest] if self._latest is not None else []
@@ -740,13 +836,35 @@ class SyncCheckpointManager:
     def reload(self) -> None:
         _run(self.manager.reload)
 
+    @overload
+    def save(
+        self,
+        step: int | None = ...,
+        metrics: Mapping[str, SupportsFloat] | None = ...,
+        *,
+        force: bool = ...,
+        blocking: Literal[True] = ...,
+    ) -> str | None: ...
+    @overload
+    def save(
+        self,
+        step: int | None = ...,
+        metrics: Mapping[str, SupportsFloat] | None = ...,
+        *,
+        force: bool = ...,
+        blocking: Literal[False],
+    ) -> SaveHandle | None: ...
     def save(
         self,
         step: int | None = None,
         metrics: Mapping[str, SupportsFloat] | None = None,
         *,
         force: bool = False,
-    ) -> str | None:
+        blocking: bool = True,
+    ) -> str | SaveHandle | None:
+        """Blocking :meth:`CheckpointManager.save`; ``blocking=False`` is its ``save_async``."""
+        if not blocking:
+            return self.manager.save_async(step, metrics, force=force)
         return _run(functools.partial(self.manager.save, step, metrics, force=force))
 
     def restore_or_initialize(self) -> str | None:

@@ -10,12 +10,14 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import fsspec
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import streamckpt
+import streamckpt.sync
 from streamckpt.checkpoint import Checkpoint
 from streamckpt.errors import (
     CheckpointExistsError,
@@ -706,6 +709,87 @@ def test_sync_manager(tmp_path: Path) -> None:
     again = SyncCheckpointManager(resumed, tmp_path)
     assert again.restore_or_initialize() == path
     assert resumed.w.tolist() == [0.0, 1.0] and again.skipped == []
+
+
+def test_sync_manager_saves_in_the_background(tmp_path: Path) -> None:
+    """Snapshot at the call, publish after the commit, retention after the publish."""
+    weights = np.zeros(4)
+    with Checkpoint(w=weights) as ckpt:
+        manager = SyncCheckpointManager(
+            ckpt, tmp_path, max_to_keep=2, checkpoint_interval=10, best_metric="loss"
+        )
+        handles = []
+        for step, loss in ((10, 3.0), (15, 9.0), (20, 1.0), (30, 2.0), (40, 5.0)):
+            weights[:] = step
+            handle = manager.save(step=step, metrics={"loss": loss}, blocking=False)
+            weights[:] = -1  # changed at once: the snapshot was taken
+            if step == 15:
+                assert handle is None  # the interval says not yet
+                continue
+            assert handle is not None
+            handles.append(handle)
+        assert [h.result() for h in handles] == [f"{tmp_path}/ckpt-{n}" for n in (10, 20, 30, 40)]
+        # max_to_keep 2 plus the best (loss 1.0 at step 20), deleted only once superseded
+        assert manager.checkpoints == [f"{tmp_path}/ckpt-{n}" for n in (20, 30, 40)]
+        assert streamckpt.sync.latest_checkpoint(tmp_path) == f"{tmp_path}/ckpt-40"
+        assert not any(p.name.startswith("ckpt-10.") for p in tmp_path.iterdir())
+        for step in (20, 30, 40):
+            loaded = streamckpt.sync.load(f"{tmp_path}/ckpt-{step}")
+            assert loaded[KEY.format("w")].tolist() == [float(step)] * 4
+
+
+def test_background_save_is_published_only_after_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Checkpoint(w=np.arange(3.0)) as ckpt:
+        manager = SyncCheckpointManager(ckpt, tmp_path)
+        first = manager.save()
+        release = threading.Event()
+        real_save = streamckpt.api.save
+
+        async def held_save(*args: Any, **kwargs: Any) -> Any:
+            await anyio.to_thread.run_sync(release.wait, 30)
+            return await real_save(*args, **kwargs)
+
+        monkeypatch.setattr(streamckpt.api, "save", held_save)
+        handle = manager.save(blocking=False)
+        assert handle is not None and not handle.done()
+        assert (
+            streamckpt.sync.latest_checkpoint(tmp_path) == first
+        )  # nothing published while it runs
+        monkeypatch.setattr(streamckpt.api, "save", real_save)
+        release.set()
+        assert manager.save() == f"{tmp_path}/ckpt-3"  # waits for the one in flight
+        assert handle.result() == f"{tmp_path}/ckpt-2"
+        assert manager.checkpoints[-2:] == [f"{tmp_path}/ckpt-2", f"{tmp_path}/ckpt-3"]
+
+
+def test_failed_background_save_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Checkpoint(w=np.arange(3.0)) as ckpt:
+        manager = SyncCheckpointManager(ckpt, tmp_path)
+        first = manager.save()
+
+        async def failing_save(*args: Any, **kwargs: Any) -> Any:
+            raise StorageError("injected: the disk went away")
+
+        monkeypatch.setattr(streamckpt.api, "save", failing_save)
+        handle = manager.save(blocking=False)
+        assert handle is not None
+        with pytest.raises(StorageError, match="injected"):
+            handle.result()
+        assert streamckpt.sync.latest_checkpoint(tmp_path) == first and manager.checkpoints == [
+            first
+        ]
+        monkeypatch.undo()
+        assert manager.save() == f"{tmp_path}/ckpt-3"
+
+
+def test_save_async_needs_a_streamckpt_checkpoint(tmp_path: Path) -> None:
+    manager = CheckpointManager(Faulty(Checkpoint(w=np.ones(1))), tmp_path)
+    with pytest.raises(TypeError, match=r"streamckpt\.Checkpoint"):
+        manager.save_async()
 
 
 # ---------------------------------------------------------------------------------------------
