@@ -38,6 +38,7 @@ from streamckpt.storage.base import (
     check_length,
     map_errors,
 )
+from streamckpt.storage.gcs_upload import GcsComposeWriter
 from streamckpt.storage.retry import (
     AdaptiveLimiter,
     RetryPolicy,
@@ -136,7 +137,8 @@ class FsspecStore(Store):
     ) -> None:
         self.fs = fs
         # parts must fit the budget a few times over, and S3 needs at least 5 MiB per part
-        self.write_block_size = max(5 << 20, min(write_block_size, max_inflight_bytes // 4))
+        smallest = 5 << 20 if type(fs).__name__ == "S3FileSystem" else 256 << 10
+        self.write_block_size = max(smallest, min(write_block_size, max_inflight_bytes // 4))
         self.read_part_size = max(1 << 20, min(read_part_size, max_inflight_bytes // 4))
         self.retry_policy = retry_policy or RetryPolicy()
         self.limiter = limiter or AdaptiveLimiter()
@@ -151,7 +153,8 @@ class FsspecStore(Store):
 
     @property
     def _parallel_parts(self) -> bool:
-        return type(self.fs).__name__ == "S3FileSystem"
+        """Whether our own writer sends the parts of one object at once (S3, GCS)."""
+        return type(self.fs).__name__ in ("S3FileSystem", "GCSFileSystem")
 
     def plan_writers(self, sizes: Sequence[int]) -> int:
         writers, self._parts_in_flight = plan_uploads(
@@ -163,16 +166,18 @@ class FsspecStore(Store):
         return writers
 
     def _new_writer(self, path: str) -> ShardWriter:
-        if self._parallel_parts:
-            return S3MultipartWriter(
-                self.fs,
-                path,
-                self.uri(path),
-                self.stats,
-                part_size=self.write_block_size,
-                parts_in_flight=self._parts_in_flight,
-            )
-        return FsspecShardWriter(self, path)
+        name = type(self.fs).__name__
+        if name not in ("S3FileSystem", "GCSFileSystem"):
+            return FsspecShardWriter(self, path)
+        writer = S3MultipartWriter if name == "S3FileSystem" else GcsComposeWriter
+        return writer(
+            self.fs,
+            path,
+            self.uri(path),
+            self.stats,
+            part_size=self.write_block_size,
+            parts_in_flight=self._parts_in_flight,
+        )
 
     def uri(self, path: str) -> str:
         return str(self.fs.unstrip_protocol(path))
