@@ -141,6 +141,8 @@ class GcsComposeWriter(ShardWriter):
         if not self._temporary:
             return
         try:
+            # one request per object: a batch still bills (and a server may run) each delete
+            self._stats.add(requests=len(self._temporary) - 1)
             self._run(self._fs._rm(list(self._temporary))).result(timeout=60)
         except Exception as exc:
             logger.warning("could not delete temporary parts of %s: %r", self._uri, exc)
