@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import fsspec
 import numpy as np
 import pytest
@@ -403,12 +404,14 @@ async def test_cancelled_save_cleans_up(backend: Backend, same_prefix: bool) -> 
     arrays = tensors(21)
     cancelled_at: list[int] = []
 
+    token = anyio.lowlevel.current_token()  # local disk writes from a thread of its own
+
     with anyio.CancelScope() as scope:
 
         def cancel_halfway(path: str, nbytes: int, already: int, number: int) -> None:
             if shard_index(path) == 1 and already >= 256 * KiB and not cancelled_at:
                 cancelled_at.append(already)
-                anyio.from_thread.run_sync(scope.cancel)
+                anyio.from_thread.run_sync(scope.cancel, token=token)
 
         backend.recorder.on_write = cancel_halfway
         await backend.save_recorded(
