@@ -329,6 +329,7 @@ def _serve(
                     env=env,
                     cwd=cwd,
                     start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 )
             try:
                 state = _wait_ready(proc, url + ready_path, STARTUP_DEADLINE_S)
@@ -343,6 +344,18 @@ def _serve(
                 return
             finally:
                 _stop(proc)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies.
+
+    The fixtures stop their servers on every way out they see; this covers the ones they
+    cannot see (the test run killed by a signal), so no server outlives its test run.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, deadline_s: float) -> str:
