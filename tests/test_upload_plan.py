@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamckpt.storage.s3_upload import MAX_PARTS_IN_FLIGHT, plan_uploads
+from streamckpt.storage.parts import MAX_PARTS_IN_FLIGHT, plan_uploads
 
 MiB = 1 << 20
 

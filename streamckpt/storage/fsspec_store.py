@@ -39,6 +39,7 @@ from streamckpt.storage.base import (
     map_errors,
 )
 from streamckpt.storage.gcs_upload import GcsComposeWriter
+from streamckpt.storage.parts import DEFAULT_PARTS_IN_FLIGHT, plan_uploads
 from streamckpt.storage.retry import (
     AdaptiveLimiter,
     RetryPolicy,
@@ -47,11 +48,7 @@ from streamckpt.storage.retry import (
     classify,
     run_blocking_with_retries,
 )
-from streamckpt.storage.s3_upload import (
-    DEFAULT_PARTS_IN_FLIGHT,
-    S3MultipartWriter,
-    plan_uploads,
-)
+from streamckpt.storage.s3_upload import S3MultipartWriter
 
 T = TypeVar("T")
 
