@@ -291,13 +291,10 @@ def _close_loops_at_exit() -> None:
 
 
 def _run_here(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn()`` to completion from sync code, in this thread unless a loop runs here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.run(fn)
-    with anyio.from_thread.start_blocking_portal() as portal:
-        return portal.call(fn)
+    """Run ``fn()`` to completion from sync code in this thread: :func:`streamckpt.sync.run`."""
+    from streamckpt.sync import run  # (streamckpt.sync imports this module)
+
+    return run(fn)
 
 
 # ---------------------------------------------------------------------------------------------
