@@ -1119,24 +1119,16 @@ class SyncCheckpoint:
         on_busy: OnBusy | None = None,
     ) -> str | SaveHandle:
         """Blocking :meth:`Checkpoint.save`; ``blocking=False`` returns the handle."""
-        if not blocking:
-            return self.checkpoint.save_async(
-                file_prefix,
-                num_shards=num_shards,
-                overwrite=overwrite,
-                storage_options=storage_options,
-                filesystem=filesystem,
-                on_busy=on_busy,
-            )
-        save = functools.partial(
-            self.checkpoint.save,
+        return self._store(
+            True,
             file_prefix,
+            blocking=blocking,
+            on_busy=on_busy,
             num_shards=num_shards,
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
         )
-        return self.checkpoint._in_caller(save, on_busy)
 
     @overload
     def write(
@@ -1174,24 +1166,33 @@ class SyncCheckpoint:
         on_busy: OnBusy | None = None,
     ) -> str | SaveHandle:
         """Blocking :meth:`Checkpoint.write`; ``blocking=False`` returns the handle."""
-        if not blocking:
-            return self.checkpoint.write_async(
-                file_prefix,
-                num_shards=num_shards,
-                overwrite=overwrite,
-                storage_options=storage_options,
-                filesystem=filesystem,
-                on_busy=on_busy,
-            )
-        write = functools.partial(
-            self.checkpoint.write,
+        return self._store(
+            False,
             file_prefix,
+            blocking=blocking,
+            on_busy=on_busy,
             num_shards=num_shards,
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
         )
-        return self.checkpoint._in_caller(write, on_busy)
+
+    def _store(
+        self,
+        counted: bool,
+        file_prefix: PathLike,
+        *,
+        blocking: bool,
+        on_busy: OnBusy | None,
+        **options: Any,
+    ) -> str | SaveHandle:
+        """``save`` (``counted``) or ``write``: in the background, or here and now."""
+        checkpoint = self.checkpoint
+        if not blocking:
+            start = checkpoint.save_async if counted else checkpoint.write_async
+            return start(file_prefix, on_busy=on_busy, **options)
+        run = checkpoint.save if counted else checkpoint.write
+        return checkpoint._in_caller(functools.partial(run, file_prefix, **options), on_busy)
 
     def restore(
         self,

@@ -116,8 +116,10 @@ class LocalShardWriter(ShardWriter):
             )
             self._spare = mmap.mmap(-1, self._capacity)
         self._writing = self._executor.submit(self._write_all, memoryview(full))
-        self._staging, self._spare = self._spare, full
-        self._stage = np.frombuffer(self._staging, np.uint8)  # type: ignore[arg-type]
+        empty = self._spare
+        assert empty is not None
+        self._staging, self._spare = empty, full
+        self._stage = np.frombuffer(empty, np.uint8)
         self._filled = 0
 
     def _wait(self) -> None:
