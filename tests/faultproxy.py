@@ -94,6 +94,7 @@ class ProxyStats:
     connections: int
     faults_fired: int
     log: tuple[tuple[str, str, int], ...]  # (method, target, status the client got; 0: none)
+    peak_in_flight: dict[str, int]  # the most requests of each method relayed at once
 
 
 @dataclass
@@ -105,6 +106,10 @@ class _Counters:
     connections: int = 0
     faults_fired: int = 0
     log: list[tuple[str, str, int]] = field(default_factory=list)
+    peak_in_flight: Counter[str] = field(default_factory=Counter)
+    # requests started since these counters began (a relay left over from an earlier test,
+    # still draining, is not one of them)
+    in_flight: Counter[str] = field(default_factory=Counter)
 
 
 class _Cut(Exception):
@@ -193,6 +198,7 @@ class FaultProxy:
                 connections=c.connections,
                 faults_fired=c.faults_fired,
                 log=tuple(c.log),
+                peak_in_flight=dict(c.peak_in_flight),
             )
 
     def _add(self, rule: FaultRule) -> FaultRule:
@@ -255,6 +261,19 @@ class FaultProxy:
 
     async def _exchange(self, conn: _Connection, head: bytes) -> bool:
         """Relay one request and its response; say whether the connection may be reused."""
+        method = _parse_head(head)[0]
+        with self._lock:
+            counters = self._counters
+            counters.in_flight[method] += 1
+            peak = counters.peak_in_flight
+            peak[method] = max(peak[method], counters.in_flight[method])
+        try:
+            return await self._relay(conn, head)
+        finally:
+            with self._lock:
+                counters.in_flight[method] -= 1
+
+    async def _relay(self, conn: _Connection, head: bytes) -> bool:
         method, target, headers = _parse_head(head)
         with self._lock:
             c = self._counters

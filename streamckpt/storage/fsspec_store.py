@@ -174,6 +174,8 @@ class FsspecStore(Store):
             self.stats,
             part_size=self.write_block_size,
             parts_in_flight=self._parts_in_flight,
+            limiter=self.limiter,
+            policy=self.retry_policy,
         )
 
     def uri(self, path: str) -> str:
@@ -332,21 +334,17 @@ class FsspecStore(Store):
         import anyio.from_thread
 
         def attempt() -> T:
-            # Each attempt holds a slot of the adaptive limit, like any other request, so that
-            # throttled uploads shrink the concurrency of everything else on this store.
+            if self._parallel_parts:  # its requests take slots and signal the limit themselves
+                return self._stream_into(self._new_writer(path), stream)
+            # The whole upload holds a slot of the adaptive limit, like any other request, so
+            # that throttled uploads shrink the concurrency of everything else on this store.
             token = object()
             anyio.from_thread.run(self.limiter.acquire_on_behalf_of, token)
             started = time.monotonic()
-            if not self._parallel_parts:  # (that writer counts each of its requests)
-                self.stats.add(requests=1)
+            self.stats.add(requests=1)
             try:
                 writer = self._new_writer(path)
-                try:
-                    result = stream(writer)
-                    writer.commit()
-                except BaseException:
-                    writer.abort()
-                    raise
+                result = self._stream_into(writer, stream)
             except Exception as exc:
                 if classify(exc) == "throttle":
                     anyio.from_thread.run_sync(self.limiter.on_throttle)
@@ -366,6 +364,16 @@ class FsspecStore(Store):
             stats=self.stats,
             should_stop=anyio.from_thread.check_cancelled,
         )
+
+    @staticmethod
+    def _stream_into(writer: ShardWriter, stream: Callable[[ShardWriter], T]) -> T:
+        try:
+            result = stream(writer)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return result
 
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:
         """Compare an uploaded object with what we streamed.

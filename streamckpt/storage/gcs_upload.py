@@ -9,16 +9,18 @@ object's crc32c is GCS's own combination of its parts', which ``verify_upload`` 
 with the crc32c we computed while streaming, as for any upload. An object smaller than one part
 is a single media upload, with no temporary objects at all.
 
-Temporary parts are named ``<shard>.part-<token>-<n>``: never taken for a checkpoint file, and
+Temporary parts are named ``<shard>.part-<token>.<n>``: never taken for a checkpoint file, and
 removed on commit and abort (a killed process leaves them behind, as it leaves an unfinished
 S3 multipart upload).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import functools
 import logging
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import quote
 
@@ -34,10 +36,14 @@ class GcsComposeWriter(PartsWriter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._token = secrets.token_hex(6)
-        self._temporary: list[str] = []  # every temporary object sent (or being sent)
+        self._composed: list[str] = []  # inner composes of a two-level tree
+        self._discarded = False
 
     def _name(self, label: str) -> str:
-        return f"{self._path}.part-{self._token}-{label}"
+        return f"{self._path}.part-{self._token}.{label}"
+
+    def _part_name(self, number: int) -> str:
+        return self._name(f"{number:05d}")
 
     async def _upload(self, path: str, data: bytes) -> None:
         """One media upload: the object's name is in the URL, and the body is our bytes.
@@ -54,16 +60,15 @@ class GcsComposeWriter(PartsWriter):
             headers={"Content-Type": "application/octet-stream"},
         )
 
-    def _send_part(self, number: int, data: bytes) -> concurrent.futures.Future[Any]:
-        name = self._name(f"{number:05d}")
-        self._temporary.append(name)
-        return self._submit(self._upload(name, data))
+    def _part_request(self, number: int, data: bytes) -> Awaitable[Any]:
+        return self._upload(self._part_name(number), data)
 
-    def _put_whole(self, data: bytes) -> None:
-        self._submit(self._upload(self._path, data)).result()
+    def _whole_request(self, data: bytes) -> Awaitable[Any]:
+        return self._upload(self._path, data)
 
     def _join_parts(self) -> None:
-        sources, level = [self._name(f"{n:05d}") for n in range(1, self._parts_sent + 1)], 0
+        """Compose the parts (a compose is safe to repeat while its sources exist)."""
+        sources, level = [self._part_name(n) for n in range(1, self._parts_sent + 1)], 0
         while len(sources) > MAX_COMPOSE_SOURCES:
             level += 1
             groups = [
@@ -71,24 +76,29 @@ class GcsComposeWriter(PartsWriter):
                 for i in range(0, len(sources), MAX_COMPOSE_SOURCES)
             ]
             names = [self._name(f"c{level}-{i:05d}") for i in range(len(groups))]
-            self._temporary += names
-            futures = [
-                self._submit(self._fs._merge(n, g)) for n, g in zip(names, groups, strict=True)
-            ]
-            for future in futures:
-                future.result()
+            self._composed += names
+            self._requests(
+                [
+                    functools.partial(self._fs._merge, n, g)
+                    for n, g in zip(names, groups, strict=True)
+                ]
+            )
             sources = names
-        self._submit(self._fs._merge(self._path, sources)).result()
+        self._request(functools.partial(self._fs._merge, self._path, sources))
         self._discard_parts()
 
     def _discard_parts(self) -> None:
         """Delete the temporary objects; only logged if it fails (the caller is done with them)."""
-        if not self._temporary:
+        temporary = [self._part_name(n) for n in range(1, self._parts_sent + 1)] + self._composed
+        if not temporary or self._discarded:
             return
+        self._discarded = True
         try:
-            # one request per object: a batch still bills (and a server may run) each delete
-            self._stats.add(requests=len(self._temporary) - 1)
-            self._submit(self._fs._rm(list(self._temporary))).result(timeout=60)
+            # one request per object, each under the store's limit like any other
+            self._requests([functools.partial(self._delete, name) for name in temporary])
         except Exception as exc:
             logger.warning("could not delete temporary parts of %s: %r", self._uri, exc)
-        self._temporary.clear()
+
+    async def _delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # a part an abort stopped short
+            await self._fs._rm_file(path)

@@ -6,19 +6,46 @@ a shard uses one connection at a time. Here a writer cuts the stream into parts 
 lives), up to ``parts_in_flight`` at once; the writer thread only blocks when that many are
 pending. An object smaller than one part goes up whole, in one request. How the parts become
 one object is the store's: S3 completes a multipart upload, GCS composes temporary objects.
+
+Each request is one of the store's requests like any other:
+
+- it holds a slot of the store's adaptive limit while it runs, so a store that throttles or
+  slows down shrinks the parts in flight too, not only the number of uploads;
+- a part that fails transiently is sent again on its own, under the store's retry policy: a
+  connection reset at part 500 of a 10 GiB shard costs one part, not the 8 GiB before it.
+
+Slots are taken and given back from the writer thread through anyio. A writer waiting for a
+slot keeps settling its own finished parts meanwhile, so it never waits on slots that only it
+could give back.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
-from collections.abc import Coroutine, Sequence
+import functools
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import anyio.from_thread
+
 from streamckpt.storage.base import ShardWriter, map_errors
-from streamckpt.storage.retry import StoreStats
+from streamckpt.storage.retry import (
+    AdaptiveLimiter,
+    RetriesSpent,
+    RetryPolicy,
+    StoreStats,
+    classify,
+)
+
+#: One request, made anew for each attempt (a coroutine can be awaited only once).
+Request = Callable[[], Awaitable[Any]]
 
 DEFAULT_PARTS_IN_FLIGHT = 4
 MAX_PARTS_IN_FLIGHT = 8
@@ -53,6 +80,15 @@ def plan_uploads(
     return best, max(1, parts_each(best))
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A request on its way: what it carries, its slot, and what to do with its answer."""
+
+    nbytes: int
+    slot: object | None
+    on_done: Callable[[Any], None] | None
+
+
 class PartsWriter(ShardWriter):
     def __init__(
         self,
@@ -63,6 +99,8 @@ class PartsWriter(ShardWriter):
         *,
         part_size: int,
         parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+        limiter: AdaptiveLimiter | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self._fs = fs
         self._path = path
@@ -70,23 +108,30 @@ class PartsWriter(ShardWriter):
         self._stats = stats
         self._part_size = part_size
         self._parts_in_flight = max(1, parts_in_flight)
+        self._limiter = limiter
+        self._policy = policy or RetryPolicy()
+        self._rng = random.Random()
         self._buffer = bytearray()
-        self._pending: list[tuple[int, concurrent.futures.Future[Any], int]] = []
+        self._pending: dict[concurrent.futures.Future[tuple[Any, float]], _Flight] = {}
+        self._throttled: collections.deque[None] = collections.deque()  # from fsspec's loop
         self._parts_sent = 0
         self.bytes_written = 0
 
     # -- what a store supplies ------------------------------------------------------------
 
     @abc.abstractmethod
-    def _send_part(self, number: int, data: bytes) -> concurrent.futures.Future[Any]:
-        """Start sending part ``number`` (from 1); :meth:`_submit` it."""
+    def _part_request(self, number: int, data: bytes) -> Awaitable[Any]:
+        """The request that stores part ``number`` (from 1); made again for a retry."""
 
     def _part_sent(self, number: int, answer: Any) -> None:
         """Part ``number`` is stored; ``answer`` is what its request returned."""
 
     @abc.abstractmethod
-    def _put_whole(self, data: bytes) -> None:
-        """Store an object smaller than one part, in one request; block until it is."""
+    def _whole_request(self, data: bytes) -> Awaitable[Any]:
+        """The request that stores an object smaller than one part."""
+
+    def _begin_parts(self) -> None:
+        """Before the first part: whatever the store needs first (S3: the upload's id)."""
 
     @abc.abstractmethod
     def _join_parts(self) -> None:
@@ -96,27 +141,125 @@ class PartsWriter(ShardWriter):
     def _discard_parts(self) -> None:
         """Abort: remove whatever the parts left on the store; never raise."""
 
+    # -- requests -------------------------------------------------------------------------
+
+    def _requests(self, requests: Sequence[Request], *, retry: bool = True) -> list[Any]:
+        """Send these requests at once and wait for their answers (none may be pending)."""
+        answers: list[Any] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            self._launch(request, 0, functools.partial(answers.__setitem__, i), retry=retry)
+        self._wait(0)
+        return answers
+
+    def _request(self, request: Request, *, retry: bool = True, nbytes: int = 0) -> Any:
+        answer: list[Any] = []
+        self._launch(request, nbytes, answer.append, retry=retry)
+        self._wait(0)
+        return answer[0]
+
+    def _launch(
+        self,
+        request: Request,
+        nbytes: int,
+        on_done: Callable[[Any], None] | None,
+        *,
+        retry: bool,
+    ) -> None:
+        slot = self._take_slot()
+        self._stats.add(requests=1)
+        future = asyncio.run_coroutine_threadsafe(self._attempts(request, retry), self._fs.loop)
+        self._pending[future] = _Flight(nbytes, slot, on_done)
+
+    async def _attempts(self, request: Request, retry: bool) -> tuple[Any, float]:
+        """Send ``request`` until it succeeds, under the retry policy; its answer and time.
+
+        Without ``retry`` a failure is the caller's to handle (a request that is not safe to
+        repeat on its own, such as completing a multipart upload).
+        """
+        first = time.monotonic()
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                return await request(), time.monotonic() - started
+            except Exception as exc:
+                verdict = classify(exc)
+                if verdict == "throttle":
+                    self._throttled.append(None)
+                if not retry or verdict == "permanent":
+                    raise
+                if verdict == "throttle":
+                    self._stats.add(throttles=1)
+                attempt += 1
+                policy = self._policy
+                if attempt >= policy.max_attempts or time.monotonic() - first >= policy.deadline:
+                    raise RetriesSpent(
+                        f"a request failed {attempt} times: {exc!r}", uri=self._uri
+                    ) from exc
+                self._stats.add(retries=1, requests=1)
+                await asyncio.sleep(policy.backoff(attempt, self._rng))
+
+    # -- the adaptive limit ---------------------------------------------------------------
+
+    def _take_slot(self) -> object | None:
+        """A slot of the store's limit; while none is free, settle our own finished parts."""
+        if self._limiter is None:
+            return None
+        slot = object()
+        while not anyio.from_thread.run_sync(self._limiter.try_acquire_on_behalf_of, slot):
+            if not self._pending:  # we hold no slots: others will give theirs back
+                anyio.from_thread.run(self._limiter.acquire_on_behalf_of, slot)
+                break
+            self._wait(len(self._pending) - 1)
+        return slot
+
+    def _give_back(self, flight: _Flight, seconds: float | None) -> None:
+        throttles = 0
+        while self._throttled:
+            self._throttled.popleft()
+            throttles += 1
+        if self._limiter is not None and flight.slot is not None:
+            anyio.from_thread.run_sync(
+                self._limiter.settle_on_behalf_of, flight.slot, seconds, flight.nbytes, throttles
+            )
+
     # -- the stream -----------------------------------------------------------------------
 
-    def _submit(self, coroutine: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
-        self._stats.add(requests=1)
-        return asyncio.run_coroutine_threadsafe(coroutine, self._fs.loop)
-
-    def _collect(self, until: int) -> None:
-        """Wait for pending parts until at most ``until`` remain in flight."""
+    def _wait(self, until: int) -> None:
+        """Wait for requests to finish until at most ``until`` remain in flight."""
         while len(self._pending) > until:
-            number, future, size = self._pending.pop(0)
-            with map_errors(self._uri):
-                answer = future.result()
-            self._part_sent(number, answer)
-            self._stats.add(bytes_written=size)
+            done, _ = concurrent.futures.wait(
+                list(self._pending), return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            self._settle(done)
+
+    def _settle(self, done: Iterable[concurrent.futures.Future[tuple[Any, float]]]) -> None:
+        for future in done:
+            flight = self._pending.pop(future)
+            try:
+                answer, seconds = future.result()
+            except BaseException:
+                self._give_back(flight, None)
+                with map_errors(self._uri):
+                    raise
+            self._give_back(flight, seconds)
+            if flight.on_done is not None:
+                flight.on_done(answer)
+            if flight.nbytes:
+                self._stats.add(bytes_written=flight.nbytes)
 
     def _queue_part(self, data: bytes) -> None:
-        self._collect(self._parts_in_flight - 1)
+        self._wait(self._parts_in_flight - 1)
+        if not self._parts_sent:
+            self._begin_parts()
         self._parts_sent += 1
-        with map_errors(self._uri):
-            future = self._send_part(self._parts_sent, data)
-        self._pending.append((self._parts_sent, future, len(data)))
+        number = self._parts_sent
+        self._launch(
+            functools.partial(self._part_request, number, data),
+            len(data),
+            functools.partial(self._part_sent, number),
+            retry=True,
+        )
 
     def write(self, chunk: memoryview) -> None:
         self._buffer += chunk
@@ -125,30 +268,32 @@ class PartsWriter(ShardWriter):
             part = bytes(memoryview(self._buffer)[: self._part_size])  # one copy, not two
             del self._buffer[: self._part_size]
             self._queue_part(part)
+        if finished := [future for future in self._pending if future.done()]:
+            self._settle(finished)  # their slots go back now, not at the next full part
 
     def commit(self) -> None:
         if not self._parts_sent:
-            with map_errors(self._uri):
-                self._put_whole(bytes(self._buffer))
-            self._stats.add(bytes_written=len(self._buffer))
+            data = bytes(self._buffer)
             self._buffer.clear()
+            self._request(functools.partial(self._whole_request, data), nbytes=len(data))
         else:
             if self._buffer:
                 self._queue_part(bytes(self._buffer))
                 self._buffer.clear()
-            self._collect(0)
-            with map_errors(self._uri):
-                self._join_parts()
+            self._wait(0)
+            self._join_parts()
         with contextlib.suppress(Exception):
             self._fs.invalidate_cache(self._path)
 
     def abort(self) -> None:
-        for _, future, _ in self._pending:
+        for future in self._pending:
             future.cancel()
-        for _, future, _ in self._pending:
-            with contextlib.suppress(BaseException):
-                future.result(timeout=30)
+        concurrent.futures.wait(list(self._pending), timeout=30)
+        flights = list(self._pending.values())
         self._pending.clear()
+        for flight in flights:
+            with contextlib.suppress(Exception):
+                self._give_back(flight, None)
         self._discard_parts()
         with contextlib.suppress(Exception):
             self._fs.rm_file(self._path)

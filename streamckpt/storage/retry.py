@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
+from streamckpt.errors import StorageError
+
 T = TypeVar("T")
 Verdict = Literal["transient", "throttle", "permanent"]
 
@@ -81,10 +83,16 @@ def _looks_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
 
 
+class RetriesSpent(StorageError):
+    """A request was retried until the policy gave up: no outer loop may start it over."""
+
+
 def classify(exc: BaseException) -> Verdict:
     """Whether a failure is worth retrying, and whether the store asked us to slow down."""
     verdict: Verdict = "permanent"
     for item in _chain(exc):
+        if isinstance(item, RetriesSpent):
+            return "permanent"
         if type(item).__name__ in _TRANSIENT_NAMES:
             # aiohttp's parser errors carry a `code` (400) that no server sent: a body cut
             # short is ContentLengthError(code=400) under ClientPayloadError
@@ -219,8 +227,26 @@ class AdaptiveLimiter:
         """Take a slot for work running in another thread (a streamed upload)."""
         await self._limiter.acquire_on_behalf_of(token)
 
+    def try_acquire_on_behalf_of(self, token: object) -> bool:
+        """Take a slot for ``token`` if one is free now."""
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(token)
+        except anyio.WouldBlock:
+            return False
+        return True
+
     def release_on_behalf_of(self, token: object) -> None:
         self._limiter.release_on_behalf_of(token)
+
+    def settle_on_behalf_of(
+        self, token: object, seconds: float | None, nbytes: int, throttles: int
+    ) -> None:
+        """Give back ``token``'s slot, with what its request saw (``seconds``: None if failed)."""
+        self._limiter.release_on_behalf_of(token)
+        if throttles:
+            self.on_throttle()
+        if seconds is not None:
+            self.on_success(seconds, nbytes)
 
     async def __aenter__(self) -> None:
         await self._limiter.acquire()

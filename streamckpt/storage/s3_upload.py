@@ -5,8 +5,10 @@ An object smaller than one part goes up as a single PUT, with no multipart round
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import contextlib
+import functools
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from streamckpt.storage.parts import PartsWriter
@@ -15,31 +17,41 @@ from streamckpt.storage.parts import PartsWriter
 class S3MultipartWriter(PartsWriter):
     _upload_id: str | None = None
 
-    def _run(self, method: str, **kwargs: Any) -> concurrent.futures.Future[Any]:
+    def _call(self, method: str, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         bucket, key, _ = self._fs.split_path(self._path)
-        return self._submit(self._fs._call_s3(method, Bucket=bucket, Key=key, **kwargs))
+        call: Coroutine[Any, Any, Any] = self._fs._call_s3(method, Bucket=bucket, Key=key, **kwargs)
+        return call
 
-    def _send_part(self, number: int, data: bytes) -> concurrent.futures.Future[Any]:
-        if self._upload_id is None:
-            self._done: list[dict[str, Any]] = []
-            self._upload_id = self._run("create_multipart_upload").result()["UploadId"]
-        return self._run("upload_part", PartNumber=number, UploadId=self._upload_id, Body=data)
+    def _begin_parts(self) -> None:
+        self._done: list[dict[str, Any]] = []
+        # not retried on its own: a lost answer would leave an upload nobody aborts
+        created = self._request(
+            functools.partial(self._call, "create_multipart_upload"), retry=False
+        )
+        self._upload_id = created["UploadId"]
+
+    def _part_request(self, number: int, data: bytes) -> Awaitable[Any]:
+        return self._call("upload_part", PartNumber=number, UploadId=self._upload_id, Body=data)
 
     def _part_sent(self, number: int, answer: Any) -> None:
         self._done.append({"PartNumber": number, "ETag": answer["ETag"]})
 
-    def _put_whole(self, data: bytes) -> None:
-        self._run("put_object", Body=data).result()
+    def _whole_request(self, data: bytes) -> Awaitable[Any]:
+        return self._call("put_object", Body=data)
 
     def _join_parts(self) -> None:
-        parts = {"Parts": self._done}
-        self._run(
-            "complete_multipart_upload", UploadId=self._upload_id, MultipartUpload=parts
-        ).result()
+        parts = {"Parts": sorted(self._done, key=lambda p: p["PartNumber"])}
+        complete = functools.partial(
+            self._call, "complete_multipart_upload", UploadId=self._upload_id, MultipartUpload=parts
+        )
+        # not retried on its own: after a lost answer the upload is gone and a retry fails
+        self._request(complete, retry=False)
         self._upload_id = None
 
     def _discard_parts(self) -> None:
         if self._upload_id is not None:
+            abort = self._call("abort_multipart_upload", UploadId=self._upload_id)
+            self._stats.add(requests=1)
             with contextlib.suppress(Exception):
-                self._run("abort_multipart_upload", UploadId=self._upload_id).result(timeout=30)
+                asyncio.run_coroutine_threadsafe(abort, self._fs.loop).result(timeout=30)
             self._upload_id = None
