@@ -270,3 +270,17 @@ async def test_multipart_shards_round_trip(store: StoreUnderTest) -> None:
     assert info.stats["bytes_written"] >= big.nbytes
     loaded = await streamckpt.load(prefix, storage_options=store.storage_options)
     assert np.array_equal(loaded["big"], big) and loaded["small"].tolist() == [0, 1, 2]
+
+
+def test_owned_s3_client_sends_bodies_unhashed_unless_asked() -> None:
+    """Over plain http botocore would SHA-256 every body on fsspec's one loop thread."""
+    from streamckpt.storage.fsspec_store import owned_filesystem
+
+    options = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
+    fs = owned_filesystem("s3", options)
+    assert fs.config_kwargs["s3"] == {"payload_signing_enabled": False}
+    assert fs.config_kwargs["retries"] == {"total_max_attempts": 1}  # our policy decides
+    signed = owned_filesystem(
+        "s3", options | {"config_kwargs": {"s3": {"payload_signing_enabled": True}}}
+    )
+    assert signed.config_kwargs["s3"] == {"payload_signing_enabled": True}  # the caller's say
