@@ -58,7 +58,8 @@ class Where(TypedDict, total=False):
 class FaultRule:
     """One fault and its match counters; `fired` tells a test how often it hit."""
 
-    kind: str  # "status" | "reset_request" | "reset_response" | "truncate_response"
+    # "status" | "reset_request" | "corrupt_request" | "reset_response" | "truncate_response"
+    kind: str
     status: int = 0
     after_bytes: int = 0
     error_code: str | None = None
@@ -167,6 +168,10 @@ class FaultProxy:
     def reset_request_after(self, n_bytes: int, **where: Unpack[Where]) -> FaultRule:
         """Forward `n_bytes` of a matching request's body, then reset the client connection."""
         return self._add(FaultRule("reset_request", after_bytes=n_bytes, **where))
+
+    def corrupt_request_at(self, n_bytes: int, **where: Unpack[Where]) -> FaultRule:
+        """Flip every bit of byte `n_bytes` of a matching request's body on its way upstream."""
+        return self._add(FaultRule("corrupt_request", after_bytes=n_bytes, **where))
 
     def reset_response_after(self, n_bytes: int, **where: Unpack[Where]) -> FaultRule:
         """Send `n_bytes` of a matching response's body, then reset the client connection."""
@@ -327,8 +332,10 @@ class FaultProxy:
         record: Callable[[int], None],
     ) -> bool:
         """Relay the request upstream and the response back, cutting where `rule` says."""
-        cut_request = rule if rule is not None and rule.kind == "reset_request" else None
-        cut_response = rule if rule is not None and rule is not cut_request else None
+        kind = rule.kind if rule is not None else None
+        cut_request = rule if kind == "reset_request" else None
+        corrupt = rule if kind == "corrupt_request" else None
+        cut_response = rule if kind in ("reset_response", "truncate_response") else None
         to_client = self._sender(conn.writer, bandwidth, up=False)
         up_reader, up_writer = await conn.open_upstream(self.upstream_host, self.upstream_port)
         await self._sender(up_writer, bandwidth, up=True)(head)
@@ -341,6 +348,8 @@ class FaultProxy:
             response = None
         if response is None:
             to_upstream = self._sender(up_writer, bandwidth, up=True, cut=cut_request)
+            if corrupt is not None:
+                to_upstream = _corrupting(to_upstream, corrupt.after_bytes)
             await _copy_body(conn.reader, to_upstream, _request_framing(headers))
             response = await _read_head(up_reader)
             while _status(response) < 200:
@@ -520,6 +529,21 @@ async def _copy_body(reader: asyncio.StreamReader, send: Send, framing: Framing)
         while (trailer := await _read(reader.readuntil(b"\r\n"))) != b"\r\n":
             await send(trailer)
         await send(trailer)
+
+
+def _corrupting(send: Send, at: int) -> Send:
+    """`send`, with the byte at offset `at` of what passes through it inverted."""
+    seen = 0
+
+    async def corrupt(data: bytes) -> None:
+        nonlocal seen
+        if seen <= at < seen + len(data):
+            i = at - seen
+            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        seen += len(data)
+        await send(data)
+
+    return corrupt
 
 
 async def _read(pending: Awaitable[bytes]) -> bytes:

@@ -52,6 +52,7 @@ import streamckpt.storage.retry as retry_module
 from streamckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
+    ChecksumError,
     CorruptCheckpointError,
     PermissionDeniedError,
     StorageError,
@@ -1089,3 +1090,80 @@ async def test_throttled_parts_halve_the_adaptive_limit(env: Env) -> None:
     assert (info.stats["throttles"], info.stats["retries"]) == (2, 2)
     assert store.limiter.cuts >= 1
     assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
+# -- C. every S3 body goes up with its CRC-32C ------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("target", ["part", "whole"])
+async def test_a_body_damaged_on_the_way_is_refused_by_seaweedfs_and_sent_again(
+    seaweed: Site, target: str
+) -> None:
+    """SeaweedFS, like S3, checks the CRC-32C sent with each body: a flipped byte is caught at
+    save time, not when the checkpoint is read back."""
+    with env_on(seaweed) as env:
+        store, path, tensors = large_shard_store(env)
+        if target == "whole":
+            store.write_block_size = 64 * MiB  # the shard goes up in one PUT
+            where = {"method": "PUT", "path_contains": "ckpt-2.data-00000-of-00001"}
+        else:
+            where = part_upload(env, 2)
+        rule = env.proxy.corrupt_request_at(12345, **where)
+
+        info = await save_tensors(store, path, tensors, num_shards=1, overwrite=False)
+
+        assert rule.fired == 1
+        assert env.sent(where) == [400, 200]  # BadDigest, then the intact body
+        assert (info.stats["retries"], info.stats["failures"]) == (1, 0)
+        assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
+class _MisreportingStore:
+    """What a store answers for an upload, with its crc32c changed (a part lost or swapped)."""
+
+    @staticmethod
+    def install(monkeypatch: pytest.MonkeyPatch) -> None:
+        from streamckpt.storage import s3_upload
+
+        original = s3_upload.S3MultipartWriter._check
+
+        def check(self: Any, answer: Any, expected: str) -> None:
+            if isinstance(answer, dict) and "ChecksumCRC32C" in answer:
+                answer = answer | {"ChecksumCRC32C": "AAAAAA==" + answer["ChecksumCRC32C"][8:]}
+            original(self, answer, expected)
+
+        monkeypatch.setattr(s3_upload.S3MultipartWriter, "_check", check)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("target", ["multipart", "whole"])
+async def test_an_upload_whose_reported_crc32c_differs_fails_and_leaves_nothing(
+    seaweed: Site, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with env_on(seaweed) as env:
+        ckpt1, ckpt1_files = await save_ckpt1(env)
+        store, path, tensors = large_shard_store(env)
+        if target == "whole":
+            store.write_block_size = 64 * MiB
+        _MisreportingStore.install(monkeypatch)
+
+        with pytest.raises(ChecksumError, match="crc32c"):
+            await save_tensors(store, path, tensors, num_shards=1, overwrite=False)
+
+        await assert_nothing_lost(
+            env, saved=False, ckpt1=ckpt1, ckpt1_files=ckpt1_files, ckpt2=tensors
+        )
+
+
+@pytest.mark.anyio
+async def test_s3_uploads_carry_their_crc32c_and_the_store_keeps_it(env: Env) -> None:
+    if env.site.gcs:
+        pytest.skip("GCS: composed objects are checked by verify_upload")
+    store, path, tensors = large_shard_store(env)
+
+    await save_tensors(store, path, tensors, num_shards=1, overwrite=False)
+
+    key = f"{env.directory}/ckpt-2.data-00000-of-00001".split("/", 1)[1]
+    head = env.site.admin.call_s3("head_object", Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+    assert head.get("ChecksumCRC32C"), "the upload carried no CRC-32C"

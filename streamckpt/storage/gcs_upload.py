@@ -20,11 +20,10 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import quote
 
-from streamckpt.storage.parts import PartsWriter
+from streamckpt.storage.parts import PartsWriter, Request
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +59,11 @@ class GcsComposeWriter(PartsWriter):
             headers={"Content-Type": "application/octet-stream"},
         )
 
-    def _part_request(self, number: int, data: bytes) -> Awaitable[Any]:
-        return self._upload(self._part_name(number), data)
+    def _part_request(self, number: int, data: bytes) -> Request:
+        return functools.partial(self._upload, self._part_name(number), data)
 
-    def _whole_request(self, data: bytes) -> Awaitable[Any]:
-        return self._upload(self._path, data)
+    def _whole_request(self, data: bytes) -> Request:
+        return functools.partial(self._upload, self._path, data)
 
     def _join_parts(self) -> None:
         """Compose the parts (a compose is safe to repeat while its sources exist)."""

@@ -120,15 +120,21 @@ class PartsWriter(ShardWriter):
     # -- what a store supplies ------------------------------------------------------------
 
     @abc.abstractmethod
-    def _part_request(self, number: int, data: bytes) -> Awaitable[Any]:
-        """The request that stores part ``number`` (from 1); made again for a retry."""
+    def _part_request(self, number: int, data: bytes) -> Request:
+        """The request that stores part ``number`` (from 1).
+
+        Called in the writer thread, so that per-part work (a checksum) stays off the loop.
+        """
 
     def _part_sent(self, number: int, answer: Any) -> None:
         """Part ``number`` is stored; ``answer`` is what its request returned."""
 
     @abc.abstractmethod
-    def _whole_request(self, data: bytes) -> Awaitable[Any]:
+    def _whole_request(self, data: bytes) -> Request:
         """The request that stores an object smaller than one part."""
+
+    def _whole_sent(self, answer: Any) -> None:
+        """The object smaller than one part is stored; ``answer`` is what its request returned."""
 
     def _begin_parts(self) -> None:
         """Before the first part: whatever the store needs first (S3: the upload's id)."""
@@ -255,7 +261,7 @@ class PartsWriter(ShardWriter):
         self._parts_sent += 1
         number = self._parts_sent
         self._launch(
-            functools.partial(self._part_request, number, data),
+            self._part_request(number, data),
             len(data),
             functools.partial(self._part_sent, number),
             retry=True,
@@ -275,7 +281,7 @@ class PartsWriter(ShardWriter):
         if not self._parts_sent:
             data = bytes(self._buffer)
             self._buffer.clear()
-            self._request(functools.partial(self._whole_request, data), nbytes=len(data))
+            self._whole_sent(self._request(self._whole_request(data), nbytes=len(data)))
         else:
             if self._buffer:
                 self._queue_part(bytes(self._buffer))

@@ -29,6 +29,9 @@ Verdict = Literal["transient", "throttle", "permanent"]
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _THROTTLE_STATUS = frozenset({429, 503})
 _THROTTLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "TooManyRequests", "Throttling"})
+# S3 answers 400 to these, yet another try can succeed: a body damaged on the way (its
+# checksum did not match), and a body that came too slowly
+_TRANSIENT_CODES = frozenset({"BadDigest", "XAmzContentChecksumMismatch", "RequestTimeout"})
 _TRANSIENT_NAMES = frozenset(
     {
         # aiohttp / botocore / requests connection-level failures, matched by class name so
@@ -101,6 +104,8 @@ def classify(exc: BaseException) -> Verdict:
         status, code = _status_of(item)
         if code in _THROTTLE_CODES or status in _THROTTLE_STATUS:
             return "throttle"
+        if code in _TRANSIENT_CODES:
+            return "transient"
         if status is not None:
             return "transient" if status in _TRANSIENT_STATUS else "permanent"
         if isinstance(item, FileNotFoundError | PermissionError | FileExistsError):
