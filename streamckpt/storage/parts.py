@@ -84,9 +84,13 @@ def plan_uploads(
 class _Flight:
     """A request on its way: what it carries, its slot, and what to do with its answer."""
 
-    nbytes: int
+    nbytes: int  # the bytes it sends
     slot: object | None
     on_done: Callable[[Any], None] | None
+    # Whether its time tells the limiter about congestion: that of a transfer does; that of
+    # housekeeping (create, complete, compose, delete) is mostly the server's own work on
+    # whole objects, and would read as congestion next to small requests.
+    timed: bool
 
 
 class PartsWriter(ShardWriter):
@@ -157,11 +161,8 @@ class PartsWriter(ShardWriter):
         self._wait(0)
         return answers
 
-    def _request(self, request: Request, *, retry: bool = True, nbytes: int = 0) -> Any:
-        answer: list[Any] = []
-        self._launch(request, nbytes, answer.append, retry=retry)
-        self._wait(0)
-        return answer[0]
+    def _request(self, request: Request, *, retry: bool = True) -> Any:
+        return self._requests([request], retry=retry)[0]
 
     def _launch(
         self,
@@ -170,11 +171,12 @@ class PartsWriter(ShardWriter):
         on_done: Callable[[Any], None] | None,
         *,
         retry: bool,
+        timed: bool = False,
     ) -> None:
         slot = self._take_slot()
         self._stats.add(requests=1)
         future = asyncio.run_coroutine_threadsafe(self._attempts(request, retry), self._fs.loop)
-        self._pending[future] = _Flight(nbytes, slot, on_done)
+        self._pending[future] = _Flight(nbytes, slot, on_done, timed)
 
     async def _attempts(self, request: Request, retry: bool) -> tuple[Any, float]:
         """Send ``request`` until it succeeds, under the retry policy; its answer and time.
@@ -220,6 +222,7 @@ class PartsWriter(ShardWriter):
         return slot
 
     def _give_back(self, flight: _Flight, seconds: float | None) -> None:
+        """Its slot back to the limiter, with any throttles seen and its time (if it counts)."""
         throttles = 0
         while self._throttled:
             self._throttled.popleft()
@@ -248,7 +251,7 @@ class PartsWriter(ShardWriter):
                 self._give_back(flight, None)
                 with map_errors(self._uri):
                     raise
-            self._give_back(flight, seconds)
+            self._give_back(flight, seconds if flight.timed else None)
             if flight.on_done is not None:
                 flight.on_done(answer)
             if flight.nbytes:
@@ -265,6 +268,7 @@ class PartsWriter(ShardWriter):
             len(data),
             functools.partial(self._part_sent, number),
             retry=True,
+            timed=True,
         )
 
     def write(self, chunk: memoryview) -> None:
@@ -281,7 +285,11 @@ class PartsWriter(ShardWriter):
         if not self._parts_sent:
             data = bytes(self._buffer)
             self._buffer.clear()
-            self._whole_sent(self._request(self._whole_request(data), nbytes=len(data)))
+            answer: list[Any] = []
+            request = self._whole_request(data)
+            self._launch(request, len(data), answer.append, retry=True, timed=True)
+            self._wait(0)
+            self._whole_sent(answer[0])
         else:
             if self._buffer:
                 self._queue_part(bytes(self._buffer))
