@@ -38,7 +38,9 @@ planners). A save is timed until the call returns (objects committed); a load st
 streamckpt's index cache cleared; each load is checked against the data afterwards, untimed;
 the bucket is emptied after each tool. MB/s = workload bytes / seconds / 1e6; "x naive" =
 tool MB/s / naive MB/s on the same endpoint; "wire" = HTTP requests the proxy relayed; "bg" =
-cores that work outside this benchmark (other processes, kernel threads) kept busy meanwhile.
+cores that work outside this benchmark (other processes, kernel threads) kept busy meanwhile;
+"srv" = cores the run's other servers (not the one measured) took meanwhile, such as a store
+compacting what an earlier tool deleted.
 Then a link check (one 32 MiB PUT and GET and a tiny GET on one connection; and what the server
 ingests with 1, 2, 4 and 8 PUTs of 16 MiB at once, its ceiling for any client) and a diagnosis of
 streamckpt's adaptive request limiter during a load behind the proxy (--no-diagnose skips it).
@@ -634,6 +636,7 @@ class CpuSample:
     wall: float
     machine: float | None
     tree: float
+    servers: dict[str, float]  # CPU seconds of each kind of server in the tree
 
     @staticmethod
     def take() -> CpuSample:
@@ -660,7 +663,27 @@ class CpuSample:
                     tree.add(pid)
                     frontier.append(pid)
         used = sum(stats[pid][1] for pid in tree if pid in stats)
-        return CpuSample(time.perf_counter(), machine, used)
+        servers: dict[str, float] = {}
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read()
+                kind = next((k for k, mark in SERVER_MARKS.items() if mark in command), None)
+                if kind is not None and pid in stats:
+                    servers[kind] = servers.get(kind, 0.0) + stats[pid][1]
+        return CpuSample(time.perf_counter(), machine, used, servers)
+
+    def other_server_cores(self, later: CpuSample, busy: str | None) -> float | None:
+        """Cores the servers not being measured took meanwhile (background work, such as a
+        store compacting what an earlier tool deleted)."""
+        if busy is None or later.wall <= self.wall:
+            return None
+        other = sum(
+            seconds - self.servers.get(kind, 0.0)
+            for kind, seconds in later.servers.items()
+            if kind != busy
+        )
+        return max(0.0, other / (later.wall - self.wall))
 
     def foreign_cores(self, later: CpuSample) -> float | None:
         if self.machine is None or later.machine is None or later.wall <= self.wall:
@@ -669,15 +692,27 @@ class CpuSample:
         return max(0.0, other / (later.wall - self.wall))
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any, float | None]:
-    """Seconds, the value, and the cores used meanwhile by processes outside this benchmark."""
+#: how a server's command line names it (CpuSample.servers)
+SERVER_MARKS = {"seaweedfs": b"weed", "moto": b"moto", "gcs": b"fake-gcs"}
+#: cores the other servers took during the last _timed call (see CpuSample.other_server_cores)
+LAST_OTHER_SERVERS: list[float | None] = [None]
+
+
+def _timed(fn: Callable[[], Any], busy: str | None = None) -> tuple[float, Any, float | None]:
+    """Seconds, the value, and the cores used meanwhile by processes outside this benchmark.
+
+    With ``busy`` (the kind of server measured), LAST_OTHER_SERVERS[0] becomes the cores the
+    other servers took meanwhile.
+    """
     clear_index_cache()
     gc.collect()
     before = CpuSample.take()
     t0 = time.perf_counter()
     value = fn()
     seconds = time.perf_counter() - t0
-    return seconds, value, before.foreign_cores(CpuSample.take())
+    after = CpuSample.take()
+    LAST_OTHER_SERVERS[0] = before.other_server_cores(after, busy)
+    return seconds, value, before.foreign_cores(after)
 
 
 def run_tool(
@@ -689,6 +724,8 @@ def run_tool(
     loads: list[float] = []
     save_bg: list[float | None] = []
     load_bg: list[float | None] = []
+    save_srv: list[float | None] = []
+    load_srv: list[float | None] = []
     result: dict[str, Any] = {
         "tool": tool.label,
         "endpoint": ep.label,
@@ -699,22 +736,30 @@ def run_tool(
     for rep in range(repeats):
         root = f"{ep.scheme}://{BUCKET}/{tag}/r{rep}"
         ep.wire_begin()
-        seconds, extra, bg = _timed(lambda: tool.save(ep, root, arrays))  # noqa: B023
+        seconds, extra, bg = _timed(lambda: tool.save(ep, root, arrays), ep.server.kind)  # noqa: B023
         saves.append(seconds)
         save_bg.append(bg)
+        save_srv.append(LAST_OTHER_SERVERS[0])
         result["save_requests"] = extra.get("requests")
         result["save_retries"] = extra.get("retries")
         result["save_wire_requests"] = ep.wire_requests()
         if isinstance(tool, TorchDcpTool):
             state = tool.prepare_load(arrays)
             ep.wire_begin()
-            seconds, loaded, bg = _timed(lambda: tool.load_into(ep, root, state))  # noqa: B023
+            seconds, loaded, bg = _timed(
+                lambda: tool.load_into(ep, root, state),  # noqa: B023
+                ep.server.kind,
+            )
             extra = {}
         else:
             ep.wire_begin()
-            seconds, (loaded, extra), bg = _timed(lambda: tool.load(ep, root, arrays))  # noqa: B023
+            seconds, (loaded, extra), bg = _timed(
+                lambda: tool.load(ep, root, arrays),  # noqa: B023
+                ep.server.kind,
+            )
         loads.append(seconds)
         load_bg.append(bg)
+        load_srv.append(LAST_OTHER_SERVERS[0])
         result["load_requests"] = extra.get("requests")
         result["load_retries"] = extra.get("retries")
         result["load_wire_requests"] = ep.wire_requests()
@@ -727,6 +772,8 @@ def run_tool(
     result["load_mbps"] = nbytes / result["load_s"] / MB
     result["save_bg_cores"] = _mean(save_bg)
     result["load_bg_cores"] = _mean(load_bg)
+    result["save_other_servers_cores"] = _mean(save_srv)
+    result["load_other_servers_cores"] = _mean(load_srv)
     result["n"] = repeats
     return result
 
@@ -836,6 +883,7 @@ def print_part1(rows: list[dict[str, Any]], workloads: dict[str, str], note: str
             "req",
             "wire",
             "bg",
+            "srv",
         ]
         table = []
         for r in rows:
@@ -852,6 +900,7 @@ def print_part1(rows: list[dict[str, Any]], workloads: dict[str, str], note: str
                     r.get(f"{op}_requests"),
                     r.get(f"{op}_wire_requests"),
                     r.get(f"{op}_bg_cores"),
+                    r.get(f"{op}_other_servers_cores"),
                 ]
             )
         print_table(f"Part 1: workload A {op} (MB = 1e6 bytes)", header, table)
@@ -861,7 +910,8 @@ def print_part1(rows: list[dict[str, Any]], workloads: dict[str, str], note: str
         "  x naive: MB/s over the naive tool's on the same endpoint; of direct: MB/s through the\n"
         "  proxy over the same tool's MB/s on the same server without it (same workload);\n"
         "  req: requests in streamckpt's stats (naive: by construction); wire: HTTP requests the\n"
-        "  proxy relayed; bg: cores busy with work outside this benchmark during the operation"
+        "  proxy relayed; bg: cores busy with work outside this benchmark during the operation;\n"
+        "  srv: cores the other servers of this run (not the one measured) took meanwhile"
     )
     if note:
         print(f"  {note}")
