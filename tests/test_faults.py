@@ -1188,3 +1188,29 @@ async def test_s3_uploads_carry_their_crc32c_and_the_store_keeps_it(servers: Any
         key = f"{env.directory}/ckpt-2.data-00000-of-00001".split("/", 1)[1]
         head = moto.admin.call_s3("head_object", Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
         assert head.get("ChecksumCRC32C"), "the upload carried no CRC-32C"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("after", [0.05, 0.3, 0.8])
+async def test_a_save_cancelled_while_its_parts_wait_for_slots_stops_and_loses_nothing(
+    env: Env, after: float
+) -> None:
+    """Four multi-part shards share one slot: writer threads wait for it when the cancel comes."""
+    ckpt1, ckpt1_files = await save_ckpt1(env)
+    store, path, _ = large_shard_store(env)
+    store.limiter = AdaptiveLimiter(initial=1, maximum=1)
+    rng = np.random.default_rng(11)
+    count = PARTS * store.write_block_size // 4
+    tensors = {f"big{i}": rng.standard_normal(count).astype(np.float32) for i in range(4)}
+    env.proxy.set_latency(0.05)
+
+    with anyio.fail_after(DEADLINE_S):  # a hang fails here
+        with anyio.move_on_after(after) as scope:
+            await save_tensors(store, path, tensors, num_shards=4, overwrite=False)
+
+    assert scope.cancelled_caught
+    env.proxy.set_latency(0)
+    await assert_nothing_lost(env, saved=False, ckpt1=ckpt1, ckpt1_files=ckpt1_files, ckpt2=tensors)
+    if not env.site.gcs:
+        uploads = env.site.admin.call_s3("list_multipart_uploads", Bucket=BUCKET)
+        assert not uploads.get("Uploads"), "a multipart upload was left open"

@@ -87,16 +87,19 @@ class GcsComposeWriter(PartsWriter):
         self._discard_parts()
 
     def _discard_parts(self) -> None:
-        """Delete the temporary objects; only logged if it fails (the caller is done with them)."""
+        """Delete the temporary objects; only logged if it fails (the caller is done with them).
+
+        Interrupted (a cancelled save), it runs again from the abort that follows.
+        """
         temporary = [self._part_name(n) for n in range(1, self._parts_sent + 1)] + self._composed
         if not temporary or self._discarded:
             return
-        self._discarded = True
         try:
             # one request per object, each under the store's limit like any other
             self._requests([functools.partial(self._delete, name) for name in temporary])
         except Exception as exc:
             logger.warning("could not delete temporary parts of %s: %r", self._uri, exc)
+        self._discarded = True
 
     async def _delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):  # a part an abort stopped short

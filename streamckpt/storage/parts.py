@@ -49,6 +49,8 @@ Request = Callable[[], Awaitable[Any]]
 
 DEFAULT_PARTS_IN_FLIGHT = 4
 MAX_PARTS_IN_FLIGHT = 8
+#: How long an abort lets the requests in flight end before it cancels them.
+ABORT_WAIT_S = 30.0
 
 
 def plan_uploads(
@@ -119,6 +121,7 @@ class PartsWriter(ShardWriter):
         self._pending: dict[concurrent.futures.Future[tuple[Any, float]], _Flight] = {}
         self._throttled: collections.deque[None] = collections.deque()  # from fsspec's loop
         self._parts_sent = 0
+        self._aborting = False  # no more retries: the upload is being abandoned
         self.bytes_written = 0
 
     # -- what a store supplies ------------------------------------------------------------
@@ -194,7 +197,7 @@ class PartsWriter(ShardWriter):
                 verdict = classify(exc)
                 if verdict == "throttle":
                     self._throttled.append(None)
-                if not retry or verdict == "permanent":
+                if not retry or verdict == "permanent" or self._aborting:
                     raise
                 if verdict == "throttle":
                     self._stats.add(throttles=1)
@@ -210,8 +213,12 @@ class PartsWriter(ShardWriter):
     # -- the adaptive limit ---------------------------------------------------------------
 
     def _take_slot(self) -> object | None:
-        """A slot of the store's limit; while none is free, settle our own finished parts."""
-        if self._limiter is None:
+        """A slot of the store's limit; while none is free, settle our own finished parts.
+
+        An abort's clean-up takes none: it must run even when the save was cancelled (and a
+        wait on the event loop would be cancelled too).
+        """
+        if self._limiter is None or self._aborting:
             return None
         slot = object()
         while not anyio.from_thread.run_sync(self._limiter.try_acquire_on_behalf_of, slot):
@@ -300,13 +307,17 @@ class PartsWriter(ShardWriter):
             self._fs.invalidate_cache(self._path)
 
     def abort(self) -> None:
-        for future in self._pending:
+        # The requests in flight end first, for at most ABORT_WAIT_S: a part that a server
+        # is still storing would land after the deletes below (or an S3 abort) and stay.
+        self._aborting = True
+        pending = list(self._pending)
+        _, unfinished = concurrent.futures.wait(pending, timeout=ABORT_WAIT_S)
+        for future in unfinished:
             future.cancel()
-        concurrent.futures.wait(list(self._pending), timeout=30)
         flights = list(self._pending.values())
         self._pending.clear()
         for flight in flights:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):  # a cancelled save still cleans up
                 self._give_back(flight, None)
         self._discard_parts()
         with contextlib.suppress(Exception):
