@@ -1361,7 +1361,11 @@ def main(argv: list[str]) -> int:
                 )
                 proxy.configure(latency_s=args.latency_ms / 1e3, bandwidth=args.bandwidth_mbps * MB)
                 proxies[kind] = proxy
-        direct = [Endpoint(kind, servers[kind], servers[kind].endpoint) for kind in args.servers]
+        direct = [
+            Endpoint(kind, servers[kind], servers[kind].endpoint)
+            for kind in args.servers
+            if kind in servers  # (with --parts 3 alone only its server runs)
+        ]
         slow = [
             Endpoint(f"{kind} via {link}", servers[kind], proxy.endpoint, proxy, kind)
             for kind, proxy in proxies.items()
