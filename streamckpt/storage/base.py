@@ -85,6 +85,17 @@ class ShardWriter(abc.ABC):
     def abort(self) -> None: ...
 
 
+def stream_into(writer: ShardWriter, stream: Callable[[ShardWriter], T]) -> T:
+    """``stream(writer)``, then commit; on any failure (cancellation too) abort, and re-raise."""
+    try:
+        result = stream(writer)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return result
+
+
 class Store(abc.ABC):
     """Async access to the objects of one filesystem, addressed by that filesystem's paths."""
 
@@ -104,14 +115,7 @@ class Store(abc.ABC):
         bytes sizes its buffer from it. Stores with retries restart ``stream`` after a
         transient failure.
         """
-        writer = self.open_writer(path, chunk_bytes=chunk_bytes)
-        try:
-            result = stream(writer)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        return result
+        return stream_into(self.open_writer(path, chunk_bytes=chunk_bytes), stream)
 
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:  # noqa: B027
         """Check a committed object against what was streamed, where the store can tell."""

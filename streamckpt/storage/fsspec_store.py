@@ -37,6 +37,7 @@ from streamckpt.storage.base import (
     Store,
     check_length,
     map_errors,
+    stream_into,
 )
 from streamckpt.storage.gcs_upload import GcsComposeWriter
 from streamckpt.storage.parts import DEFAULT_PARTS_IN_FLIGHT, plan_uploads
@@ -335,7 +336,7 @@ class FsspecStore(Store):
 
         def attempt() -> T:
             if self._parallel_parts:  # its requests take slots and signal the limit themselves
-                return self._stream_into(self._new_writer(path), stream)
+                return stream_into(self._new_writer(path), stream)
             # The whole upload holds a slot of the adaptive limit, like any other request, so
             # that throttled uploads shrink the concurrency of everything else on this store.
             token = object()
@@ -344,7 +345,7 @@ class FsspecStore(Store):
             self.stats.add(requests=1)
             try:
                 writer = self._new_writer(path)
-                result = self._stream_into(writer, stream)
+                result = stream_into(writer, stream)
             except Exception as exc:
                 if classify(exc) == "throttle":
                     anyio.from_thread.run_sync(self.limiter.on_throttle)
@@ -364,16 +365,6 @@ class FsspecStore(Store):
             stats=self.stats,
             should_stop=anyio.from_thread.check_cancelled,
         )
-
-    @staticmethod
-    def _stream_into(writer: ShardWriter, stream: Callable[[ShardWriter], T]) -> T:
-        try:
-            result = stream(writer)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        return result
 
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:
         """Compare an uploaded object with what we streamed.
