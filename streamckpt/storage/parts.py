@@ -156,16 +156,26 @@ class PartsWriter(ShardWriter):
 
     # -- requests -------------------------------------------------------------------------
 
-    def _requests(self, requests: Sequence[Request], *, retry: bool = True) -> list[Any]:
+    def _requests(
+        self,
+        requests: Sequence[Request],
+        *,
+        retry: bool = True,
+        nbytes: int = 0,
+        timed: bool = False,
+    ) -> list[Any]:
         """Send these requests at once and wait for their answers (none may be pending)."""
         answers: list[Any] = [None] * len(requests)
         for i, request in enumerate(requests):
-            self._launch(request, 0, functools.partial(answers.__setitem__, i), retry=retry)
+            on_done = functools.partial(answers.__setitem__, i)
+            self._launch(request, nbytes, on_done, retry=retry, timed=timed)
         self._wait(0)
         return answers
 
-    def _request(self, request: Request, *, retry: bool = True) -> Any:
-        return self._requests([request], retry=retry)[0]
+    def _request(
+        self, request: Request, *, retry: bool = True, nbytes: int = 0, timed: bool = False
+    ) -> Any:
+        return self._requests([request], retry=retry, nbytes=nbytes, timed=timed)[0]
 
     def _launch(
         self,
@@ -292,11 +302,8 @@ class PartsWriter(ShardWriter):
         if not self._parts_sent:
             data = bytes(self._buffer)
             self._buffer.clear()
-            answer: list[Any] = []
             request = self._whole_request(data)
-            self._launch(request, len(data), answer.append, retry=True, timed=True)
-            self._wait(0)
-            self._whole_sent(answer[0])
+            self._whole_sent(self._request(request, nbytes=len(data), timed=True))
         else:
             if self._buffer:
                 self._queue_part(bytes(self._buffer))
