@@ -262,14 +262,23 @@ def run_seaweedfs() -> Iterator[ObjectStoreServer]:
                 )
             }
             flags = [f"-{name}={port}" for name, port in ports.items()]
+            # A fresh dir each try: weed mini saves its flags to DIR/mini.options and would
+            # reuse the previous try's ports.
+            try_dir = tempfile.mkdtemp(dir=data_dir)
             flags += [
-                # A fresh dir each try: weed mini saves its flags to DIR/mini.options and
-                # would reuse the previous try's ports.
-                f"-dir={tempfile.mkdtemp(dir=data_dir)}",
+                f"-dir={try_dir}",
+                f"-filer.localSocket={try_dir}/filer.sock",  # not /tmp, where they would stay
+                f"-s3.localSocket={try_dir}/s3.sock",
                 "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1",
                 "-master.telemetry=false",
-                "-master.volumeSizeLimitMB=64",
+                # SeaweedFS's production default (weed master's): with small volumes (mini's
+                # 128 MB, or 64) it spends its time growing new ones, and ingest through the
+                # benchmark's slow link falls to 60-155 MB/s from 150-210 MB/s.
+                "-master.volumeSizeLimitMB=30000",
+                # Volumes are sparse files; left at 0, weed allows free disk / volume size of
+                # them, which is none on a small disk.
+                "-volume.max=16",
                 "-volume.preStopSeconds=0",
                 "-s3.autoCreateBucket=false",
                 "-s3.port.iceberg=0",
@@ -280,6 +289,8 @@ def run_seaweedfs() -> Iterator[ObjectStoreServer]:
             return [str(binary), "mini", *flags], f"http://127.0.0.1:{ports['s3.port']}"
 
         env = os.environ | {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+        # weed puts its logs and its unix sockets in the temp dir, and never removes them.
+        env["TMPDIR"] = data_dir
         env.pop("S3_BUCKET", None)
         with _serve("weed mini", argv, ready_path="/healthz", env=env, cwd=data_dir) as url:
             server = ObjectStoreServer(kind="seaweedfs", endpoint=url, scheme="s3")
