@@ -664,11 +664,11 @@ class CpuSample:
                     frontier.append(pid)
         used = sum(stats[pid][1] for pid in tree if pid in stats)
         servers: dict[str, float] = {}
-        for pid in tree:
+        for pid in tree - {os.getpid()}:
             with contextlib.suppress(OSError):
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    command = f.read()
-                kind = next((k for k, mark in SERVER_MARKS.items() if mark in command), None)
+                    program = b" ".join(f.read().split(b"\0")[:3])  # python -m moto.server
+                kind = next((k for k, mark in SERVER_MARKS.items() if mark in program), None)
                 if kind is not None and pid in stats:
                     servers[kind] = servers.get(kind, 0.0) + stats[pid][1]
         return CpuSample(time.perf_counter(), machine, used, servers)
@@ -692,8 +692,9 @@ class CpuSample:
         return max(0.0, other / (later.wall - self.wall))
 
 
-#: how a server's command line names it (CpuSample.servers)
-SERVER_MARKS = {"seaweedfs": b"weed", "moto": b"moto", "gcs": b"fake-gcs"}
+#: how a server's program (the first words of its command line) names it (CpuSample.servers);
+#: not the whole command line, where an argument such as "--proxy-upstreams seaweedfs" would match
+SERVER_MARKS = {"seaweedfs": b"/weed", "moto": b"moto.server", "gcs": b"fake-gcs"}
 #: cores the other servers took during the last _timed call (see CpuSample.other_server_cores)
 LAST_OTHER_SERVERS: list[float | None] = [None]
 
