@@ -59,9 +59,11 @@ class FaultRule:
     """One fault and its match counters; `fired` tells a test how often it hit."""
 
     # "status" | "reset_request" | "corrupt_request" | "reset_response" | "truncate_response"
+    # | "delay"
     kind: str
     status: int = 0
     after_bytes: int = 0
+    seconds: float = 0.0
     error_code: str | None = None
     method: str | None = None
     path_contains: str | None = None
@@ -69,6 +71,8 @@ class FaultRule:
     times: int | None = 1
     matched: int = 0
     fired: int = 0
+    # "delay": (method, target) of the requests that arrived while this rule held one
+    beside: list[tuple[str, str]] = field(default_factory=list)
 
     def take(self, method: str, target: str) -> bool:
         if self.method is not None and method != self.method.upper():
@@ -132,6 +136,7 @@ class FaultProxy:
         self._latency_s = 0.0
         self._bandwidth: float | None = None
         self._rules: list[FaultRule] = []
+        self._holding: list[FaultRule] = []  # "delay" rules holding a request now
         self._counters = _Counters()
         self._loop = asyncio.new_event_loop()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -180,6 +185,14 @@ class FaultProxy:
     def truncate_response(self, n_bytes: int, **where: Unpack[Where]) -> FaultRule:
         """Send the whole head (full Content-Length) but `n_bytes` of body, then close (FIN)."""
         return self._add(FaultRule("truncate_response", after_bytes=n_bytes, **where))
+
+    def delay(self, seconds: float, **where: Unpack[Where]) -> FaultRule:
+        """Hold a matching request `seconds` more before forwarding it (a slow server).
+
+        The rule's `beside` lists the requests that arrived meanwhile: what a client did
+        while it waited for this one.
+        """
+        return self._add(FaultRule("delay", seconds=seconds, **where))
 
     def clear(self) -> None:
         """Drop every rule, the latency and the bandwidth cap; counters stay."""
@@ -285,6 +298,8 @@ class FaultProxy:
             c.requests += 1
             c.by_method[method] += 1
             latency, bandwidth = self._latency_s, self._bandwidth
+            for held in self._holding:
+                held.beside.append((method, target))
             rule = next((r for r in self._rules if r.take(method, target)), None)
             c.faults_fired += rule is not None
             c.log.append((method, target, 0))
@@ -297,6 +312,15 @@ class FaultProxy:
 
         if latency:
             await asyncio.sleep(latency)
+        if rule is not None and rule.kind == "delay":
+            with self._lock:
+                self._holding.append(rule)
+            try:
+                await asyncio.sleep(rule.seconds)
+            finally:
+                with self._lock:
+                    self._holding.remove(rule)
+            rule = None
         if rule is not None and rule.kind == "status":
             return await self._refuse(conn, rule, method, target, headers, bandwidth, record)
         return await self._forward(conn, rule, head, method, headers, bandwidth, record)

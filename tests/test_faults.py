@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import random
@@ -60,6 +61,7 @@ from streamckpt.errors import (
 from streamckpt.pipeline.read import open_reader
 from streamckpt.pipeline.save import SaveInfo, prepare_all, save_tensors
 from streamckpt.storage import FsspecStore, RetryPolicy, Store, resolve
+from streamckpt.storage.base import ByteBudget
 from streamckpt.storage.retry import AdaptiveLimiter
 
 pytestmark = [
@@ -1112,6 +1114,67 @@ async def test_throttled_parts_halve_the_adaptive_limit(env: Env) -> None:
     assert (info.stats["throttles"], info.stats["retries"]) == (2, 2)
     assert store.limiter.cuts >= 1
     assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
+def upload_joins(env: Env) -> dict[str, Any]:
+    """S3: the request that completes a multipart upload; GCS: the compose of the parts."""
+    if env.site.gcs:
+        return {"method": "POST", "path_contains": "/compose"}
+    return {"method": "POST", "path_contains": "?uploadId="}
+
+
+def one_writer_store(env: Env) -> tuple[FsspecStore, str, Tensors]:
+    """Two shards of PARTS parts each, and a budget that lets one of them stream at a time."""
+    store, path, _ = large_shard_store(env)
+    store.budget = ByteBudget(6 * store.write_block_size)
+    assert store.plan_writers([PARTS * store.write_block_size] * 2) == 1
+    rng = np.random.default_rng(13)
+    count = PARTS * store.write_block_size // 4
+    tensors = {f"big{i}": rng.standard_normal(count).astype(np.float32) for i in range(2)}
+    return store, path, tensors
+
+
+@pytest.mark.anyio
+async def test_the_next_shard_streams_while_the_store_joins_the_last_one(env: Env) -> None:
+    """A shard whose bytes are all sent gives its writer slot back before its join (the
+    server's own work), so a slow complete or compose does not hold the next shard back."""
+    store, path, tensors = one_writer_store(env)
+    held = env.proxy.delay(1.0, **upload_joins(env))
+
+    info = await save_tensors(store, path, tensors, num_shards=2, overwrite=False)
+
+    assert held.fired == 1
+    beside = [target for _, target in held.beside]
+    assert any(".data-00001-of-00002" in target for target in beside), beside
+    assert info.stats["failures"] == 0
+    assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
+@pytest.mark.anyio
+async def test_a_whole_upload_sent_again_takes_its_writer_slot_back(env: Env) -> None:
+    """S3 starts an upload over when its complete fails. The second attempt buffers parts
+    again, so it takes the writer slot back that the first gave up before its complete."""
+    if env.site.gcs:
+        pytest.skip("a compose is retried alone: no GCS upload starts over")
+    store, path, tensors = large_shard_store(env)
+    env.proxy.inject_status(503, **upload_joins(env))
+    calls: list[str] = []
+
+    class Slot:
+        def take(self) -> None:
+            calls.append("take")
+
+        def give_back(self) -> None:
+            calls.append("give back")
+
+    def stream(writer: Any) -> None:
+        writer.write(memoryview(tensors["big"]).cast("B"))
+
+    write = functools.partial(store.write_object, f"{path}.data-00000-of-00001", stream)
+    await anyio.to_thread.run_sync(functools.partial(write, slot=Slot()))
+
+    assert env.sent(upload_joins(env)) == [503, 200]
+    assert calls == ["take", "give back"] * 2
 
 
 # -- C. every S3 body goes up with its CRC-32C ------------------------------------------------

@@ -152,6 +152,31 @@ def _stream_shard(
     return ShardResult(crcs, size, shard_crc if whole_crc else None)
 
 
+class _WriterSlot:
+    """One of a save's writer slots, for one shard (``storage.base.WriterSlot``)."""
+
+    def __init__(self, writers: anyio.CapacityLimiter) -> None:
+        self._writers = writers
+        self._held = False
+
+    async def acquire(self) -> None:
+        await self._writers.acquire_on_behalf_of(self)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._writers.release_on_behalf_of(self)
+
+    def take(self) -> None:  # from the writer's thread
+        if not self._held:
+            anyio.from_thread.run(self.acquire)
+
+    def give_back(self) -> None:  # from the writer's thread
+        if self._held:
+            anyio.from_thread.run_sync(self.release)
+
+
 async def write_bundle(
     store: Store,
     prefix_path: str,
@@ -192,7 +217,11 @@ async def write_bundle(
     shard_paths = [p + suffix for p in final_paths] if staged else final_paths
     crcs: dict[bytes, int] = {}
     sizes = [plan.shard_bytes(shard_id) for shard_id in range(plan.num_shards)]
-    limiter = anyio.CapacityLimiter(min(max_concurrent_shards, store.plan_writers(sizes)))
+    # A shard streams while it holds one of `writers`: the store planned its memory for that
+    # many. Once every byte of it is sent, what is left of its commit (an S3 complete, a GCS
+    # compose) is the server's work, and the next shard starts streaming meanwhile.
+    writers = anyio.CapacityLimiter(min(max_concurrent_shards, store.plan_writers(sizes)))
+    threads = anyio.CapacityLimiter(2 * writers.total_tokens)
     committed = False
     try:
         t0 = time.perf_counter()
@@ -209,8 +238,13 @@ async def write_bundle(
                     store.reports_crc32c,
                 )
 
-            write = functools.partial(store.write_object, chunk_bytes=chunk_bytes)
-            result = await anyio.to_thread.run_sync(write, path, stream, limiter=limiter)
+            slot = _WriterSlot(writers)
+            write = functools.partial(store.write_object, chunk_bytes=chunk_bytes, slot=slot)
+            await slot.acquire()
+            try:
+                result = await anyio.to_thread.run_sync(write, path, stream, limiter=threads)
+            finally:
+                slot.release()
             await store.verify_upload(path, size=result.size, crc32c=result.shard_crc)
             crcs.update(result.tensor_crcs)
 

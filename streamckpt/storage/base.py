@@ -16,7 +16,7 @@ import errno
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -78,6 +78,15 @@ class ShardWriter(abc.ABC):
     @abc.abstractmethod
     def write(self, chunk: memoryview) -> None: ...
 
+    def flush(self) -> bool:
+        """Send what is buffered; ``True`` when the writer then holds no buffers at all.
+
+        What ``commit`` has left to do after a ``True`` is the store's own work (an S3
+        complete, a GCS compose), so the memory this writer was planned with is free for the
+        next one meanwhile. Writers whose commit still sends buffered bytes answer ``False``.
+        """
+        return False
+
     @abc.abstractmethod
     def commit(self) -> None: ...
 
@@ -85,10 +94,33 @@ class ShardWriter(abc.ABC):
     def abort(self) -> None: ...
 
 
-def stream_into(writer: ShardWriter, stream: Callable[[ShardWriter], T]) -> T:
-    """``stream(writer)``, then commit; on any failure (cancellation too) abort, and re-raise."""
+class WriterSlot(Protocol):
+    """The caller's share of memory for one streaming writer, held while it buffers bytes.
+
+    Both are called from the writer's thread, and may be called again: ``take`` before each
+    attempt streams, ``give_back`` once an attempt's bytes are all sent (so a retry of a
+    whole upload takes the slot back before it buffers again).
+    """
+
+    def take(self) -> None: ...
+
+    def give_back(self) -> None: ...
+
+
+def stream_into(
+    writer: ShardWriter, stream: Callable[[ShardWriter], T], slot: WriterSlot | None = None
+) -> T:
+    """``stream(writer)``, then commit; on any failure (cancellation too) abort, and re-raise.
+
+    ``slot`` is held while the writer holds buffers, and given back before a commit that is
+    left with the store's own work only (see ``ShardWriter.flush``).
+    """
     try:
+        if slot is not None:
+            slot.take()
         result = stream(writer)
+        if writer.flush() and slot is not None:
+            slot.give_back()
         writer.commit()
     except BaseException:
         writer.abort()
@@ -107,15 +139,20 @@ class Store(abc.ABC):
     budget: ByteBudget
 
     def write_object(
-        self, path: str, stream: Callable[[ShardWriter], T], *, chunk_bytes: int = 8 << 20
+        self,
+        path: str,
+        stream: Callable[[ShardWriter], T],
+        *,
+        chunk_bytes: int = 8 << 20,
+        slot: WriterSlot | None = None,
     ) -> T:
         """Stream one object from a worker thread: ``stream(writer)``, then commit.
 
         ``chunk_bytes`` is the size of the chunks ``stream`` writes: a writer that stages
         bytes sizes its buffer from it. Stores with retries restart ``stream`` after a
-        transient failure.
+        transient failure. ``slot`` is held while the writer buffers (see ``stream_into``).
         """
-        return stream_into(self.open_writer(path, chunk_bytes=chunk_bytes), stream)
+        return stream_into(self.open_writer(path, chunk_bytes=chunk_bytes), stream, slot)
 
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:  # noqa: B027
         """Check a committed object against what was streamed, where the store can tell."""

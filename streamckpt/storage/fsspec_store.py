@@ -35,6 +35,7 @@ from streamckpt.storage.base import (
     ByteRange,
     ShardWriter,
     Store,
+    WriterSlot,
     check_length,
     map_errors,
     stream_into,
@@ -324,7 +325,12 @@ class FsspecStore(Store):
         return self._new_writer(path)
 
     def write_object(
-        self, path: str, stream: Callable[[ShardWriter], T], *, chunk_bytes: int = 8 << 20
+        self,
+        path: str,
+        stream: Callable[[ShardWriter], T],
+        *,
+        chunk_bytes: int = 8 << 20,
+        slot: WriterSlot | None = None,
     ) -> T:
         """Stream a whole object from a worker thread, restarting it on a transient failure.
 
@@ -336,7 +342,7 @@ class FsspecStore(Store):
 
         def attempt() -> T:
             if self._parallel_parts:  # its requests take slots and signal the limit themselves
-                return stream_into(self._new_writer(path), stream)
+                return stream_into(self._new_writer(path), stream, slot)
             # The whole upload holds a slot of the adaptive limit, like any other request, so
             # that throttled uploads shrink the concurrency of everything else on this store.
             token = object()
@@ -345,7 +351,7 @@ class FsspecStore(Store):
             self.stats.add(requests=1)
             try:
                 writer = self._new_writer(path)
-                result = stream_into(writer, stream)
+                result = stream_into(writer, stream, slot)
             except Exception as exc:
                 if classify(exc) == "throttle":
                     anyio.from_thread.run_sync(self.limiter.on_throttle)

@@ -122,6 +122,7 @@ class PartsWriter(ShardWriter):
         self._throttled: collections.deque[None] = collections.deque()  # from fsspec's loop
         self._parts_sent = 0
         self._aborting = False  # no more retries: the upload is being abandoned
+        self._flushed = False  # every byte sent: only the join is left
         self.bytes_written = 0
 
     # -- what a store supplies ------------------------------------------------------------
@@ -298,17 +299,25 @@ class PartsWriter(ShardWriter):
         if finished := [future for future in self._pending if future.done()]:
             self._settle(finished)  # their slots go back now, not at the next full part
 
-    def commit(self) -> None:
+    def flush(self) -> bool:
+        if self._flushed:
+            return True
         if not self._parts_sent:
             data = bytes(self._buffer)
-            self._buffer.clear()
+            self._buffer = bytearray()
             request = self._whole_request(data)
             self._whole_sent(self._request(request, nbytes=len(data), timed=True))
         else:
             if self._buffer:
                 self._queue_part(bytes(self._buffer))
-                self._buffer.clear()
+                self._buffer = bytearray()
             self._wait(0)
+        self._flushed = True
+        return True
+
+    def commit(self) -> None:
+        self.flush()
+        if self._parts_sent:
             self._join_parts()
         with contextlib.suppress(Exception):
             self._fs.invalidate_cache(self._path)
