@@ -57,10 +57,7 @@ from streamckpt.naming import (
     NameMismatchError,
     NamingError,
     _Child,
-    _children,
-    _is_namedtuple,
     _is_skipped_value,
-    _LeafSite,
     _prepare_write,
     _replace,
     _Rules,
@@ -71,10 +68,12 @@ from streamckpt.objectgraph import (
     OBJECT_GRAPH_KEY,
     SAVE_COUNTER,
     VARIABLE_VALUE,
+    TreeNode,
     build_object_graph,
     checkpoint_key,
     keys_to_nested,
     parse_object_graph,
+    tree_nodes,
 )
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
 from streamckpt.pipeline.save import SaveInfo
@@ -100,7 +99,6 @@ T = TypeVar("T")
 
 # Each snapshot tensor starts on a cache line, so views of the buffer are aligned for any dtype.
 _ALIGNMENT = 64
-_IMMUTABLE_SCALARS = (bool, int, float, complex, str, bytes, np.generic)
 _RULES = _Rules("/", frozenset())
 
 
@@ -410,74 +408,27 @@ class _Counter:
 _COUNTER = _Counter()
 
 
-@dataclasses.dataclass(slots=True)
-class _PyNode:
-    path: tuple[str, ...]
-    value: Any
-    is_leaf: bool
-    sites: list[_LeafSite] = dataclasses.field(default_factory=list)
-    children: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-
-
-def _tracked_children(node: Any, path: tuple[str, ...]) -> list[_Child]:
-    """The children TensorFlow would track, as in :func:`streamckpt.objectgraph` (by name)."""
-    children = _children(node, path)
-    if children is None:
-        raise UnsupportedError(
-            f"{type(node).__name__} at {'/'.join(path)!r} is neither a leaf nor a container"
-        )
-    kept = [child for child in children if not _is_skipped_value(child.value)]
-    if _is_namedtuple(node):
-        kept += [
-            dataclasses.replace(child, name=str(index))
-            for index, child in enumerate(children)
-            if not _is_skipped_value(child.value)
-        ]
-    return kept
-
-
-def _python_graph(root: dict[str, Any], *, with_counter: bool) -> list[_PyNode]:
-    """The Python tree as a graph in breadth-first order, one node per object (by identity)."""
+def _python_graph(root: dict[str, Any], *, with_counter: bool) -> list[TreeNode]:
+    """The Python tree as the graph a save of it would write (``save_counter`` stood for)."""
     top = [_Child(name, root[name], "item", name) for name in sorted(root)]
     top = [child for child in top if not _is_skipped_value(child.value)]
-    nodes = [_PyNode((), root, is_leaf=False)]
-    ids_by_identity: dict[int, int] = {}
-    queue = collections.deque([0])
-    while queue:
-        node_id = queue.popleft()
-        node = nodes[node_id]
-        if node.is_leaf:
-            continue
-        children = top if node_id == 0 else _tracked_children(node.value, node.path)
-        if node_id == 0 and with_counter:
-            children = [*children, _Child(SAVE_COUNTER, _COUNTER, "fixed", None)]
-        for child in children:
-            value = child.value
-            shared = not isinstance(value, _IMMUTABLE_SCALARS)
-            child_id = ids_by_identity.get(id(value)) if shared else None
-            if child_id is None:
-                child_id = len(nodes)
-                leaf = value is _COUNTER or is_leaf(value)
-                nodes.append(_PyNode((*node.path, child.name), value, leaf))
-                if shared:
-                    ids_by_identity[id(value)] = child_id
-                queue.append(child_id)
-            child_path = (*node.path, child.name)
-            nodes[child_id].sites.append(_LeafSite(child_path, value, node.value, child))
-            node.children.append((child.name, child_id))
-    return nodes
+    if with_counter:
+        top.append(_Child(SAVE_COUNTER, _COUNTER, "fixed", None))
+    return tree_nodes(
+        root, top, leaf=lambda value: value is _COUNTER or is_leaf(value), with_sites=True
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Match:
     """Which Python leaf takes which checkpoint key, and what is left over on either side."""
 
-    bound: tuple[tuple[_PyNode, str], ...]
+    bound: tuple[tuple[TreeNode, str], ...]
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
 
 
-def _match(nodes: Sequence[_PyNode], graph: TrackableObjectGraph) -> _Match:
+def _match(nodes: Sequence[TreeNode], graph: TrackableObjectGraph) -> _Match:
     """Pair Python objects with checkpoint nodes from the root down, by local name.
 
     This is TensorFlow's matching: an object is found through any path the checkpoint records,
@@ -504,7 +455,7 @@ def _match(nodes: Sequence[_PyNode], graph: TrackableObjectGraph) -> _Match:
             taken.add(ckpt_id)
             queue.append(child_id)
 
-    bound: list[tuple[_PyNode, str]] = []
+    bound: list[tuple[TreeNode, str]] = []
     missing: list[str] = []
     used: set[tuple[int, str]] = set()
     for py_id, node in enumerate(nodes):
@@ -527,7 +478,7 @@ def _match(nodes: Sequence[_PyNode], graph: TrackableObjectGraph) -> _Match:
     return _Match(tuple(bound), tuple(missing), tuple(unexpected))
 
 
-def _leaf_problem(node: _PyNode, info: TensorInfo) -> str | None:
+def _leaf_problem(node: TreeNode, info: TensorInfo) -> str | None:
     """Why the stored value cannot go into this leaf, or None if it can."""
     if node.value is _COUNTER:
         if info.shape != () or info.dtype.kind not in "iu":
@@ -549,7 +500,7 @@ def _leaf_problem(node: _PyNode, info: TensorInfo) -> str | None:
     return None
 
 
-def _write_leaf(node: _PyNode, value: np.ndarray[Any, Any]) -> None:
+def _write_leaf(node: TreeNode, value: np.ndarray[Any, Any]) -> None:
     writes = [(site, _prepare_write(site, value, _RULES)) for site in node.sites]
     for site, (in_place, prepared) in writes:
         if in_place:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,9 +36,11 @@ from streamckpt.errors import CorruptCheckpointError, UnsupportedError
 from streamckpt.naming import (
     Leaf,
     NamingError,
+    _Child,
     _children,
     _is_namedtuple,
     _is_skipped_value,
+    _LeafSite,
     is_leaf,
 )
 from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
@@ -52,12 +54,15 @@ __all__ = [
     "ObjectGraph",
     "SavedAttribute",
     "SlotVariable",
+    "TreeNode",
     "build_object_graph",
     "checkpoint_key",
     "escape_local_name",
     "keys_to_nested",
     "object_path_key",
     "parse_object_graph",
+    "tracked_children",
+    "tree_nodes",
     "unescape_local_name",
 ]
 
@@ -110,14 +115,17 @@ def checkpoint_key(path: Sequence[str], attribute: str = VARIABLE_VALUE) -> str:
 
 
 @dataclasses.dataclass(slots=True)
-class _BuildNode:
-    path: tuple[str, ...]
+class TreeNode:
+    """One object of a Python tree, as a node of the graph TensorFlow would build from it."""
+
+    path: tuple[str, ...]  # the first breadth-first path that reaches it
     value: Any
     is_leaf: bool
-    children: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    children: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (name, id)
+    sites: list[_LeafSite] = dataclasses.field(default_factory=list)  # edges into it
 
 
-def _graph_children(node: Any, path: tuple[str, ...]) -> list[tuple[str, Any]]:
+def tracked_children(node: Any, path: tuple[str, ...]) -> list[_Child]:
     """The children TensorFlow's data-structure wrappers would track, in their order."""
     children = _children(node, path)
     if children is None:
@@ -125,6 +133,60 @@ def _graph_children(node: Any, path: tuple[str, ...]) -> list[tuple[str, Any]]:
         raise UnsupportedError(
             f"{type(node).__name__} at {shown!r} is neither a leaf nor a container"
         )
+    kept = [child for child in children if not _is_skipped_value(child.value)]
+    if _is_namedtuple(node):
+        # TensorFlow's tuple wrapper tracks a namedtuple's fields by name and by position.
+        kept += [
+            dataclasses.replace(child, name=str(index))
+            for index, child in enumerate(children)
+            if not _is_skipped_value(child.value)
+        ]
+    return kept
+
+
+def tree_nodes(
+    root: Any,
+    top: Sequence[_Child],
+    *,
+    children_of: Callable[[Any, tuple[str, ...]], list[_Child]] = tracked_children,
+    leaf: Callable[[Any], bool] = is_leaf,
+    with_sites: bool = False,
+) -> list[TreeNode]:
+    """The tree under a root whose children are ``top``, as TensorFlow's graph nodes.
+
+    Node 0 is the root; ids are the breadth-first visiting order, and an object reached twice
+    (by identity; immutable scalars never are) is one node. Saving builds the graph from these
+    nodes, and a restore matches them with the graph it reads, so both see the same tree.
+    ``with_sites`` records every edge into a node (a restore writes leaves in place through
+    them; a save has no use for them).
+    """
+    nodes = [TreeNode((), root, is_leaf=False)]
+    ids_by_identity: dict[int, int] = {}
+    queue = collections.deque([0])
+    while queue:
+        node_id = queue.popleft()
+        node = nodes[node_id]
+        if node.is_leaf:
+            continue
+        for child in top if node_id == 0 else children_of(node.value, node.path):
+            value = child.value
+            shared = not isinstance(value, _IMMUTABLE_SCALARS)
+            child_id = ids_by_identity.get(id(value)) if shared else None
+            if child_id is None:
+                child_id = len(nodes)
+                nodes.append(TreeNode((*node.path, child.name), value, leaf(value)))
+                if shared:
+                    ids_by_identity[id(value)] = child_id
+                queue.append(child_id)
+            if with_sites:
+                site = _LeafSite((*node.path, child.name), value, node.value, child)
+                nodes[child_id].sites.append(site)
+            node.children.append((child.name, child_id))
+    return nodes
+
+
+def _graph_children(node: Any, path: tuple[str, ...]) -> list[_Child]:
+    """``tracked_children``, refusing what a TensorFlow checkpoint cannot name."""
     if isinstance(node, dict):
         for key in node:
             if not isinstance(key, str):
@@ -132,15 +194,7 @@ def _graph_children(node: Any, path: tuple[str, ...]) -> list[tuple[str, Any]]:
                     f"dict key {key!r} at {'/'.join(path)!r} is not a str; TensorFlow "
                     "checkpoints name dict entries by string keys only"
                 )
-    kept = [(child.name, child.value) for child in children if not _is_skipped_value(child.value)]
-    if _is_namedtuple(node):
-        # TensorFlow's tuple wrapper tracks a namedtuple's fields by name and by position.
-        kept += [
-            (str(index), child.value)
-            for index, child in enumerate(children)
-            if not _is_skipped_value(child.value)
-        ]
-    return kept
+    return tracked_children(node, path)
 
 
 def build_object_graph(
@@ -159,46 +213,27 @@ def build_object_graph(
             raise UnsupportedError(f"root child name {name!r} is not a str")
     if save_counter is not None and SAVE_COUNTER in root_children:
         raise NamingError(f"{SAVE_COUNTER!r} is reserved for the save counter")
-    top = sorted(
-        ((name, value) for name, value in root_children.items() if not _is_skipped_value(value)),
-        key=lambda item: item[0],
-    )
+    top = [
+        _Child(name, root_children[name], "item", name)
+        for name in sorted(root_children)
+        if not _is_skipped_value(root_children[name])
+    ]
     if save_counter is not None:
-        top.append((SAVE_COUNTER, np.asarray(save_counter, dtype=np.int64)))
-
-    nodes = [_BuildNode((), root_children, is_leaf=False)]
-    ids_by_identity: dict[int, int] = {}
-    queue = collections.deque([0])
-    while queue:
-        node_id = queue.popleft()
-        node = nodes[node_id]
-        if node.is_leaf:
-            continue
-        children = top if node_id == 0 else _graph_children(node.value, node.path)
-        for local_name, child in children:
-            shared = not isinstance(child, _IMMUTABLE_SCALARS)
-            child_id = ids_by_identity.get(id(child)) if shared else None
-            if child_id is None:
-                child_id = len(nodes)
-                nodes.append(_BuildNode((*node.path, local_name), child, is_leaf(child)))
-                if shared:
-                    ids_by_identity[id(child)] = child_id
-                queue.append(child_id)
-            node.children.append((child_id, local_name))
-
+        top.append(_Child(SAVE_COUNTER, np.asarray(save_counter, dtype=np.int64), "fixed", None))
+    nodes = tree_nodes(root_children, top, children_of=_graph_children)
     values_by_key = {checkpoint_key(n.path): n.value for n in nodes if n.is_leaf}
     return values_by_key, _serialize(nodes)
 
 
-def _serialize(nodes: Sequence[_BuildNode]) -> bytes:
+def _serialize(nodes: Sequence[TreeNode]) -> bytes:
     has_values = _nodes_with_values(
-        [[child_id for child_id, _ in n.children] for n in nodes],
+        [[child_id for _, child_id in n.children] for n in nodes],
         [n.is_leaf for n in nodes],
     )
     graph = TrackableObjectGraph()
     for node_id, node in enumerate(nodes):
         proto = graph.nodes.add()
-        for child_id, local_name in node.children:
+        for local_name, child_id in node.children:
             proto.children.add(node_id=child_id, local_name=local_name)
         if node.is_leaf:
             proto.attributes.add(
