@@ -54,7 +54,16 @@ def run(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run one coroutine function to completion from sync code."""
     call = functools.partial(fn, *args, **kwargs)
     if not _in_event_loop():
-        return anyio.run(call)
+        # The loop's main task returns nothing: Python 3.11's asyncio.Runner formats that task,
+        # its result included, twice as it restores the SIGINT handler. For a loaded dict of
+        # 20,000 arrays that took about 10 ms of a 0.28 s load.
+        results: list[T] = []
+
+        async def main() -> None:
+            results.append(await call())
+
+        anyio.run(main)
+        return results[0]
     with anyio.from_thread.start_blocking_portal() as portal:
         return portal.call(call)
 
