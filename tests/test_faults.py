@@ -1177,6 +1177,28 @@ async def test_a_whole_upload_sent_again_takes_its_writer_slot_back(env: Env) ->
     assert calls == ["take", "give back"] * 2
 
 
+@pytest.mark.anyio
+async def test_uploads_started_over_beside_waiting_shards_finish(env: Env) -> None:
+    """Three shards, one writer slot, and the first two S3 completes fail: each of those
+    uploads starts over and needs the slot back while the third shard waits for its turn.
+    A shard that held a slot while it waited for a worker thread would hang this save."""
+    if env.site.gcs:
+        pytest.skip("a compose is retried alone: no GCS upload starts over")
+    store, path, _ = one_writer_store(env)
+    rng = np.random.default_rng(17)
+    count = PARTS * store.write_block_size // 4
+    tensors = {f"big{i}": rng.standard_normal(count).astype(np.float32) for i in range(3)}
+    env.proxy.set_latency(0.02)
+    env.proxy.inject_status(503, times=2, **upload_joins(env))
+
+    with anyio.fail_after(DEADLINE_S):
+        info = await save_tensors(store, path, tensors, num_shards=3, overwrite=False)
+
+    assert env.sent(upload_joins(env)).count(503) == 2
+    assert info.stats["failures"] == 0
+    assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
 # -- C. every S3 body goes up with its CRC-32C ------------------------------------------------
 
 

@@ -238,9 +238,11 @@ async def write_bundle(
                     store.reports_crc32c,
                 )
 
+            # The writer's thread takes the slot itself (stream_into), so no slot is ever held
+            # while waiting for a thread: threads waiting to take a slot back (an upload started
+            # over after a failed complete) cannot starve the shards that hold one.
             slot = _WriterSlot(writers)
             write = functools.partial(store.write_object, chunk_bytes=chunk_bytes, slot=slot)
-            await slot.acquire()
             try:
                 result = await anyio.to_thread.run_sync(write, path, stream, limiter=threads)
             finally:
