@@ -243,6 +243,7 @@ def run_moto() -> Iterator[ObjectStoreServer]:
 def run_seaweedfs() -> Iterator[ObjectStoreServer]:
     """Run `weed mini` (master, volume, filer, S3) on free loopback ports and a temp dir."""
     binary = _venv_binary("weed")
+    tried: list[dict[str, int]] = []  # the ports of each try, for the sockets weed leaves
     with tempfile.TemporaryDirectory(prefix="streamckpt-weed-") as data_dir:
 
         def argv() -> tuple[list[str], str]:
@@ -261,6 +262,7 @@ def run_seaweedfs() -> Iterator[ObjectStoreServer]:
                     "admin.port.grpc",
                 )
             }
+            tried.append(ports)
             flags = [f"-{name}={port}" for name, port in ports.items()]
             # A fresh dir each try: weed mini saves its flags to DIR/mini.options and would
             # reuse the previous try's ports.
@@ -289,13 +291,25 @@ def run_seaweedfs() -> Iterator[ObjectStoreServer]:
             return [str(binary), "mini", *flags], f"http://127.0.0.1:{ports['s3.port']}"
 
         env = os.environ | {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-        # weed puts its logs and its unix sockets in the temp dir, and never removes them.
-        env["TMPDIR"] = data_dir
+        env["TMPDIR"] = data_dir  # weed writes its logs there, and never removes them
         env.pop("S3_BUCKET", None)
-        with _serve("weed mini", argv, ready_path="/healthz", env=env, cwd=data_dir) as url:
-            server = ObjectStoreServer(kind="seaweedfs", endpoint=url, scheme="s3")
-            _wait_until_writable(server)
-            yield server
+        try:
+            with _serve("weed mini", argv, ready_path="/healthz", env=env, cwd=data_dir) as url:
+                server = ObjectStoreServer(kind="seaweedfs", endpoint=url, scheme="s3")
+                _wait_until_writable(server)
+                yield server
+        finally:
+            _remove_grpc_sockets(tried)
+
+
+def _remove_grpc_sockets(tried: list[dict[str, int]]) -> None:
+    """weed's gRPC unix sockets have a fixed place, /tmp/seaweedfs-<part>-grpc-<port>.sock,
+    and a stopped weed does not always remove them: remove those of the ports we gave it."""
+    for ports in tried:
+        for part in ("master", "volume", "filer", "s3", "admin"):
+            for port in (ports[f"{part}.port.grpc"], ports[f"{part}.port"]):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"/tmp/seaweedfs-{part}-grpc-{port}.sock")
 
 
 def _wait_until_writable(server: ObjectStoreServer) -> None:
