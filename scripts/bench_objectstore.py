@@ -21,8 +21,9 @@ log-spread from 4 KiB to 32 MiB (the workload A of scripts/bench.py), --size-mib
 (default 512 MiB: at 1 GiB the run takes ~13 min, mostly because two of the fake servers cost
 O(object size) per request, see below), --proxy-size-mib through the proxy (default 256 MiB);
 a proxied server also runs without the proxy at that size, for the "of direct" column. Tools:
-- streamckpt with num_shards 1, 4, 8 (``streamckpt.sync.save`` / ``streamckpt.sync.load``,
-  default byte budget, crc32c verified on load);
+- streamckpt without num_shards ("default shards": the store picks, about 64 MiB per shard
+  on S3 and GCS), and with num_shards 1, 4, 8 (``streamckpt.sync.save`` /
+  ``streamckpt.sync.load``, default byte budget, crc32c verified on load);
 - naive, "one request at a time": the same fsspec filesystem (s3fs / gcsfs, a sync instance)
   puts each tensor as one object with ``fs.pipe_file(path, a.tobytes())`` (one PUT / simple
   upload each: every tensor is below the clients' 50 MiB multipart threshold), one after the
@@ -509,9 +510,15 @@ class Tool:
 
 
 class StreamCkptTool(Tool):
-    def __init__(self, num_shards: int) -> None:
+    """``num_shards=None``: the save's own choice (``streamckpt.save`` without the argument)."""
+
+    def __init__(self, num_shards: int | None) -> None:
         self.num_shards = num_shards
-        self.label = f"streamckpt {num_shards} shard{'s' if num_shards > 1 else ''}"
+        if num_shards is None:
+            self.label = "streamckpt default shards"
+        else:
+            self.label = f"streamckpt {num_shards} shard{'s' if num_shards > 1 else ''}"
+        self.chosen: set[int] = set()  # shard counts the saves made
 
     def save(self, ep: Endpoint, root: str, arrays: dict[str, Any]) -> dict[str, Any]:
         import streamckpt.sync
@@ -519,6 +526,8 @@ class StreamCkptTool(Tool):
         info = streamckpt.sync.save(
             f"{root}/ckpt", arrays, num_shards=self.num_shards, storage_options=ep.options()
         )
+        if len(arrays) > 2:  # not the warm-up's tiny checkpoint
+            self.chosen.add(info.num_shards)
         return {"requests": info.stats.get("requests"), "retries": info.stats.get("retries")}
 
     def load(self, ep: Endpoint, root: str, like: dict[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -598,7 +607,7 @@ def _strip(url: str) -> str:
     return url.split("://", 1)[1]
 
 
-def make_tools(shards: list[int], want_dcp: bool) -> tuple[list[Tool], str | None]:
+def make_tools(shards: list[int | None], want_dcp: bool) -> tuple[list[Tool], str | None]:
     tools: list[Tool] = [StreamCkptTool(n) for n in shards]
     tools.append(NaiveTool())
     note = None
@@ -858,8 +867,13 @@ def part1_endpoint(
         t0 = time.perf_counter()
         row = run_tool(ep, tool, arrays, f"a{i}", repeats)
         rows.append(row)
+        chosen = ""
+        if isinstance(tool, StreamCkptTool) and tool.num_shards is None:
+            chosen = f" [{'/'.join(map(str, sorted(tool.chosen)))} shards]"
+            row["shards_chosen"] = sorted(tool.chosen)
+            tool.chosen.clear()
         print(
-            f"  [{ep.label}] {tool.label}: save {row['save_mbps']:.0f} MB/s, "
+            f"  [{ep.label}] {tool.label}{chosen}: save {row['save_mbps']:.0f} MB/s, "
             f"load {row['load_mbps']:.0f} MB/s ({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
@@ -1260,6 +1274,11 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _shard_list(text: str) -> list[int | None]:
+    """Shard counts; ``default`` is a save without ``num_shards`` (the store's choice)."""
+    return [None if x == "default" else int(x) for x in text.split(",") if x]
+
+
 def _str_list(text: str) -> list[str]:
     items = [x for x in text.split(",") if x]
     for item in items:
@@ -1282,7 +1301,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, default=None, help="workload A total (default 512)")
     p.add_argument("--proxy-size-mib", type=int, default=None, help="through the proxy (256)")
     p.add_argument("--count", type=int, default=None, help="tensors in workload A (200)")
-    p.add_argument("--shards", type=_int_list, default=[1, 4, 8])
+    p.add_argument(
+        "--shards",
+        type=_shard_list,
+        default=[None, 1, 4, 8],
+        help="streamckpt shard counts; default: a save without num_shards (default,1,4,8)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median)")
     p.add_argument("--no-dcp", action="store_true", help="leave torch DCP out")
     p.add_argument("--latency-ms", type=float, default=20.0)
@@ -1397,7 +1421,8 @@ def main(argv: list[str]) -> int:
                     workloads[f"{ep.label} ({size} MiB)"] = wl.description
                     part1_rows += part1_endpoint(ep, tools, arrays, args.repeats)
                     if ep.proxy is not None and args.diagnose:
-                        diag_rows += diagnose_load_concurrency(ep, arrays, max(args.shards))
+                        most = max(n or 1 for n in args.shards)
+                        diag_rows += diagnose_load_concurrency(ep, arrays, most)
                 del arrays
             gc.collect()
             print_part1(part1_rows, workloads, note)

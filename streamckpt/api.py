@@ -24,7 +24,7 @@ async def save(
     prefix: PathLike,
     tensors: Tensors,
     *,
-    num_shards: int = 1,
+    num_shards: int | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,
@@ -35,9 +35,14 @@ async def save(
     """Save ``{name: array}`` as ``PREFIX.index`` + ``PREFIX.data-*-of-N``.
 
     Shards are written concurrently and the index is committed last, create-only unless
-    ``overwrite``; a failed or cancelled save removes what it wrote. Values may be numpy arrays
-    and scalars, Python numbers, ``bytes``/``str`` (DT_STRING), object arrays of bytes, anything
-    with ``__array__`` or DLPack, or :class:`streamckpt.Typed` for an explicit dtype.
+    ``overwrite``; a failed or cancelled save removes what it wrote. Without ``num_shards``
+    the store chooses: on S3 and GCS about 64 MiB per shard (at most 16, never more than the
+    largest tensor fills), since the server joins each uploaded object after its last byte
+    and several shards are joined side by side; one shard on local disk and elsewhere.
+
+    Values may be numpy arrays and scalars, Python numbers, ``bytes``/``str`` (DT_STRING),
+    object arrays of bytes, anything with ``__array__`` or DLPack, or
+    :class:`streamckpt.Typed` for an explicit dtype.
     """
     store, path = resolve(
         prefix,

@@ -237,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("cp", help="copy a checkpoint, e.g. from local disk to gs://")
     cp.add_argument("src")
     cp.add_argument("dst")
-    cp.add_argument("--shards", type=int, default=1)
+    cp.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="shards to write (default: about 64 MiB each on S3 and GCS, one elsewhere)",
+    )
     cp.add_argument("--overwrite", action="store_true")
     cp.set_defaults(fn=cmd_cp)
     return parser

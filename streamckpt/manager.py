@@ -554,7 +554,7 @@ class CheckpointManager:
         handle = checkpoint._start(
             self._user_path(self._name if step is None else path),
             counted=step is None,
-            num_shards=1,
+            num_shards=None,
             overwrite=False,
             storage_options=self._storage_options,
             filesystem=self._filesystem,

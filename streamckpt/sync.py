@@ -72,7 +72,7 @@ def save(
     prefix: PathLike,
     tensors: Tensors,
     *,
-    num_shards: int = 1,
+    num_shards: int | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     filesystem: Any = None,

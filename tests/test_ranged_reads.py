@@ -30,7 +30,13 @@ import streamckpt
 from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType, is_fixed_size, numpy_dtype
-from streamckpt.pipeline.plan import Placement, plan_reads, plan_save
+from streamckpt.pipeline.plan import (
+    MAX_AUTO_SHARDS,
+    Placement,
+    auto_num_shards,
+    plan_reads,
+    plan_save,
+)
 from streamckpt.pipeline.region import plan_region
 from streamckpt.pipeline.tensors import Typed
 
@@ -381,6 +387,39 @@ def test_plan_save_spreads_equal_tensors_evenly() -> None:
     assert [plan.shard_bytes(i) for i in range(4)] == [400] * 4
     with pytest.raises(ValueError):
         plan_save(sizes={b"a": 1}, num_shards=0)
+
+
+@PROPERTIES
+@given(
+    sizes=st.lists(st.integers(0, 1 << 40), max_size=40),
+    shard_bytes=st.one_of(st.none(), st.integers(1, 1 << 36)),
+)
+def test_auto_num_shards_aims_at_the_store_shard_size(
+    sizes: list[int], shard_bytes: int | None
+) -> None:
+    n = auto_num_shards(sizes, shard_bytes=shard_bytes)
+    total, largest = sum(sizes), max(sizes, default=0)
+    assert 1 <= n <= MAX_AUTO_SHARDS
+    if shard_bytes is None or total == 0:
+        assert n == 1
+        return
+    # about shard_bytes each: one fewer shard would be over the size (unless capped) ...
+    assert n * shard_bytes >= total or n == MAX_AUTO_SHARDS or n * largest > total - largest
+    # ... and none that the largest tensor alone would leave short of filling
+    assert n == 1 or n * largest <= total
+    # the greedy plan then keeps every shard within one tensor of the average
+    plan = plan_save(sizes={i.to_bytes(2, "big"): s for i, s in enumerate(sizes)}, num_shards=n)
+    assert max(plan.shard_bytes(i) for i in range(n)) <= total / n + largest
+
+
+def test_auto_num_shards_examples() -> None:
+    MiB = 1 << 20
+    workload_a = [32 * MiB] * 4 + [16 * MiB] * 8  # 256 MiB, largest 32 MiB
+    assert auto_num_shards(workload_a, shard_bytes=64 * MiB) == 4
+    assert auto_num_shards(workload_a, shard_bytes=None) == 1
+    assert auto_num_shards([2048 * MiB] + [MiB] * 100, shard_bytes=64 * MiB) == 1  # one giant
+    assert auto_num_shards([MiB] * 4096, shard_bytes=64 * MiB) == MAX_AUTO_SHARDS
+    assert auto_num_shards([10 * MiB], shard_bytes=64 * MiB) == 1
 
 
 # --- plan_reads ---------------------------------------------------------------------------------

@@ -63,6 +63,30 @@ async def test_save_load_round_trip(store: StoreUnderTest) -> None:
 
 
 @pytest.mark.anyio
+async def test_default_shard_count_suits_the_store(
+    store: StoreUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``num_shards``: one shard on local disk and memory://, ~shard_bytes on S3 / GCS.
+
+    The shard size is lowered to 1 MiB here so that a small checkpoint shows it.
+    """
+    from streamckpt.storage import fsspec_store
+
+    monkeypatch.setattr(fsspec_store, "AUTO_SHARD_BYTES", MiB)
+    rng = np.random.default_rng(4)
+    values = {f"t{i}": rng.standard_normal(MiB // 8).astype(np.float32) for i in range(9)}
+    values["step"] = np.int64(3)  # 9 x 512 KiB: 4.5 MiB in all
+    prefix = store.prefix("auto/ckpt")
+    info = await streamckpt.save(prefix, values, storage_options=store.storage_options)
+    expected = 1 if store.kind in ("local", "memory") else 5
+    assert info.num_shards == expected and len(info.files) == expected + 1
+    loaded = await streamckpt.load(prefix, storage_options=store.storage_options)
+    assert_same(loaded, values)
+    async with streamckpt.open(prefix, storage_options=store.storage_options) as ckpt:
+        assert ckpt.header.num_shards == expected
+
+
+@pytest.mark.anyio
 async def test_read_tensor_and_partial_reads(store: StoreUnderTest) -> None:
     prefix = store.prefix("ckpt-2")
     values = tensors(1)

@@ -37,6 +37,28 @@ class SavePlan:
         return shard[-1].offset + shard[-1].size if shard else 0
 
 
+#: The most shards a save picks for itself (an explicit ``num_shards`` may ask for more).
+MAX_AUTO_SHARDS = 16
+
+
+def auto_num_shards(sizes: Iterable[int], *, shard_bytes: int | None) -> int:
+    """How many shards a save makes when the caller does not say: about ``shard_bytes`` each.
+
+    ``None`` (a store with nothing to gain from more objects) is one shard. On an object store
+    each shard is joined by the server after its last byte (an S3 complete, a GCS compose),
+    work that grows with the object; several shards are joined side by side, each while the
+    next one is still streaming. Never more shards than the largest tensor can fill (a
+    tensor is never split, so one huge tensor is one shard), and at most ``MAX_AUTO_SHARDS``.
+    """
+    sizes = list(sizes)
+    total, largest = sum(sizes), max(sizes, default=0)
+    if shard_bytes is None or total == 0:
+        return 1
+    wanted = -(-total // max(1, shard_bytes))
+    fillable = total // largest
+    return max(1, min(wanted, fillable, MAX_AUTO_SHARDS))
+
+
 def plan_save(*, sizes: Mapping[bytes, int], num_shards: int) -> SavePlan:
     """Balance tensors over ``num_shards`` by bytes; inside each shard, keep name order.
 

@@ -34,7 +34,7 @@ from streamckpt.format.bundle import (
 )
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.pipeline.cache import INDEX_CACHE
-from streamckpt.pipeline.plan import Placement, SavePlan, plan_save
+from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
 from streamckpt.storage.base import ShardWriter
@@ -327,14 +327,18 @@ async def save_tensors(
     prefix_path: str,
     tensors: Tensors,
     *,
-    num_shards: int,
+    num_shards: int | None,
     overwrite: bool,
     copy: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: ProgressCallback | None = None,
 ) -> SaveInfo:
+    """``num_shards=None``: as many as suit the store (``auto_num_shards``)."""
     prepared = await prepare_all(tensors, copy=copy)
-    plan = plan_save(sizes={k: t.size for k, t in prepared.items()}, num_shards=num_shards)
+    sizes = {k: t.size for k, t in prepared.items()}
+    if num_shards is None:
+        num_shards = auto_num_shards(sizes.values(), shard_bytes=store.shard_bytes)
+    plan = plan_save(sizes=sizes, num_shards=num_shards)
     return await write_bundle(
         store,
         prefix_path,

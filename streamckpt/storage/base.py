@@ -168,6 +168,9 @@ class Store(abc.ABC):
 
     #: ``True`` where :meth:`rename` is cheap and atomic (local disk).
     supports_rename: bool = False
+    #: The size of shard a save aims at when the caller gives no shard count
+    #: (``pipeline.plan.auto_num_shards``); ``None``: one shard, where more objects gain nothing.
+    shard_bytes: int | None = None
 
     async def rename(self, source: str, target: str) -> None:
         raise NotImplementedError("this store cannot rename")
