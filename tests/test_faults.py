@@ -1150,6 +1150,48 @@ async def test_the_next_shard_streams_while_the_store_joins_the_last_one(env: En
     assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
 
 
+def part_delete(number: int) -> dict[str, Any]:
+    """GCS: the delete of temporary part ``number`` after the compose."""
+    return {"method": "DELETE", "path_contains": f".{number:05d}"}
+
+
+@pytest.mark.anyio
+async def test_gcs_part_deletes_run_beside_the_index_write_and_end_before_the_save(
+    env: Env,
+) -> None:
+    """The composed shard is complete, so the deletes of its temporary parts need not hold
+    the index back; the save still waits for them before it returns."""
+    if not env.site.gcs:
+        pytest.skip("S3 has no temporary objects to delete")
+    store, path, tensors = large_shard_store(env)
+    held = env.proxy.delay(1.0, **part_delete(2))
+
+    info = await save_tensors(store, path, tensors, num_shards=1, overwrite=False)
+
+    assert held.fired == 1
+    beside = [target for _, target in held.beside]
+    # the index: gcsfs names it in the body of a create-only upload
+    assert any("ifGenerationMatch=0" in target for target in beside), beside
+    assert info.stats["failures"] == 0
+    assert ckpt_files(env.objects(), "ckpt-2") == {"ckpt-2.index", "ckpt-2.data-00000-of-00001"}
+    assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
+@pytest.mark.anyio
+async def test_gcs_a_failed_part_delete_is_retried_and_the_save_succeeds(env: Env) -> None:
+    if not env.site.gcs:
+        pytest.skip("S3 has no temporary objects to delete")
+    store, path, tensors = large_shard_store(env)
+    env.proxy.inject_status(503, **part_delete(3))
+
+    info = await save_tensors(store, path, tensors, num_shards=1, overwrite=False)
+
+    assert env.sent(part_delete(3)) == [503, 200]
+    assert (info.stats["retries"], info.stats["failures"]) == (1, 0)
+    assert ckpt_files(env.objects(), "ckpt-2") == {"ckpt-2.index", "ckpt-2.data-00000-of-00001"}
+    assert_bit_exact(await env.load_clean("ckpt-2"), tensors)
+
+
 @pytest.mark.anyio
 async def test_a_whole_upload_sent_again_takes_its_writer_slot_back(env: Env) -> None:
     """S3 starts an upload over when its complete fails. The second attempt buffers parts

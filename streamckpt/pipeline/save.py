@@ -288,9 +288,10 @@ async def write_bundle(
         INDEX_CACHE.invalidate_uri(index_uri)  # a cached index of an overwritten checkpoint
         phases["commit_index"] = time.perf_counter() - t0
     finally:
-        if not committed:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if not committed:
                 await store.delete(shard_paths)
+            await store.drain()
     if replacing:
         await _remove_other_shard_counts(store, prefix_path, plan.num_shards)
     return SaveInfo(

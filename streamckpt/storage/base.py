@@ -157,6 +157,13 @@ class Store(abc.ABC):
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:  # noqa: B027
         """Check a committed object against what was streamed, where the store can tell."""
 
+    async def drain(self) -> None:  # noqa: B027 - most stores leave nothing running
+        """Wait for clean-up that commits left running (a save's last step; never raises).
+
+        A commit may leave the deletes of temporary objects (GCS's parts) running in the
+        background: the shard is complete, so the save goes on to its index meanwhile.
+        """
+
     @property
     def cache_key(self) -> object:
         """Identifies the backend in the index cache (two stores may name the same path)."""

@@ -15,12 +15,16 @@ one policy, ours, decides (s3fs over botocore would otherwise send a throttled P
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+import anyio.to_thread
 
 from streamckpt.errors import (
     CheckpointExistsError,
@@ -53,6 +57,7 @@ from streamckpt.storage.retry import (
 from streamckpt.storage.s3_upload import S3MultipartWriter
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # Upload part size for streamed shard writes: big enough for throughput, small enough that
 # the buffers of several shards in flight stay modest (S3 needs at least 5 MiB per part).
@@ -152,6 +157,10 @@ class FsspecStore(Store):
         self._parts_in_flight = DEFAULT_PARTS_IN_FLIGHT  # until plan_writers shares the budget
         if self._parallel_parts:
             self.shard_bytes = AUTO_SHARD_BYTES
+        # what the store answered about objects just committed (GCS), for verify_upload
+        self._landed: dict[str, dict[str, Any]] = {}
+        # clean-up that commits left running on fsspec's loop (GCS's temporary parts), for drain
+        self._background: list[concurrent.futures.Future[None]] = []
 
     @property
     def cache_key(self) -> object:
@@ -175,16 +184,21 @@ class FsspecStore(Store):
         name = type(self.fs).__name__
         if name not in ("S3FileSystem", "GCSFileSystem"):
             return FsspecShardWriter(self, path)
-        writer = S3MultipartWriter if name == "S3FileSystem" else GcsComposeWriter
-        return writer(
+        options: dict[str, Any] = {
+            "part_size": self.write_block_size,
+            "parts_in_flight": self._parts_in_flight,
+            "limiter": self.limiter,
+            "policy": self.retry_policy,
+        }
+        if name == "S3FileSystem":
+            return S3MultipartWriter(self.fs, path, self.uri(path), self.stats, **options)
+        return GcsComposeWriter(
             self.fs,
             path,
             self.uri(path),
             self.stats,
-            part_size=self.write_block_size,
-            parts_in_flight=self._parts_in_flight,
-            limiter=self.limiter,
-            policy=self.retry_policy,
+            in_background=self._background.append,
+            **options,
         )
 
     def uri(self, path: str) -> str:
@@ -349,7 +363,11 @@ class FsspecStore(Store):
 
         def attempt() -> T:
             if self._parallel_parts:  # its requests take slots and signal the limit themselves
-                return stream_into(self._new_writer(path), stream, slot)
+                writer = self._new_writer(path)
+                result = stream_into(writer, stream, slot)
+                if (landed := getattr(writer, "landed", None)) is not None:
+                    self._landed[path] = landed
+                return result
             # The whole upload holds a slot of the adaptive limit, like any other request, so
             # that throttled uploads shrink the concurrency of everything else on this store.
             token = object()
@@ -385,7 +403,9 @@ class FsspecStore(Store):
         Its size always; and the store's own crc32c where it reports one (GCS does; S3 only
         when asked for at upload time).
         """
-        info = await self._call(path, self._info, path)
+        info = self._landed.pop(path, None)  # the commit's own answer: no request needed
+        if info is None:
+            info = await self._call(path, self._info, path)
         uri = self.uri(path)
         if int(info.get("size", -1)) != size:
             raise TruncatedError(
@@ -399,6 +419,14 @@ class FsspecStore(Store):
                     f"store reports crc32c {stored:#010x} for the upload, we sent {crc32c:#010x}",
                     uri=uri,
                 )
+
+    async def drain(self) -> None:
+        while self._background:
+            future = self._background.pop()
+            try:
+                await anyio.to_thread.run_sync(future.result)
+            except Exception as exc:  # the deletes log their own failures
+                logger.warning("background clean-up failed: %r", exc)
 
     async def delete(self, paths: Sequence[str]) -> None:
         import anyio
