@@ -403,8 +403,10 @@ def test_auto_num_shards_aims_at_the_store_shard_size(
     if shard_bytes is None or total == 0:
         assert n == 1
         return
-    # about shard_bytes each: one fewer shard would be over the size (unless capped) ...
-    assert n * shard_bytes >= total or n == MAX_AUTO_SHARDS or n * largest > total - largest
+    # about shard_bytes each: the nearest count, unless capped by the limit or the largest
+    capped = n == MAX_AUTO_SHARDS or (n + 1) * largest > total
+    assert 2 * total < (2 * n + 1) * shard_bytes or capped
+    assert n == 1 or 2 * total >= (2 * n - 1) * shard_bytes
     # ... and none that the largest tensor alone would leave short of filling
     assert n == 1 or n * largest <= total
     # the greedy plan then keeps every shard within one tensor of the average
@@ -416,6 +418,8 @@ def test_auto_num_shards_examples() -> None:
     MiB = 1 << 20
     workload_a = [32 * MiB] * 4 + [16 * MiB] * 8  # 256 MiB, largest 32 MiB
     assert auto_num_shards(workload_a, shard_bytes=64 * MiB) == 4
+    assert auto_num_shards([*workload_a, 1024], shard_bytes=64 * MiB) == 4  # not 5 for 1 KiB
+    assert auto_num_shards([33 * MiB] * 3, shard_bytes=64 * MiB) == 2  # 99 MiB: 2 x 49.5
     assert auto_num_shards(workload_a, shard_bytes=None) == 1
     assert auto_num_shards([2048 * MiB] + [MiB] * 100, shard_bytes=64 * MiB) == 1  # one giant
     assert auto_num_shards([MiB] * 4096, shard_bytes=64 * MiB) == MAX_AUTO_SHARDS

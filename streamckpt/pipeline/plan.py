@@ -54,7 +54,8 @@ def auto_num_shards(sizes: Iterable[int], *, shard_bytes: int | None) -> int:
     total, largest = sum(sizes), max(sizes, default=0)
     if shard_bytes is None or total == 0:
         return 1
-    wanted = -(-total // max(1, shard_bytes))
+    shard_bytes = max(1, shard_bytes)
+    wanted = (total + shard_bytes // 2) // shard_bytes  # the nearest count: 256.1 MiB is 4 x 64
     fillable = total // largest
     return max(1, min(wanted, fillable, MAX_AUTO_SHARDS))
 
