@@ -864,8 +864,8 @@ def warm_server(ep: Endpoint, arrays: dict[str, Any]) -> None:
     """One untimed save and load of the whole workload, so that no timed row meets a cold server.
 
     A server's first large save after it started (or after it took other work) can cost it
-    more: on this project's 2-core VM fake-gcs-server's first 256 MiB compose took 1.2-1.9 s,
-    later ones 0.55-0.8 s, and whichever tool ran first paid for it.
+    more: on this project's 2-core VM fake-gcs-server's first 256 MiB compose and part deletes
+    took 1.2-1.9 s, later ones 0.53-0.88 s, and whichever tool ran first paid for it.
     """
     import streamckpt.sync
 

@@ -43,10 +43,10 @@ class GcsComposeWriter(PartsWriter):
     def __init__(
         self,
         *args: Any,
-        in_background: Callable[[concurrent.futures.Future[None]], None] | None = None,
+        in_background: Callable[[concurrent.futures.Future[None]], None],
         **kwargs: Any,
     ) -> None:
-        """``in_background`` takes the deletes a commit leaves running (else it waits)."""
+        """``in_background`` takes the deletes a commit leaves running (``Store.drain``)."""
         super().__init__(*args, **kwargs)
         self._token = secrets.token_hex(6)
         self._composed: list[str] = []  # inner composes of a two-level tree
@@ -122,27 +122,21 @@ class GcsComposeWriter(PartsWriter):
             )
             sources = names
         self.landed = self._request(functools.partial(self._compose, self._path, sources))
-        if self._in_background is None:
-            self._discard_parts()
-        else:
-            self._discarded = True
-            self._in_background(
-                asyncio.run_coroutine_threadsafe(self._delete_all(self._temporary()), self._fs.loop)
-            )
+        self._discarded = True  # from here on the deletes below own the temporary objects
+        self._in_background(
+            asyncio.run_coroutine_threadsafe(self._delete_all(self._temporary()), self._fs.loop)
+        )
 
     def _temporary(self) -> list[str]:
         return [self._part_name(n) for n in range(1, self._parts_sent + 1)] + self._composed
 
     def _discard_parts(self) -> None:
-        """Delete the temporary objects; only logged if it fails (the caller is done with them).
-
-        Interrupted (a cancelled save), it runs again from the abort that follows.
-        """
+        """An abort's clean-up: delete the temporary objects; only logged if it fails."""
         temporary = self._temporary()
         if not temporary or self._discarded:
             return
         try:
-            # one request per object, each under the store's limit like any other
+            # one request per object (an abort's requests take no slots of the limit)
             self._requests([functools.partial(self._delete, name) for name in temporary])
         except Exception as exc:
             logger.warning("could not delete temporary parts of %s: %r", self._uri, exc)
