@@ -48,14 +48,15 @@ import numpy as np
 from streamckpt import api
 from streamckpt.errors import (
     CorruptCheckpointError,
+    NamingError,
+    ObjectMatchError,
     SaveInProgressError,
     StreamCkptError,
     UnsupportedError,
+    ValueMismatchError,
 )
 from streamckpt.format.dtypes import DataType, from_numpy
 from streamckpt.naming import (
-    NameMismatchError,
-    NamingError,
     _Child,
     _is_skipped_value,
     _prepare_write,
@@ -83,12 +84,10 @@ from streamckpt.storage.base import fresh_buffer
 
 __all__ = [
     "Checkpoint",
-    "ObjectMatchError",
     "OnBusy",
     "RestoreStatus",
     "SaveHandle",
     "SyncCheckpoint",
-    "ValueMismatchError",
     "load_nested",
 ]
 
@@ -104,28 +103,6 @@ _RULES = _Rules("/", frozenset())
 
 # ---------------------------------------------------------------------------------------------
 # Errors.
-
-
-class ObjectMatchError(NameMismatchError, AssertionError):
-    """A restore status assertion failed.
-
-    ``missing`` are the keys under which Python values would be saved and for which the
-    checkpoint had nothing; ``unexpected`` are checkpoint keys no Python value took. It is an
-    ``AssertionError`` because TensorFlow's assertions raise that, so code written against
-    ``tf.train.Checkpoint`` keeps catching it.
-    """
-
-
-class ValueMismatchError(NamingError):
-    """Restore found values that cannot go into their leaves; nothing was written.
-
-    ``mismatched`` lists the checkpoint key of every such value (wrong shape, a dtype that does
-    not cast safely, or a leaf that can be neither filled in place nor replaced).
-    """
-
-    def __init__(self, message: str, *, mismatched: Iterable[str], uri: str | None = None):
-        self.mismatched = tuple(mismatched)
-        super().__init__(message, uri=uri)
 
 
 def _listing(count_label: str, names: Sequence[str]) -> str:

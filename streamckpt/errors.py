@@ -9,8 +9,13 @@ StreamCkptError
 │   └── TruncatedError                                     a file shorter than its index says
 ├── UnsupportedError             (also NotImplementedError) valid but not handled (dtype, version)
 ├── TensorNotFoundError          (also KeyError)           a name the checkpoint does not hold
-├── StorageError                 (also OSError)            the backend failed, after retries
-│   └── PermissionDeniedError    (also PermissionError)
+│   └── NameMismatchError                                  tree names and stored names differ
+│       └── ObjectMatchError     (also AssertionError)     a RestoreStatus assertion failed
+├── NamingError                  (also ValueError)         a tree that cannot be named 1:1
+│   └── ValueMismatchError                                 stored values that do not fit leaves
+├── StorageError                 (also OSError)            the backend failed
+│   ├── PermissionDeniedError    (also PermissionError)    HTTP 401/403, EACCES, EPERM
+│   └── RetriesExhaustedError                              transient failures outlasted retries
 └── SaveInProgressError          (also RuntimeError)       a second save while one runs
 ```
 
@@ -21,20 +26,25 @@ context travels as attributes too, so a caller can act on it without parsing tex
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ChecksumError",
     "CorruptCheckpointError",
+    "NameMismatchError",
+    "NamingError",
+    "ObjectMatchError",
     "PermissionDeniedError",
+    "RetriesExhaustedError",
     "SaveInProgressError",
     "StorageError",
     "StreamCkptError",
     "TensorNotFoundError",
     "TruncatedError",
     "UnsupportedError",
+    "ValueMismatchError",
 ]
 
 
@@ -129,12 +139,72 @@ class TensorNotFoundError(StreamCkptError, KeyError):
         return self._render()
 
 
+class NameMismatchError(TensorNotFoundError):
+    """The names a tree asks for and the names a flat mapping holds do not match.
+
+    Strict loading reports every problem at once, so that fixing a renamed layer takes one
+    round, not one per tensor. ``missing`` are checkpoint names the tree needs and the mapping
+    lacks, ``unexpected`` are names the mapping holds and nothing in the tree asked for, and
+    ``unmapped`` are model names that the name map has no entry for.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        unmapped: Iterable[str] = (),
+    ) -> None:
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.unmapped = tuple(unmapped)
+        super().__init__(message)
+
+
+class ObjectMatchError(NameMismatchError, AssertionError):
+    """A restore status assertion failed.
+
+    ``missing`` are the keys under which Python values would be saved and for which the
+    checkpoint had nothing; ``unexpected`` are checkpoint keys no Python value took. It is an
+    ``AssertionError`` because TensorFlow's assertions raise that, so code written against
+    ``tf.train.Checkpoint`` keeps catching it.
+    """
+
+
+class NamingError(StreamCkptError, ValueError):
+    """A tree and a set of names that cannot be matched up one to one.
+
+    Raised for two leaves that end up with one name, and for a value whose shape or dtype
+    cannot go into the leaf it is meant for.
+    """
+
+
+class ValueMismatchError(NamingError):
+    """Restore found values that cannot go into their leaves; nothing was written.
+
+    ``mismatched`` lists the checkpoint key of every such value (wrong shape, a dtype that does
+    not cast safely, or a leaf that can be neither filled in place nor replaced).
+    """
+
+    def __init__(self, message: str, *, mismatched: Iterable[str], uri: str | None = None):
+        self.mismatched = tuple(mismatched)
+        super().__init__(message, uri=uri)
+
+
 class StorageError(StreamCkptError, OSError):
-    """The storage backend failed, after any retries."""
+    """The storage backend failed, after any retries.
+
+    ``errno`` is the backend's own when it had one (``ENOSPC``, ``EROFS``, ...).
+    """
 
 
 class PermissionDeniedError(StorageError, PermissionError):
     """The backend refused access (HTTP 401/403, EACCES)."""
+
+
+class RetriesExhaustedError(StorageError):
+    """A request was retried until the policy gave up: no outer loop may start it over."""
 
 
 class SaveInProgressError(StreamCkptError, RuntimeError):

@@ -29,13 +29,15 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
-from streamckpt.errors import StreamCkptError, TensorNotFoundError, UnsupportedError
+from streamckpt.errors import (
+    NameMismatchError,
+    NamingError,
+    UnsupportedError,
+)
 
 __all__ = [
     "LookupMap",
     "NameMap",
-    "NameMismatchError",
-    "NamingError",
     "assign_into",
     "flatten",
     "identity_map",
@@ -61,37 +63,6 @@ _NON_DATA_TYPES = (
     functools.partial,
     np.ufunc,
 )
-
-
-class NameMismatchError(TensorNotFoundError):
-    """The names a tree asks for and the names a flat mapping holds do not match.
-
-    Strict loading reports every problem at once, so that fixing a renamed layer takes one
-    round, not one per tensor. ``missing`` are checkpoint names the tree needs and the mapping
-    lacks, ``unexpected`` are names the mapping holds and nothing in the tree asked for, and
-    ``unmapped`` are model names that the name map has no entry for.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        missing: Iterable[str] = (),
-        unexpected: Iterable[str] = (),
-        unmapped: Iterable[str] = (),
-    ) -> None:
-        self.missing = tuple(missing)
-        self.unexpected = tuple(unexpected)
-        self.unmapped = tuple(unmapped)
-        super().__init__(message)
-
-
-class NamingError(StreamCkptError, ValueError):
-    """A tree and a set of names that cannot be matched up one to one.
-
-    Raised for two leaves that end up with one name, and for a value whose shape or dtype
-    cannot go into the leaf it is meant for.
-    """
 
 
 def identity_map(name: str) -> str:

@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from streamckpt.errors import CorruptCheckpointError, UnsupportedError
+from streamckpt.errors import CorruptCheckpointError, NamingError, UnsupportedError
 from streamckpt.naming import (
     Leaf,
-    NamingError,
     _Child,
     _children,
     _is_namedtuple,

@@ -494,7 +494,7 @@ def _disable_client_retries(fs: Any) -> None:
         fs.retries = 1
     elif "GCSFileSystem" in kind:
         try:
-            import gcsfs.retry  # type: ignore[import-untyped]
+            import gcsfs.retry
 
             wrapped = type(fs)._request.__wrapped__
             once = gcsfs.retry.retry_request(retries=1)(wrapped)

@@ -35,10 +35,10 @@ from typing import Any
 
 import anyio.from_thread
 
+from streamckpt.errors import RetriesExhaustedError
 from streamckpt.storage.base import ShardWriter, map_errors
 from streamckpt.storage.retry import (
     AdaptiveLimiter,
-    RetriesSpent,
     RetryPolicy,
     StoreStats,
     classify,
@@ -215,7 +215,7 @@ class PartsWriter(ShardWriter):
                 attempt += 1
                 policy = self._policy
                 if attempt >= policy.max_attempts or time.monotonic() - first >= policy.deadline:
-                    raise RetriesSpent(
+                    raise RetriesExhaustedError(
                         f"a request failed {attempt} times: {exc!r}", uri=self._uri
                     ) from exc
                 self._stats.add(retries=1, requests=1)

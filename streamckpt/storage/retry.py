@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 
-from streamckpt.errors import StorageError
+from streamckpt.errors import RetriesExhaustedError
 
 T = TypeVar("T")
 Verdict = Literal["transient", "throttle", "permanent"]
@@ -86,15 +86,11 @@ def _looks_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
 
 
-class RetriesSpent(StorageError):
-    """A request was retried until the policy gave up: no outer loop may start it over."""
-
-
 def classify(exc: BaseException) -> Verdict:
     """Whether a failure is worth retrying, and whether the store asked us to slow down."""
     verdict: Verdict = "permanent"
     for item in _chain(exc):
-        if isinstance(item, RetriesSpent):
+        if isinstance(item, RetriesExhaustedError):
             return "permanent"
         if type(item).__name__ in _TRANSIENT_NAMES:
             # aiohttp's parser errors carry a `code` (400) that no server sent: a body cut

@@ -1,6 +1,6 @@
 """Smoke tests of the loopback object stores and the fault proxy, with plain gcsfs / s3fs.
 
-They pin the client and server behaviour that tests/objectstores.py lists as quirks, so a
+They pin the client and server behaviour that streamckpt/testing/servers.py lists as quirks, so a
 dependency upgrade that changes one shows up here first.
 """
 
@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import botocore.exceptions
 import pytest
-from faultproxy import FaultProxy, run_proxy
-from objectstores import ObjectStoreServer, run_fake_gcs, run_moto, run_seaweedfs
+
+from streamckpt.testing.faultproxy import FaultProxy, run_proxy
+from streamckpt.testing.servers import ObjectStoreServer, run_fake_gcs, run_moto, run_seaweedfs
 
 pytestmark = [
     pytest.mark.cloud,

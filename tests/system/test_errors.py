@@ -19,9 +19,9 @@ import anyio
 import fsspec
 import numpy as np
 import pytest
-from conftest import TF_FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TF_FIXTURES
 
 import streamckpt
 from streamckpt.errors import (

@@ -21,10 +21,10 @@ import anyio.to_thread
 import fsspec
 import numpy as np
 import pytest
-from conftest import TF_FIXTURES
 from google.protobuf import text_format
 from hypothesis import given
 from hypothesis import strategies as st
+from support import TF_FIXTURES
 
 import streamckpt
 import streamckpt.sync

@@ -18,10 +18,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import TF_FIXTURES, load_manifest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from support import TF_FIXTURES, load_manifest
 
 import streamckpt
 import streamckpt.sync

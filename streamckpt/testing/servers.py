@@ -12,7 +12,7 @@ the bucket type on every call). `filesystem()` refuses to run if gcsfs was impor
 
 Quirks found with these servers (gcsfs 2026.10.1, s3fs 2026.9.0, aiobotocore 3.10, botocore
 1.43, aiohttp 3.14, moto 5.2.5, weed 4.48, fake-gcs-server from its wrapper 0.1.1); each is
-pinned by a test in test_objectstores.py:
+pinned by a test in tests/storage/test_objectstores.py:
 - Empty and past-the-end ranges. s3fs turns start=end=n into "bytes=n-(n-1)" (0 -> "0--1"):
   moto answers the WHOLE object for any n < size, SeaweedFS 416 except n=0 (whole object);
   fsspec's cat_ranges inherits this. gcsfs answers b"" without a request. start=size with no
@@ -204,8 +204,8 @@ def _check_gcsfs_flavour() -> None:
 
     if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
         raise RuntimeError(
-            "gcsfs was imported before tests.objectstores with its experimental zonal support "
-            "on; set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false before anything imports gcsfs"
+            "gcsfs was imported before streamckpt.testing.servers with its experimental zonal "
+            "support on; set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false before anything imports gcsfs"
         )
 
 
@@ -303,8 +303,11 @@ def run_seaweedfs() -> Iterator[ObjectStoreServer]:
 
 
 def _remove_grpc_sockets(tried: list[dict[str, int]]) -> None:
-    """weed's gRPC unix sockets have a fixed place, /tmp/seaweedfs-<part>-grpc-<port>.sock,
-    and a stopped weed does not always remove them: remove those of the ports we gave it."""
+    """Remove the gRPC unix sockets of the ports we gave weed.
+
+    They have a fixed place, /tmp/seaweedfs-<part>-grpc-<port>.sock, and a stopped weed does
+    not always remove them.
+    """
     for ports in tried:
         for part in ("master", "volume", "filer", "s3", "admin"):
             for port in (ports[f"{part}.port.grpc"], ports[f"{part}.port"]):

@@ -12,10 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamckpt.errors import StreamCkptError, TensorNotFoundError, UnsupportedError
-from streamckpt.naming import (
+from streamckpt.errors import (
     NameMismatchError,
     NamingError,
+    StreamCkptError,
+    TensorNotFoundError,
+    UnsupportedError,
+)
+from streamckpt.naming import (
     assign_into,
     flatten,
     identity_map,

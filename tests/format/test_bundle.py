@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import TF_FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import TF_FIXTURES
 
 from streamckpt.format.bundle import BundleEntry, _fast_fields
 from streamckpt.format.dtypes import DataType

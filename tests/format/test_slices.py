@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import load_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import load_manifest
 
 from streamckpt.errors import CorruptCheckpointError
 from streamckpt.format.slices import (

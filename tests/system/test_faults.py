@@ -45,8 +45,6 @@ import anyio
 import anyio.from_thread
 import numpy as np
 import pytest
-from faultproxy import FaultProxy, FaultRule
-from objectstores import ObjectStoreServer
 
 import streamckpt
 import streamckpt.storage.retry as retry_module
@@ -63,6 +61,8 @@ from streamckpt.pipeline.save import SaveInfo, prepare_all, save_tensors
 from streamckpt.storage import FsspecStore, RetryPolicy, Store, resolve
 from streamckpt.storage.base import ByteBudget
 from streamckpt.storage.retry import AdaptiveLimiter
+from streamckpt.testing.faultproxy import FaultProxy, FaultRule
+from streamckpt.testing.servers import ObjectStoreServer
 
 pytestmark = [
     pytest.mark.cloud,
@@ -75,7 +75,7 @@ BUCKET = "streamckpt-tests"  # made by conftest's `servers`
 SHARDS = 4
 # Retries as the library does them, with waits short enough for a test.
 FAST = RetryPolicy(initial_backoff=0.001, max_backoff=0.01, max_attempts=6)
-CHILD = Path(__file__).parent / "fault_child.py"
+CHILD = Path(__file__).resolve().parents[1] / "support" / "fault_child.py"
 DEADLINE_S = 30.0
 
 Tensors = dict[str, Any]
@@ -165,7 +165,7 @@ def open_site(servers: Any, kind: str) -> Iterator[Site]:
             yield Site(server, proxy, admin)
     finally:
         del admin
-        gc.collect()  # collect sync clients while no test loop runs (see objectstores)
+        gc.collect()  # collect sync clients while no test loop runs (see testing.servers)
 
 
 @pytest.fixture(scope="module", params=["gcs", "moto"])

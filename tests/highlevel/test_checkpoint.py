@@ -25,26 +25,26 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from conftest import TF_FIXTURES, load_manifest
 from fsspec.implementations.memory import MemoryFileSystem
+from support import TF_FIXTURES, load_manifest
 
 import streamckpt
 import streamckpt.sync
 from streamckpt.checkpoint import (
     Checkpoint,
-    ObjectMatchError,
     SaveHandle,
     SyncCheckpoint,
-    ValueMismatchError,
     load_nested,
 )
 from streamckpt.errors import (
     CheckpointExistsError,
+    NamingError,
+    ObjectMatchError,
     SaveInProgressError,
     StreamCkptError,
     UnsupportedError,
+    ValueMismatchError,
 )
-from streamckpt.naming import NamingError
 from streamckpt.objectgraph import OBJECT_GRAPH_KEY
 
 pytestmark = pytest.mark.anyio

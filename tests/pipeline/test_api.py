@@ -9,7 +9,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import TF_FIXTURES
+from support import TF_FIXTURES
 
 import streamckpt
 import streamckpt.sync
@@ -30,8 +30,12 @@ def test_public_names_are_pinned() -> None:
         "ChecksumError",
         "CorruptCheckpointError",
         "DataType",
+        "NameMismatchError",
+        "NamingError",
+        "ObjectMatchError",
         "PermissionDeniedError",
         "RestoreStatus",
+        "RetriesExhaustedError",
         "SaveHandle",
         "SaveInProgressError",
         "SaveInfo",
@@ -42,6 +46,7 @@ def test_public_names_are_pinned() -> None:
         "TruncatedError",
         "Typed",
         "UnsupportedError",
+        "ValueMismatchError",
         "assign_into",
         "clear_index_cache",
         "flatten",
@@ -57,6 +62,13 @@ def test_public_names_are_pinned() -> None:
     ]
     for name in streamckpt.__all__:
         assert getattr(streamckpt, name) is not None
+    errors = {
+        name
+        for name in dir(streamckpt.errors)
+        if isinstance(getattr(streamckpt.errors, name), type)
+        and issubclass(getattr(streamckpt.errors, name), streamckpt.StreamCkptError)
+    }
+    assert errors <= set(streamckpt.__all__)  # every error class is exported
     assert sorted(streamckpt.sync.__all__) == [
         "Checkpoint",
         "CheckpointManager",

@@ -7,9 +7,9 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import TF_FIXTURES, load_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TF_FIXTURES, load_manifest
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError
 from streamckpt.format.crc import crc32c, mask

@@ -10,7 +10,7 @@ import numpy as np
 
 import streamckpt.sync
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:

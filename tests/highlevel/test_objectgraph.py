@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import TF_FIXTURES, load_manifest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import TF_FIXTURES, load_manifest
 
-from streamckpt.errors import CorruptCheckpointError, StreamCkptError, UnsupportedError
+from streamckpt.errors import CorruptCheckpointError, NamingError, StreamCkptError, UnsupportedError
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.varint import decode_varint
-from streamckpt.naming import NamingError, to_numpy
+from streamckpt.naming import to_numpy
 from streamckpt.objectgraph import (
     OBJECT_GRAPH_KEY,
     ObjectGraph,

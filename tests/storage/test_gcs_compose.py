@@ -11,7 +11,7 @@ from typing import Any
 import anyio.to_thread
 import crc32c
 import pytest
-from conftest import BUCKET, _Servers
+from support import BUCKET, Servers
 
 from streamckpt.errors import ChecksumError
 from streamckpt.storage.base import ShardWriter
@@ -24,7 +24,7 @@ PART = 256 * KiB
 
 
 @pytest.fixture
-def gcs(servers: _Servers) -> Any:
+def gcs(servers: Servers) -> Any:
     server = servers.get("gcs")
     fs = server.filesystem()
     root = f"{BUCKET}/compose-{os.urandom(6).hex()}"
