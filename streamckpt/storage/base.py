@@ -14,6 +14,7 @@ import abc
 import contextlib
 import errno
 import mmap
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -28,7 +29,7 @@ from streamckpt.errors import (
     StreamCkptError,
     TruncatedError,
 )
-from streamckpt.storage.retry import StoreStats, classify
+from streamckpt.storage.retry import StoreStats, http_status
 
 T = TypeVar("T")
 
@@ -289,27 +290,57 @@ def check_length(data: bytes | bytearray, expected: int, *, uri: str, offset: in
 
 @contextlib.contextmanager
 def map_errors(uri: str) -> Iterator[None]:
-    """Translate backend exceptions into the streamckpt tree, naming the URI."""
+    """Translate backend exceptions into the streamckpt tree, naming the URI.
+
+    Every ``Exception`` that reaches here leaves as a ``StreamCkptError``: a caller of
+    streamckpt catches one tree, whatever client (os, gcsfs, botocore, aiohttp) failed under
+    it. The backend's ``errno`` stays on the error (``ENOSPC`` and ``EROFS`` call for different
+    actions), and the original exception is its ``__cause__``. Cancellation and other
+    ``BaseException``s pass through untouched.
+    """
     try:
         yield
     except StreamCkptError as exc:
         raise exc.with_context(uri=uri) from None
-    except FileNotFoundError as exc:
-        raise CheckpointNotFoundError(f"not found: {exc}", uri=uri) from exc
-    except FileExistsError as exc:
-        raise CheckpointExistsError(f"already exists: {exc}", uri=uri) from exc
-    except PermissionError as exc:
-        raise PermissionDeniedError(f"permission denied: {exc}", uri=uri) from exc
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise CheckpointNotFoundError(f"not found: {exc}", uri=uri) from exc
-        if exc.errno in (errno.EACCES, errno.EPERM) or str(exc).startswith("Forbidden"):
-            # gcsfs raises a bare OSError("Forbidden: ...") for HTTP 403
-            raise PermissionDeniedError(f"permission denied: {exc}", uri=uri) from exc
-        raise StorageError(f"storage error: {exc}", uri=uri) from exc
     except Exception as exc:
-        # retries spent on a failure that is not an OSError (gcsfs HttpError, aiohttp
-        # ClientPayloadError, botocore EndpointConnectionError): still the backend's failure
-        if classify(exc) == "permanent":
-            raise
-        raise StorageError(f"storage error: {exc!r}", uri=uri) from exc
+        raise translate_error(exc, uri) from exc
+
+
+def translate_error(exc: Exception, uri: str) -> StreamCkptError:
+    """The streamckpt error for one backend exception (see ``map_errors``)."""
+    if isinstance(exc, StreamCkptError):
+        return exc.with_context(uri=uri)
+    code = _errno_of(exc)
+    status = http_status(exc)
+    text = str(exc) if isinstance(exc, OSError) else repr(exc)
+    error: StreamCkptError
+    if isinstance(exc, FileNotFoundError) or code == errno.ENOENT or status == 404:
+        error = CheckpointNotFoundError(f"not found: {text}", uri=uri)
+    elif isinstance(exc, FileExistsError) or code == errno.EEXIST:
+        error = CheckpointExistsError(f"already exists: {text}", uri=uri)
+    elif (
+        isinstance(exc, PermissionError)
+        or code in (errno.EACCES, errno.EPERM)
+        or status in (401, 403)
+        or text.startswith("Forbidden")  # gcsfs raises a bare OSError("Forbidden: ...")
+    ):
+        error = PermissionDeniedError(f"permission denied: {text}", uri=uri)
+    else:
+        error = StorageError(f"storage error: {text}", uri=uri)
+    if isinstance(error, OSError):
+        error.errno = code
+        if code is not None:
+            error.strerror = os.strerror(code)
+    return error
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The first errno in the exception's chain (a client may wrap the OSError it got)."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return None
+        if isinstance(current, OSError) and isinstance(current.errno, int):
+            return current.errno
+        current = current.__cause__ or current.__context__
+    return None

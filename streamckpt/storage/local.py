@@ -12,15 +12,17 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import secrets
 from collections.abc import Sequence
+from typing import NoReturn
 
 import anyio.to_thread
 import numpy as np
 
-from streamckpt.errors import TruncatedError
+from streamckpt.errors import StorageError, TruncatedError
 from streamckpt.storage.base import (
     Buffer,
     ByteBudget,
@@ -34,6 +36,35 @@ from streamckpt.storage.base import (
 from streamckpt.storage.retry import StoreStats
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Files we create are never opened through a symlink: a shard name planted as a link would
+# send a checkpoint's bytes to a file outside its directory.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# fsync of a directory is refused by some filesystems as unsupported; the entries of such a
+# filesystem are made durable by the fsync of the files themselves. Any other error is a
+# failed fsync, and a failed fsync is a failed write ("fsyncgate"): its entries may never
+# reach the disk.
+_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def open_for_writing(path: str, flags: int) -> int:
+    """``os.open`` of a file we write; a symlink at ``path`` is refused with a clear error."""
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and _O_NOFOLLOW and os.path.islink(path):
+            raise StorageError(
+                "refusing to write through a symbolic link at this name: a checkpoint's files "
+                "stay inside its directory (remove the link)",
+                uri=path,
+            ) from exc
+        raise
+
+
+def _close_quietly(fd: int) -> None:
+    """Close an fd on a path that is already failing (the fd is released even on EIO)."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _read_exact_into(fd: int, offset: int, out: memoryview) -> int:
@@ -73,21 +104,25 @@ class LocalShardWriter(ShardWriter):
         self._spare: mmap.mmap | None = None
         self._writing: concurrent.futures.Future[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_BINARY | _O_NOFOLLOW | _O_CLOEXEC
         with map_errors(path):
             if direct and _O_DIRECT:
                 try:
-                    self._fd = os.open(path, flags | _O_DIRECT, 0o644)
+                    self._fd = open_for_writing(path, flags | _O_DIRECT)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
                         raise
                 else:
-                    self._capacity = -(-staging // DIRECT_ALIGN) * DIRECT_ALIGN
-                    self._staging = mmap.mmap(-1, self._capacity)  # page-aligned
+                    try:
+                        self._capacity = -(-staging // DIRECT_ALIGN) * DIRECT_ALIGN
+                        self._staging = mmap.mmap(-1, self._capacity)  # page-aligned
+                    except BaseException:
+                        _close_quietly(self._fd)
+                        raise
                     self._stage = np.frombuffer(self._staging, np.uint8)
                     self._filled = 0
                     return
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = open_for_writing(path, flags)
 
     def write(self, chunk: memoryview) -> None:
         if self._staging is None:
@@ -169,7 +204,7 @@ class LocalShardWriter(ShardWriter):
             self._wait()  # the fd must outlive the write in flight
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            _close_quietly(self._fd)  # the failure being handled is the one to report
         with contextlib.suppress(OSError):
             os.unlink(self._path)
         self._release()
@@ -232,7 +267,7 @@ class LocalStore(Store):
         def work() -> list[Buffer]:
             results: list[Buffer] = []
             with map_errors(path):
-                fd = os.open(path, os.O_RDONLY | _O_BINARY)
+                fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
                 try:
                     size = os.fstat(fd).st_size
                     for r in ranges:
@@ -257,7 +292,7 @@ class LocalStore(Store):
     async def read_suffix(self, path: str, length: int) -> tuple[bytes, int | None]:
         def work() -> tuple[bytes, int | None]:
             with map_errors(path):
-                fd = os.open(path, os.O_RDONLY | _O_BINARY)
+                fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
                 try:
                     size = os.fstat(fd).st_size
                     start = max(0, size - length)
@@ -272,39 +307,23 @@ class LocalStore(Store):
 
     async def read_all(self, path: str) -> bytes:
         def work() -> bytes:
-            with map_errors(path), open(path, "rb") as f:
-                return f.read()
+            with map_errors(path):
+                fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
+                try:
+                    buf = bytearray(os.fstat(fd).st_size)
+                    got = _read_exact_into(fd, 0, memoryview(buf))
+                    self.stats.add(requests=1, bytes_read=got)
+                finally:
+                    os.close(fd)
+            del buf[got:]
+            return bytes(buf)
 
         return await anyio.to_thread.run_sync(work)
 
     async def write_atomic(self, path: str, data: bytes, *, exclusive: bool) -> None:
-        def work() -> None:
-            with map_errors(path):
-                directory = os.path.dirname(path) or "."
-                tmp = os.path.join(
-                    directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(6)}"
-                )
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    if exclusive:
-                        os.link(tmp, path)  # atomic and create-only, unlike rename
-                        os.unlink(tmp)
-                    else:
-                        os.replace(tmp, path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
-                _fsync_dir(directory)
-
-        await anyio.to_thread.run_sync(work)
+        await anyio.to_thread.run_sync(
+            functools.partial(write_file_atomic, exclusive=exclusive), path, data
+        )
 
     def open_writer(self, path: str, *, chunk_bytes: int = 8 << 20) -> ShardWriter:
         return LocalShardWriter(path, self.stats, staging=chunk_bytes)
@@ -338,17 +357,84 @@ class LocalStore(Store):
             await anyio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
 
     async def sync_dir(self, path: str) -> None:
-        await anyio.to_thread.run_sync(_fsync_dir, path)
+        with map_errors(path):
+            await anyio.to_thread.run_sync(_fsync_dir, path)
+
+
+def write_file_atomic(path: str, data: bytes, *, exclusive: bool) -> None:
+    """Publish ``data`` at ``path`` in one step: temp file, fsync, link or rename, dir fsync.
+
+    The link (create-only) or rename is the commit point. Before it, any failure removes the
+    temp file and leaves ``path`` as it was. After it, ``path`` is visible and whole: a
+    failure there (removing the temp name, the directory's fsync) raises a StorageError that
+    says so, and the caller must not take the object back (a save must not delete the shards
+    an index it can no longer hide points to).
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{secrets.token_hex(6)}")
+    with map_errors(path):
+        fd = open_for_writing(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY | _O_NOFOLLOW | _O_CLOEXEC
+        )
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                _close_quietly(fd)
+                raise
+            os.close(fd)
+            if exclusive:
+                os.link(tmp, path)  # atomic and create-only, unlike rename
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            _unlink_twice(tmp)
+            raise
+    # Committed: from here on nothing takes `path` back.
+    leftover = _unlink_twice(tmp) if exclusive else None
+    try:
+        _fsync_dir(directory)
+    except OSError as exc:
+        _raise_after_commit(path, f"the fsync of its directory {directory}", exc, durable=False)
+    if leftover is not None:
+        _raise_after_commit(path, f"removing its temp name {tmp}", leftover, durable=True)
+
+
+def _unlink_twice(path: str) -> OSError | None:
+    """Remove ``path``, trying once more after a failure; the last failure, if both failed."""
+    failure: OSError | None = None
+    for _ in range(2):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            failure = exc
+        else:
+            return None
+    return failure
+
+
+def _raise_after_commit(path: str, what: str, cause: OSError, *, durable: bool) -> NoReturn:
+    state = "it is durable" if durable else "it is not known to be durable"
+    error = StorageError(
+        f"committed: the object is in place and whole, but {what} failed ({cause}); {state}",
+        uri=path,
+    )
+    error.errno = cause.errno
+    raise error from cause
 
 
 def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
+    """Make a directory's entries durable; raise on failure, except where unsupported."""
+    fd = os.open(directory, os.O_RDONLY | _O_CLOEXEC)
     try:
         os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the data itself is synced
-    finally:
-        os.close(fd)
+    except OSError as exc:
+        if exc.errno not in _FSYNC_UNSUPPORTED:
+            _close_quietly(fd)
+            raise
+    os.close(fd)

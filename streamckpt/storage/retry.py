@@ -69,6 +69,15 @@ def _status_of(exc: BaseException) -> tuple[int | None, str | None]:
     return None, None
 
 
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status that the first exception in the chain carrying one answered."""
+    for item in _chain(exc):
+        status, _ = _status_of(item)
+        if status is not None:
+            return status
+    return None
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
