@@ -12,6 +12,12 @@ from collections.abc import Iterator
 from streamckpt.errors import CorruptCheckpointError
 from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
 
+# How many bytes of keys a block may spell per byte of its own. A writer restarting prefix
+# compression every 16 records (TF, LevelDB) stays under 16: a key is at most as long as the
+# bytes since its restart point, and 16 keys share those bytes. Index blocks (restart every
+# record) stay under 1.
+MAX_KEY_EXPANSION = 32
+
 
 class BlockBuilder:
     """Accumulates sorted records into one block, with a restart point every N records."""
@@ -74,7 +80,7 @@ def _records_end(block: bytes | memoryview) -> int:
 
 
 def _read_record(
-    block: bytes | memoryview, pos: int, end: int, prev_key: bytes
+    block: bytes | memoryview, pos: int, end: int, prev_key: bytes, key_budget: int
 ) -> tuple[bytes, memoryview, int]:
     shared, pos = decode_varint(block, pos, max_bytes=5)
     non_shared, pos = decode_varint(block, pos, max_bytes=5)
@@ -87,17 +93,35 @@ def _read_record(
     value_end = value_start + value_len
     if value_end > end:
         raise CorruptCheckpointError("record runs past the end of its block", offset=pos)
+    if shared + non_shared > key_budget:
+        raise CorruptCheckpointError(
+            f"the keys of a {len(block)}-byte block spell more than"
+            f" {MAX_KEY_EXPANSION * len(block)} bytes (each extends the one before)",
+            offset=pos,
+        )
     key = prev_key[:shared] + bytes(block[pos:value_start])
     return key, memoryview(block)[value_start:value_end], value_end
 
 
-def iter_block(block: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
-    """Yield every ``(key, value)`` record in block order."""
-    end = _records_end(block)
-    pos = 0
+def _scan(block: bytes | memoryview, pos: int, end: int) -> Iterator[tuple[bytes, memoryview, int]]:
+    """Records from ``pos`` (a restart point) on, each with the offset after it.
+
+    Prefix compression lets each record add one byte to the previous key, so ``n`` bytes of
+    records could spell keys of ``n**2 / 2`` bytes in all. The keys rebuilt from one block may
+    not exceed :data:`MAX_KEY_EXPANSION` times the block's size, which keeps a block's cost
+    linear in its size; the check comes before a key is built.
+    """
+    budget = MAX_KEY_EXPANSION * len(block)
     key = b""
     while pos < end:
-        key, value, pos = _read_record(block, pos, end, key)
+        key, value, pos = _read_record(block, pos, end, key, budget)
+        budget -= len(key)
+        yield key, value, pos
+
+
+def iter_block(block: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    """Yield every ``(key, value)`` record in block order."""
+    for key, value, _ in _scan(block, 0, _records_end(block)):
         yield key, value
 
 
@@ -115,16 +139,13 @@ def seek_block(block: bytes | memoryview, target: bytes) -> tuple[bytes, memoryv
         restart = decode_fixed32(block, end + 4 * mid)
         if restart >= end:
             raise CorruptCheckpointError("restart point past the records", offset=end + 4 * mid)
-        key, _, _ = _read_record(block, restart, end, b"")
+        key, _, _ = _read_record(block, restart, end, b"", len(block))
         if key < target:
             start = restart
             lo = mid + 1
         else:
             hi = mid - 1
-    pos = start
-    key = b""
-    while pos < end:
-        key, value, pos = _read_record(block, pos, end, key)
+    for key, value, _ in _scan(block, start, end):
         if key >= target:
             return key, value
     return None

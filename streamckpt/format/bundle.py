@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from streamckpt.errors import CorruptCheckpointError, UnsupportedError
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, to_datatype
 from streamckpt.format.slices import TensorSlice
+from streamckpt.format.strings import min_string_payload_size
 from streamckpt.format.table import (
     FOOTER_SIZE,
     TableWriter,
@@ -26,6 +27,7 @@ from streamckpt.format.table import (
     decode_index_block,
     iter_data_block,
 )
+from streamckpt.format.variant import min_variant_payload_size
 from streamckpt.format.varint import decode_varint
 from streamckpt.proto import tensor_bundle_pb2
 
@@ -163,8 +165,18 @@ def _fast_fields(raw: bytes) -> _Fields | None:
 
     A plain Python walk over a few dozen bytes is several times faster than building a proto
     message, which matters for indexes of 100,000 tensors. Anything else (slices, dimension
-    names, unknown fields, odd encodings) returns None and goes through protobuf.
+    names, unknown fields, odd encodings, values protobuf would read as negative, malformed
+    bytes) returns None and goes through protobuf, so that the two paths never disagree and
+    protobuf alone judges what is malformed. Every position is checked against the end of the
+    enclosing field before it is read.
     """
+    try:
+        return _walk_fields(raw)
+    except CorruptCheckpointError:  # a varint running past the bytes: protobuf decides
+        return None
+
+
+def _walk_fields(raw: bytes) -> _Fields | None:
     dtype = shard = offset = size = crc = 0
     shape: list[int] = []
     pos, end = 0, len(raw)
@@ -174,11 +186,15 @@ def _fast_fields(raw: bytes) -> _Fields | None:
         if tag in (0x08, 0x18, 0x20, 0x28):  # varint fields 1, 3, 4, 5
             number, pos = decode_varint(raw, pos)
             if tag == 0x08:
+                if number >= 1 << 31:
+                    return None  # an enum protobuf reads as negative
                 dtype = number
             elif tag == 0x18:
                 if number >= 1 << 31:
                     return None  # a negative int32: let protobuf and the checks say so
                 shard = number
+            elif number >= 1 << 63:
+                return None  # a negative int64
             elif tag == 0x20:
                 offset = number
             else:
@@ -198,6 +214,8 @@ def _fast_fields(raw: bytes) -> _Fields | None:
                     return None
                 dim_length, pos = decode_varint(raw, pos + 1)
                 dim_stop = pos + dim_length
+                if dim_stop > stop:
+                    return None  # a dim running past its shape (`12 02 12 05`)
                 dim = 0
                 while pos < dim_stop:
                     if raw[pos] != 0x08:  # only `size`
@@ -270,13 +288,19 @@ def _check_extent(entry: BundleEntry, num_shards: int | None) -> None:
                 shard=entry.shard_id,
                 offset=entry.offset,
             )
-    elif entry.size < count + 4:
-        # every element takes at least one length byte, plus the 4-byte length checksum
+    elif entry.size < min_payload_size(entry.dtype, count):
         raise CorruptCheckpointError(
             f"entry size {entry.size} is too small for {count} {entry.dtype.name} elements",
             shard=entry.shard_id,
             offset=entry.offset,
         )
+
+
+def min_payload_size(dtype: DataType, count: int) -> int:
+    """The fewest bytes a DT_STRING or DT_VARIANT payload of ``count`` elements can take."""
+    if dtype == DataType.DT_VARIANT:
+        return min_variant_payload_size(count)
+    return min_string_payload_size(count)
 
 
 def encode_index(header: BundleHeader, entries: Iterable[tuple[bytes, BundleEntry]]) -> bytes:

@@ -16,31 +16,46 @@ Invariants this module keeps:
 * In a big-endian bundle the fixed-width lengths and the stored ``L`` are big-endian; the
   varints are byte-order free.
 * The decoder checks every size the payload claims against ``len(payload)`` before it allocates
-  anything in proportion to that size; offsets in its errors are relative to the payload start.
+  anything in proportion to that size, and builds its list of values only once both checksums
+  hold; offsets in its errors are relative to the payload start.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError
 from streamckpt.format.crc import crc32c, mask
-from streamckpt.format.varint import decode_varint, encode_varint
+from streamckpt.format.varint import decode_varints, encode_varint
 
-__all__ = ["decode_strings", "encode_strings", "string_payload_size"]
+__all__ = ["decode_strings", "encode_strings", "min_string_payload_size", "string_payload_size"]
 
 _U32_MAX = 0xFFFFFFFF
 _LENGTH_CHECKSUM_BYTES = 4
+# Lengths are parsed and checksummed this many at a time (a bounded buffer per chunk).
+_CHUNK_ELEMENTS = 1 << 14
+
+
+def min_string_payload_size(count: int) -> int:
+    """Bytes at least taken by ``count`` strings: a length byte each, then the checksum."""
+    return count + _LENGTH_CHECKSUM_BYTES
 
 
 def _u32(big_endian: bool) -> struct.Struct:
     return struct.Struct(">I" if big_endian else "<I")
 
 
-def _fixed_width_lengths(lengths: Sequence[int], big_endian: bool) -> bytes:
+def _fixed_width_lengths(lengths: Sequence[int] | np.ndarray[Any, Any], big_endian: bool) -> bytes:
     """The bytes TF feeds to both checksums: each length as uint32, or uint64 when it must."""
     order = ">" if big_endian else "<"
+    if isinstance(lengths, np.ndarray):
+        if not len(lengths) or int(lengths.max()) <= _U32_MAX:
+            return lengths.astype(f"{order}u4").tobytes()
+        lengths = lengths.tolist()
     if not lengths or max(lengths) <= _U32_MAX:
         return struct.pack(f"{order}{len(lengths)}I", *lengths)
     return b"".join(struct.pack(f"{order}{'I' if n <= _U32_MAX else 'Q'}", n) for n in lengths)
@@ -71,18 +86,32 @@ def encode_strings(values: Sequence[bytes], *, big_endian: bool = False) -> tupl
     return payload, mask(entry_crc)
 
 
-def _read_lengths(payload: bytes | memoryview, count: int) -> tuple[list[int], int]:
-    """Parse ``count`` varints from the payload start; return the lengths and the next offset."""
-    head = bytes(payload[:count])
-    if head.isascii():
-        # Every byte below 0x80 means every varint is one byte long: the common case.
-        return list(head), count
-    lengths: list[int] = []
+def _length_chunks(
+    payload: bytes | memoryview, count: int
+) -> Iterator[tuple[np.ndarray[Any, Any], int]]:
+    """The ``count`` element lengths a chunk at a time, each with the offset after it.
+
+    A chunk whose bytes are all below 0x80 is that many one-byte varints, the common case,
+    and is yielded as a view of those bytes; others are decoded in numpy.
+    """
     pos = 0
-    for _ in range(count):
-        length, pos = decode_varint(payload, pos, max_bytes=10)
-        lengths.append(length)
-    return lengths, pos
+    for first in range(0, count, _CHUNK_ELEMENTS):
+        wanted = min(_CHUNK_ELEMENTS, count - first)
+        head = np.frombuffer(
+            payload, dtype=np.uint8, count=min(wanted, len(payload) - pos), offset=pos
+        )
+        if len(head) == wanted and not (head & 0x80).any():
+            pos += wanted
+            yield head, pos
+            continue
+        lengths, pos = decode_varints(payload, pos, wanted)
+        yield lengths, pos
+
+
+def _chunk_sum(lengths: np.ndarray[Any, Any]) -> int:
+    if lengths.dtype == np.uint8 or int(lengths.max()) < 1 << 40:
+        return int(lengths.sum(dtype=np.uint64))  # at most 2**56 for a chunk: no overflow
+    return sum(lengths.tolist())
 
 
 def decode_strings(
@@ -97,20 +126,29 @@ def decode_strings(
     ``expected_crc`` is the masked ``BundleEntryProto.crc32c``; when given it is verified here,
     because the entry checksum covers fixed-width lengths rather than the stored varints and
     so cannot be computed from the raw payload bytes alone.
+
+    The lengths are checksummed and summed a chunk at a time, so a payload whose lengths or
+    checksums are wrong is refused in memory bounded by the chunk, however many elements its
+    entry claims; only a payload that passes both checksums gets its list of values.
     """
     size = len(payload)
     if count < 0:
         raise CorruptCheckpointError(f"negative string element count {count}")
-    if count + _LENGTH_CHECKSUM_BYTES > size:
-        # Each element takes at least one varint byte: refuse before building any list.
+    if min_string_payload_size(count) > size:
+        # Each element takes at least one varint byte: refuse before reading any.
         raise CorruptCheckpointError(
-            f"{count} strings need at least {count + _LENGTH_CHECKSUM_BYTES} bytes,"
+            f"{count} strings need at least {min_string_payload_size(count)} bytes,"
             f" the payload has {size}"
         )
-    lengths, pos = _read_lengths(payload, count)
+    length_crc = 0
+    total = 0
+    pos = 0
+    for lengths, after in _length_chunks(payload, count):
+        length_crc = crc32c(_fixed_width_lengths(lengths, big_endian), length_crc)
+        total += _chunk_sum(lengths)
+        pos = after
     if pos + _LENGTH_CHECKSUM_BYTES > size:
         raise CorruptCheckpointError("string length checksum runs past the payload", offset=pos)
-    length_crc = crc32c(_fixed_width_lengths(lengths, big_endian))
     stored_checksum = payload[pos : pos + _LENGTH_CHECKSUM_BYTES]
     (stored,) = _u32(big_endian).unpack(stored_checksum)
     if stored != mask(length_crc):
@@ -120,7 +158,6 @@ def decode_strings(
             offset=pos,
         )
     data_start = pos + _LENGTH_CHECKSUM_BYTES
-    total = sum(lengths)
     if data_start + total != size:
         raise CorruptCheckpointError(
             f"string lengths sum to {total} bytes but {size - data_start} follow the length"
@@ -137,7 +174,8 @@ def decode_strings(
             )
     values: list[bytes] = []
     at = data_start
-    for length in lengths:
-        values.append(bytes(payload[at : at + length]))
-        at += length
+    for lengths, _ in _length_chunks(payload, count):
+        for length in lengths.tolist():
+            values.append(bytes(payload[at : at + length]))
+            at += length
     return values

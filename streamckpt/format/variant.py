@@ -21,12 +21,21 @@ from streamckpt.errors import ChecksumError, CorruptCheckpointError
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.varint import decode_varint, encode_varint
 
-__all__ = ["decode_variants", "encode_variants"]
+__all__ = ["decode_variants", "encode_variants", "min_variant_payload_size"]
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 # The smallest element: a one-byte varint (length 0) and its 4-byte checksum.
 _MIN_ELEMENT_BYTES = 5
+
+
+def min_variant_payload_size(count: int) -> int:
+    """Bytes at least taken by ``count`` elements.
+
+    Nothing follows the last element, so zero elements take zero bytes (what TF and we write
+    for an empty variant tensor).
+    """
+    return count * _MIN_ELEMENT_BYTES
 
 
 def encode_variants(values: Sequence[bytes]) -> tuple[bytes, int]:
@@ -55,9 +64,9 @@ def decode_variants(
     size = len(payload)
     if count < 0:
         raise CorruptCheckpointError(f"negative variant element count {count}")
-    if count * _MIN_ELEMENT_BYTES > size:
+    if min_variant_payload_size(count) > size:
         raise CorruptCheckpointError(
-            f"{count} variant elements need at least {count * _MIN_ELEMENT_BYTES} bytes,"
+            f"{count} variant elements need at least {min_variant_payload_size(count)} bytes,"
             f" the payload has {size}"
         )
     values: list[bytes] = []
