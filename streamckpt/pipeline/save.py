@@ -12,7 +12,9 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +25,13 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from streamckpt.errors import CheckpointExistsError, StreamCkptError, unwrap_task_group
+from streamckpt.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    StorageError,
+    StreamCkptError,
+    unwrap_task_group,
+)
 from streamckpt.format.bundle import (
     BundleEntry,
     BundleHeader,
@@ -38,6 +46,9 @@ from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
 from streamckpt.storage.base import ShardWriter
+from streamckpt.storage.claim import Claim, claim_filename
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Payloads up to this size are copied into a shared write buffer instead of written alone.
@@ -188,18 +199,64 @@ async def write_bundle(
     max_concurrent_shards: int = DEFAULT_MAX_CONCURRENT_SHARDS,
     progress: ProgressCallback | None = None,
 ) -> SaveInfo:
-    """Execute a save plan and commit the index. The executor behind :func:`save`."""
+    """Execute a save plan and commit the index. The executor behind :func:`save`.
+
+    The whole save runs under the prefix's claim (``storage.claim``), renewed beside it:
+    no other save writes these names meanwhile, and a second one fails fast.
+    """
     started = time.perf_counter()
-    phases: dict[str, float] = {}
     if progress is not None:
         store.stats.on_bytes = progress  # byte counts as they reach the store
+    if not overwrite:
+        await _refuse_existing(
+            store, prefix_path
+        )  # before touching anything; again under the claim
+    directory = store.dirname(prefix_path)
+    if directory:
+        await store.make_dirs(directory)
+    claim = await store.claim(claim_filename(prefix_path))
+    try:
+        with unwrap_task_group():
+            async with anyio.create_task_group() as guard:
+                guard.start_soon(claim.keep_alive)
+                info = await _write_claimed(
+                    store,
+                    prefix_path,
+                    prepared,
+                    plan,
+                    claim,
+                    overwrite=overwrite,
+                    chunk_bytes=chunk_bytes,
+                    max_concurrent_shards=max_concurrent_shards,
+                )
+                guard.cancel_scope.cancel()
+    finally:
+        await claim.release()  # shielded; never raises
+    return dataclasses.replace(info, seconds=time.perf_counter() - started)
+
+
+async def _write_claimed(
+    store: Store,
+    prefix_path: str,
+    prepared: Mapping[bytes, PreparedTensor],
+    plan: SavePlan,
+    claim: Claim,
+    *,
+    overwrite: bool,
+    chunk_bytes: int,
+    max_concurrent_shards: int,
+) -> SaveInfo:
+    """The save itself, its prefix claimed: shards, their check, the commit, the clean-up."""
+    phases: dict[str, float] = {}
     index_path = index_filename(prefix_path)
     index_uri = store.uri(index_path)
+    directory = store.dirname(prefix_path)
+    # checked under the claim: a save that committed just before we claimed is seen here
     replacing = await store.exists(index_path)
     if replacing and not overwrite:
-        raise CheckpointExistsError(
-            "a checkpoint already exists at this prefix (pass overwrite=True)", uri=index_uri
-        )
+        await _refuse_existing(store, prefix_path)
+    name = prefix_path.replace("\\", "/").rsplit("/", 1)[-1]
+    await store.reclaim(directory, name, committed=replacing)
     # Replacing a checkpoint: where the store can rename, the new shards are staged under
     # temporary names, so that a failed save leaves the old checkpoint whole. Elsewhere the old
     # index goes first (its data files are about to be rewritten in place): a failed save then
@@ -207,74 +264,31 @@ async def write_bundle(
     staged = replacing and store.supports_rename
     if replacing and not staged:
         await store.delete([index_path])
-    directory = store.dirname(prefix_path)
-    if directory:
-        await store.make_dirs(directory)
     final_paths = [
         data_filename(prefix_path, shard_id, plan.num_shards) for shard_id in range(plan.num_shards)
     ]
     suffix = f".tmp-{secrets.token_hex(6)}"
     shard_paths = [p + suffix for p in final_paths] if staged else final_paths
-    crcs: dict[bytes, int] = {}
-    sizes = [plan.shard_bytes(shard_id) for shard_id in range(plan.num_shards)]
-    # A shard streams while it holds one of `writers`: the store planned its memory for that
-    # many. Once every byte of it is sent, what is left of its commit (an S3 complete, a GCS
-    # compose) is the server's work, and the next shard starts streaming meanwhile.
-    writers = anyio.CapacityLimiter(min(max_concurrent_shards, store.plan_writers(sizes)))
-    threads = anyio.CapacityLimiter(2 * writers.total_tokens)
     committed = False
     try:
         t0 = time.perf_counter()
-
-        async def run_shard(shard_id: int) -> None:
-            path = shard_paths[shard_id]
-
-            def stream(writer: ShardWriter) -> ShardResult:
-                return _stream_shard(
-                    writer,
-                    plan.shards[shard_id],
-                    prepared,
-                    chunk_bytes,
-                    store.reports_crc32c,
-                )
-
-            # The writer's thread takes the slot itself (stream_into), so no slot is ever held
-            # while waiting for a thread: threads waiting to take a slot back (an upload started
-            # over after a failed complete) cannot starve the shards that hold one.
-            slot = _WriterSlot(writers)
-            write = functools.partial(store.write_object, chunk_bytes=chunk_bytes, slot=slot)
-            try:
-                result = await anyio.to_thread.run_sync(write, path, stream, limiter=threads)
-            finally:
-                slot.release()
-            await store.verify_upload(path, size=result.size, crc32c=result.shard_crc)
-            crcs.update(result.tensor_crcs)
-
-        with unwrap_task_group():
-            async with anyio.create_task_group() as tg:
-                for shard_id in range(plan.num_shards):
-                    tg.start_soon(run_shard, shard_id)
+        results = await _write_shards(
+            store,
+            shard_paths,
+            prepared,
+            plan,
+            chunk_bytes=chunk_bytes,
+            max_concurrent_shards=max_concurrent_shards,
+        )
         phases["write_shards"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        header = BundleHeader(num_shards=plan.num_shards)
-        entries = []
-        for key, placement in sorted(plan.placements.items()):
-            tensor = prepared[key]
-            entries.append(
-                (
-                    key,
-                    BundleEntry(
-                        dtype=tensor.dtype,
-                        shape=tensor.shape,
-                        shard_id=placement.shard_id,
-                        offset=placement.offset,
-                        size=placement.size,
-                        crc32c=crcs[key],
-                    ),
-                )
-            )
-        index_bytes = await anyio.to_thread.run_sync(encode_index, header, entries)
+        # Every shard still there, whole, right before the commit (a store that restarted and
+        # lost them must fail the save, not acknowledge an index without data): one metadata
+        # request per shard, all at once.
+        await _verify_shards(store, shard_paths, results)
+        crcs = {key: crc for result in results for key, crc in result.tensor_crcs.items()}
+        index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
         if staged:
             # the old index goes, then the staged shards take their final names
             await store.delete([index_path])
@@ -283,17 +297,32 @@ async def write_bundle(
             shard_paths = final_paths
         if directory:
             await store.sync_dir(directory)  # shard names durable before the index appears
-        await store.write_atomic(index_path, index_bytes, exclusive=not overwrite)
+        await claim.confirm()
+        try:
+            await store.write_atomic(index_path, index_bytes, exclusive=not overwrite)
+        except BaseException as exc:
+            # A failure may come after the commit point (the index linked, then the
+            # directory's fsync failed), or the store may have lost its answer. An index that
+            # is there and ours points at our shards: they stay, and the error says so.
+            with anyio.CancelScope(shield=True):
+                committed = await _index_is_ours(store, index_path, index_bytes)
+            if committed and isinstance(exc, Exception):
+                raise _committed_but(exc, index_uri) from exc
+            raise
         committed = True
         INDEX_CACHE.invalidate_uri(index_uri)  # a cached index of an overwritten checkpoint
         phases["commit_index"] = time.perf_counter() - t0
     finally:
         with anyio.CancelScope(shield=True):
-            if not committed:
-                await store.delete(shard_paths)
+            # A save that lost its claim deletes nothing: those names are the new holder's.
+            if not committed and not claim.lost:
+                await _delete_quietly(store, shard_paths)
             await store.drain()
     if replacing:
-        await _remove_other_shard_counts(store, prefix_path, plan.num_shards)
+        try:
+            await _remove_other_shard_counts(store, prefix_path, plan.num_shards)
+        except StreamCkptError as exc:
+            raise _committed_but(exc, index_uri) from exc
     return SaveInfo(
         prefix=store.uri(prefix_path),
         num_shards=plan.num_shards,
@@ -301,14 +330,142 @@ async def write_bundle(
         bytes_written=sum(t.size for t in prepared.values()),
         index_bytes=len(index_bytes),
         files=(*(store.uri(p) for p in shard_paths), index_uri),
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         seconds_by_phase=phases,
         stats=store.stats.snapshot(),
     )
 
 
+async def _refuse_existing(store: Store, prefix_path: str) -> None:
+    index_path = index_filename(prefix_path)
+    if await store.exists(index_path):
+        raise CheckpointExistsError(
+            "a checkpoint already exists at this prefix (pass overwrite=True)",
+            uri=store.uri(index_path),
+        )
+
+
+async def _write_shards(
+    store: Store,
+    shard_paths: Sequence[str],
+    prepared: Mapping[bytes, PreparedTensor],
+    plan: SavePlan,
+    *,
+    chunk_bytes: int,
+    max_concurrent_shards: int,
+) -> list[ShardResult]:
+    """Stream every shard of the plan, concurrently; what each one produced, in shard order."""
+    sizes = [plan.shard_bytes(shard_id) for shard_id in range(plan.num_shards)]
+    # A shard streams while it holds one of `writers`: the store planned its memory for that
+    # many. Once every byte of it is sent, what is left of its commit (an S3 complete, a GCS
+    # compose) is the server's work, and the next shard starts streaming meanwhile.
+    writers = anyio.CapacityLimiter(min(max_concurrent_shards, store.plan_writers(sizes)))
+    threads = anyio.CapacityLimiter(2 * writers.total_tokens)
+    results: list[ShardResult | None] = [None] * plan.num_shards
+
+    async def run_shard(shard_id: int) -> None:
+        path = shard_paths[shard_id]
+
+        def stream(writer: ShardWriter) -> ShardResult:
+            return _stream_shard(
+                writer, plan.shards[shard_id], prepared, chunk_bytes, store.reports_crc32c
+            )
+
+        # The writer's thread takes the slot itself (stream_into), so no slot is ever held
+        # while waiting for a thread: threads waiting to take a slot back (an upload started
+        # over after a failed complete) cannot starve the shards that hold one.
+        slot = _WriterSlot(writers)
+        write = functools.partial(store.write_object, chunk_bytes=chunk_bytes, slot=slot)
+        try:
+            results[shard_id] = await anyio.to_thread.run_sync(write, path, stream, limiter=threads)
+        except StreamCkptError as exc:
+            raise exc.with_context(shard=shard_id) from None
+        finally:
+            slot.release()
+
+    with unwrap_task_group():
+        async with anyio.create_task_group() as tg:
+            for shard_id in range(plan.num_shards):
+                tg.start_soon(run_shard, shard_id)
+    return [result for result in results if result is not None]
+
+
+async def _verify_shards(
+    store: Store, shard_paths: Sequence[str], results: Sequence[ShardResult]
+) -> None:
+    async def verify(shard_id: int) -> None:
+        result = results[shard_id]
+        try:
+            await store.verify_upload(
+                shard_paths[shard_id], size=result.size, crc32c=result.shard_crc
+            )
+        except StreamCkptError as exc:
+            raise exc.with_context(shard=shard_id) from None
+
+    with unwrap_task_group():
+        async with anyio.create_task_group() as tg:
+            for shard_id in range(len(shard_paths)):
+                tg.start_soon(verify, shard_id)
+
+
+def _encode_index(
+    prepared: Mapping[bytes, PreparedTensor], plan: SavePlan, crcs: Mapping[bytes, int]
+) -> bytes:
+    entries = []
+    for key, placement in sorted(plan.placements.items()):
+        tensor = prepared[key]
+        entry = BundleEntry(
+            dtype=tensor.dtype,
+            shape=tensor.shape,
+            shard_id=placement.shard_id,
+            offset=placement.offset,
+            size=placement.size,
+            crc32c=crcs[key],
+        )
+        entries.append((key, entry))
+    return encode_index(BundleHeader(num_shards=plan.num_shards), entries)
+
+
+async def _index_is_ours(store: Store, index_path: str, index_bytes: bytes) -> bool:
+    """After a failed index write: whether the index is there with our bytes (committed).
+
+    When the store cannot say, the answer is yes: shards kept that no index points to are
+    reclaimed by the next save of the prefix, shards deleted under a visible index are lost.
+    """
+    try:
+        return await store.read_all(index_path) == index_bytes
+    except CheckpointNotFoundError:
+        return False
+    except StreamCkptError:
+        return True
+
+
+def _committed_but(exc: Exception, index_uri: str) -> StorageError:
+    """The error of a save that failed after its commit point: the checkpoint stays whole."""
+    message = exc.message if isinstance(exc, StreamCkptError) else repr(exc)
+    error = StorageError(
+        f"the checkpoint is committed and whole (its index and every shard are in place), "
+        f"but the save failed after its commit point: {message}",
+        uri=index_uri,
+    )
+    error.errno = exc.errno if isinstance(exc, OSError) else None
+    return error
+
+
+async def _delete_quietly(store: Store, paths: Sequence[str]) -> None:
+    """A failed save's clean-up: its own error is the one to report, not the clean-up's."""
+    try:
+        await store.delete(paths)
+    except StreamCkptError as exc:
+        logger.warning("a failed save could not remove its files (the next save will): %s", exc)
+
+
 async def _remove_other_shard_counts(store: Store, prefix_path: str, num_shards: int) -> None:
-    """After replacing a checkpoint with another shard count, its old data files are garbage."""
+    """After replacing a checkpoint, data files of other shard counts are garbage.
+
+    So are any staged shards or temporary parts left by crashed saves: under the claim, every
+    data file of the prefix that the new index does not name is one.
+    """
     directory = store.dirname(prefix_path)
     base = prefix_path.rsplit("/", 1)[-1] + ".data-"
     keep = f"-of-{num_shards:05d}"
@@ -317,7 +474,6 @@ async def _remove_other_shard_counts(store: Store, prefix_path: str, num_shards:
         for p in await store.list_dir(directory or ".")
         if (name := p.replace("\\", "/").rsplit("/", 1)[-1]).startswith(base)
         and not name.endswith(keep)
-        and ".tmp-" not in name
     ]
     if stale:
         await store.delete(stale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import errno
 import mmap
 import os
@@ -29,6 +30,7 @@ from streamckpt.errors import (
     StreamCkptError,
     TruncatedError,
 )
+from streamckpt.storage.claim import Claim, StoreClaim
 from streamckpt.storage.retry import StoreStats, http_status
 
 T = TypeVar("T")
@@ -235,6 +237,38 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def open_writer(self, path: str, *, chunk_bytes: int = 8 << 20) -> ShardWriter:
         """Called from a worker thread; may block."""
+
+    async def claim(self, path: str) -> Claim:
+        """Take the claim at ``path`` that makes a save its prefix's one writer.
+
+        Raises SaveInProgressError while another save holds it (see ``storage.claim``).
+        """
+        # Its requests are the claim's, not the save's: another statistics record, so that a
+        # save's byte counts and progress report its checkpoint alone.
+        unaccounted = copy.copy(self)
+        unaccounted.stats = StoreStats()
+        claim = StoreClaim(unaccounted, path)
+        await claim.take()
+        return claim
+
+    async def reclaim(self, directory: str, name: str, *, committed: bool) -> None:
+        """Remove what crashed saves of checkpoint ``name`` in ``directory`` left behind.
+
+        Called by a save that holds the prefix's claim, so no other save is writing these:
+        staged shards and temporary parts (``.tmp-``, ``.part-``), index temp files, and,
+        where no index is ``committed``, every data file of the name (no index points to it).
+        """
+        shards = f"{name}.data-"
+        temps = f".{name}.index.tmp-"
+        garbage = []
+        for path in await self.list_dir(directory or "."):
+            base = path.replace("\\", "/").rsplit("/", 1)[-1]
+            if base.startswith(temps) or (
+                base.startswith(shards) and (not committed or ".tmp-" in base or ".part-" in base)
+            ):
+                garbage.append(path)
+        if garbage:
+            await self.delete(garbage)
 
     @abc.abstractmethod
     async def delete(self, paths: Sequence[str]) -> None:

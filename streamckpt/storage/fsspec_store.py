@@ -159,8 +159,6 @@ class FsspecStore(Store):
         self._parts_in_flight = DEFAULT_PARTS_IN_FLIGHT  # until plan_writers shares the budget
         if self._parallel_parts:
             self.shard_bytes = AUTO_SHARD_BYTES
-        # what the store answered about objects just committed (GCS), for verify_upload
-        self._landed: dict[str, dict[str, Any]] = {}
         # clean-up that commits left running on fsspec's loop (GCS's temporary parts), for drain
         self._background: list[concurrent.futures.Future[None]] = []
 
@@ -365,11 +363,7 @@ class FsspecStore(Store):
 
         def attempt() -> T:
             if self._parallel_parts:  # its requests take slots and signal the limit themselves
-                writer = self._new_writer(path)
-                result = stream_into(writer, stream, slot)
-                if (landed := getattr(writer, "landed", None)) is not None:
-                    self._landed[path] = landed
-                return result
+                return stream_into(self._new_writer(path), stream, slot)
             # The whole upload holds a slot of the adaptive limit, like any other request, so
             # that throttled uploads shrink the concurrency of everything else on this store.
             token = object()
@@ -400,14 +394,14 @@ class FsspecStore(Store):
         )
 
     async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:
-        """Compare an uploaded object with what we streamed.
+        """Compare an uploaded object, as the store has it now, with what we streamed.
 
         Its size always; and the store's own crc32c where it reports one (GCS does; S3 only
-        when asked for at upload time).
+        when asked for at upload time). One fresh metadata request, never an answer kept
+        from the upload: a save runs this right before its commit, to catch a store that lost
+        the object since (a server restarted).
         """
-        info = self._landed.pop(path, None)  # the commit's own answer: no request needed
-        if info is None:
-            info = await self._call(path, self._info, path)
+        info = await self._call(path, self._info, path)
         uri = self.uri(path)
         if int(info.get("size", -1)) != size:
             raise TruncatedError(

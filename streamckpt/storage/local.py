@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import errno
 import functools
+import logging
 import mmap
 import os
 import secrets
@@ -22,7 +23,12 @@ from typing import NoReturn
 import anyio.to_thread
 import numpy as np
 
-from streamckpt.errors import StorageError, TruncatedError
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+from streamckpt.errors import SaveInProgressError, StorageError, TruncatedError
 from streamckpt.storage.base import (
     Buffer,
     ByteBudget,
@@ -33,7 +39,10 @@ from streamckpt.storage.base import (
     fresh_buffer,
     map_errors,
 )
+from streamckpt.storage.claim import Claim, claim_record, describe_holder, parse_claim
 from streamckpt.storage.retry import StoreStats
+
+logger = logging.getLogger(__name__)
 
 _O_BINARY = getattr(os, "O_BINARY", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -176,8 +185,7 @@ class LocalShardWriter(ShardWriter):
 
     def _direct_off(self) -> bool:
         """Switch the file to cached writes; ``False`` if it was not in direct mode."""
-        import fcntl  # POSIX only, as O_DIRECT is
-
+        assert fcntl is not None  # POSIX only, as O_DIRECT is
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         if not flags & _O_DIRECT:
             return False
@@ -217,6 +225,73 @@ class LocalShardWriter(ShardWriter):
         if self._staging is not None:
             del self._stage
             self._staging = self._spare = None
+
+
+class LocalClaim(Claim):
+    """The claim file of a prefix, locked with ``flock`` for as long as the save runs.
+
+    The lock is the claim (see ``streamckpt.storage.claim``): the kernel drops it when the
+    process dies, so a crashed save's claim file is simply locked by the next save. The
+    record inside only names the holder in messages.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        super().__init__(path)
+        self._path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, path: str) -> LocalClaim:
+        """Lock the claim file, or raise SaveInProgressError naming its holder."""
+        for _ in range(8):
+            fd = open_for_writing(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held = parse_claim(os.pread(fd, 4096, 0))
+                    raise SaveInProgressError(
+                        f"another save of this prefix is running ({describe_holder(held)})",
+                        uri=path,
+                    ) from None
+                # The lock is on this inode: it must still be the one at `path` (a holder
+                # removes its file when it is done, before it unlocks).
+                if not _same_file(fd, path):
+                    _close_quietly(fd)
+                    continue
+                record = claim_record(secrets.token_hex(16), lease_s=0.0)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, record, 0)
+            except BaseException:
+                _close_quietly(fd)
+                raise
+            return cls(path, fd)
+        raise SaveInProgressError("other saves keep taking this prefix's claim", uri=path)
+
+    async def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+
+        def work() -> None:
+            failure = _unlink_twice(self._path)  # removed while still locked, then unlocked
+            _close_quietly(fd)
+            if failure is not None:
+                logger.warning(
+                    "could not remove the claim file %s (harmless): %s", self._path, failure
+                )
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(work)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        at_path = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 class LocalStore(Store):
@@ -327,6 +402,18 @@ class LocalStore(Store):
 
     def open_writer(self, path: str, *, chunk_bytes: int = 8 << 20) -> ShardWriter:
         return LocalShardWriter(path, self.stats, staging=chunk_bytes)
+
+    async def claim(self, path: str) -> Claim:
+        if fcntl is None:  # no flock here: a create-only file with a lease, as on object stores
+            return await super().claim(path)
+        with map_errors(path):
+            return await anyio.to_thread.run_sync(LocalClaim.take, path)
+
+    async def verify_upload(self, path: str, *, size: int, crc32c: int | None) -> None:
+        """The file is still there with the size written (its bytes were fsync'd)."""
+        found = await self.size(path)
+        if found != size:
+            raise TruncatedError(f"the file has {found} bytes, {size} were written", uri=path)
 
     async def delete(self, paths: Sequence[str]) -> None:
         def work() -> None:
