@@ -68,7 +68,7 @@ _LAZY = {
     "identity_map": "streamckpt.naming",
     "lookup_map": "streamckpt.naming",
     "unflatten": "streamckpt.naming",
-    "clear_index_cache": "streamckpt.pipeline.cache",
+    "clear_index_cache": "streamckpt.pipeline.index",
 }
 
 

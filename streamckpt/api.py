@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -63,6 +64,32 @@ async def save(
 
 # Errors a stale cached index would cause; the read is retried once on a fresh index.
 _STALE = (CheckpointNotFoundError, CorruptCheckpointError)
+_T = TypeVar("_T")
+
+
+async def _read_with_fresh_retry(
+    opener: Callable[..., contextlib.AbstractAsyncContextManager[CheckpointReader]],
+    work: Callable[[CheckpointReader], Awaitable[_T]],
+    *,
+    stats: dict[str, float] | None,
+) -> _T:
+    """Run ``work`` on a checkpoint that ``opener(use_cache=...)`` opens.
+
+    If the index came from the cache and the read fails as a stale index would (a shard
+    missing, a checksum wrong: the checkpoint was rewritten elsewhere), ``work`` runs once
+    more on an index read afresh.
+    """
+    for use_cache in (True, False):
+        async with opener(use_cache=use_cache) as reader:
+            try:
+                return await work(reader)
+            except _STALE:
+                if not reader.from_cache:
+                    raise
+            finally:
+                if stats is not None:
+                    stats.update(reader.stats)
+    raise AssertionError("unreachable: the second pass does not use the cache")
 
 
 @contextlib.asynccontextmanager
@@ -110,25 +137,20 @@ async def load(
     bytes, retries, throttles and seconds per phase.
     """
     wanted = None if names is None else list(names)
-    for use_cache in (True, False):
-        async with open(
-            prefix,
-            load_index=wanted is None,
-            storage_options=storage_options,
-            filesystem=filesystem,
-            max_inflight_bytes=max_inflight_bytes,
-            progress=progress,
-            use_cache=use_cache,
-        ) as reader:
-            try:
-                return await reader.read_many(list(reader.entries) if wanted is None else wanted)
-            except _STALE:
-                if not reader.from_cache:
-                    raise
-            finally:
-                if stats is not None:
-                    stats.update(reader.stats)
-    raise AssertionError("unreachable: the second pass does not use the cache")
+
+    async def read(reader: CheckpointReader) -> dict[str, np.ndarray[Any, Any]]:
+        return await reader.read_many(list(reader.entries) if wanted is None else wanted)
+
+    opener = functools.partial(
+        open,
+        prefix,
+        load_index=wanted is None,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
+        progress=progress,
+    )
+    return await _read_with_fresh_retry(opener, read, stats=stats)
 
 
 async def read_tensor(
@@ -141,20 +163,11 @@ async def read_tensor(
     stats: dict[str, float] | None = None,
 ) -> np.ndarray[Any, Any]:
     """One tensor, fetching only the index pieces and byte ranges it needs."""
-    for use_cache in (True, False):
-        async with open(
-            prefix,
-            load_index=False,
-            storage_options=storage_options,
-            filesystem=filesystem,
-            use_cache=use_cache,
-        ) as reader:
-            try:
-                return await reader.read(name, index=index)
-            except _STALE:
-                if not reader.from_cache:
-                    raise
-            finally:
-                if stats is not None:
-                    stats.update(reader.stats)
-    raise AssertionError("unreachable: the second pass does not use the cache")
+
+    async def read(reader: CheckpointReader) -> np.ndarray[Any, Any]:
+        return await reader.read(name, index=index)
+
+    opener = functools.partial(
+        open, prefix, load_index=False, storage_options=storage_options, filesystem=filesystem
+    )
+    return await _read_with_fresh_retry(opener, read, stats=stats)

@@ -15,17 +15,20 @@ from typing import Any, cast
 
 from google.protobuf.message import DecodeError
 
-from streamckpt.errors import CorruptCheckpointError, UnsupportedError
+from streamckpt.errors import CorruptCheckpointError, TruncatedError, UnsupportedError
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, to_datatype
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.strings import min_string_payload_size
 from streamckpt.format.table import (
     FOOTER_SIZE,
+    BlockHandle,
+    IndexBlock,
     TableWriter,
     decode_block,
     decode_footer,
     decode_index_block,
     iter_data_block,
+    lookup_in_block,
 )
 from streamckpt.format.variant import min_variant_payload_size
 from streamckpt.format.varint import decode_varint
@@ -89,6 +92,21 @@ def decode_header(value: bytes | memoryview) -> BundleHeader:
         min_consumer=version.min_consumer,
         bad_consumers=tuple(version.bad_consumers),
     )
+
+
+def header_block(index: IndexBlock) -> BlockHandle:
+    """The data block that holds the bundle header: the first one."""
+    if not index.handles:
+        raise CorruptCheckpointError("index has no data blocks, so no bundle header")
+    return index.handles[0]
+
+
+def header_in_block(block: bytes | memoryview, *, offset: int) -> BundleHeader:
+    """The bundle header, from the (verified) first data block at ``offset``."""
+    value = lookup_in_block(block, HEADER_KEY, offset=offset)
+    if value is None:
+        raise CorruptCheckpointError("index has no bundle header", offset=offset)
+    return decode_header(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +311,20 @@ def _check_extent(entry: BundleEntry, num_shards: int | None) -> None:
             f"entry size {entry.size} is too small for {count} {entry.dtype.name} elements",
             shard=entry.shard_id,
             offset=entry.offset,
+        )
+
+
+def check_within_shard(*, shard_id: int, offset: int, size: int, shard_size: int) -> None:
+    """Refuse an extent that runs past the end of its shard file.
+
+    The caller gets ``shard_size`` from the store and checks before it allocates a buffer of
+    ``size`` bytes: an index must not make us allocate what it merely claims.
+    """
+    if offset + size > shard_size:
+        raise TruncatedError(
+            f"tensor needs bytes up to {offset + size} but the shard has {shard_size}",
+            shard=shard_id,
+            offset=offset,
         )
 
 

@@ -88,6 +88,30 @@ def decode_footer(tail: bytes | memoryview, *, file_size: int) -> Footer:
     return Footer(metaindex, index)
 
 
+def table_size_from_tail(tail: bytes | memoryview) -> int | None:
+    """The size of a table file from its last bytes alone, or None when they cannot tell.
+
+    For a backend that reads a suffix without saying the file's size. TensorFlow's writer and
+    ours put the footer right after the index block, so the size is where that block ends
+    plus 48. The guess is kept only if the index block's checksum holds at the position it
+    implies; anything else returns None, and the caller asks the store.
+    """
+    try:
+        footer = decode_footer(tail[-FOOTER_SIZE:], file_size=1 << 62)
+    except CorruptCheckpointError:
+        return None
+    guess = footer.index.end_with_trailer + FOOTER_SIZE
+    tail_start = guess - len(tail)
+    if tail_start < 0 or footer.index.offset < tail_start:
+        return None
+    base = footer.index.offset - tail_start
+    try:
+        decode_block(memoryview(tail)[base : base + footer.index.size + TRAILER_SIZE], offset=0)
+    except CorruptCheckpointError:
+        return None
+    return guess
+
+
 def encode_block_trailer(stored: bytes, compression: int) -> bytes:
     type_byte = bytes((compression,))
     return type_byte + encode_fixed32(mask(crc32c(type_byte, crc32c(stored))))

@@ -1,5 +1,9 @@
 """Read: open (one ranged read of the index tail) -> plan -> coalesce -> fetch -> verify.
 
+This module only runs plans: every judgement of bytes and entries (sizes, shapes, dtypes,
+slices, checksums) is a pure function of :mod:`streamckpt.format`, called here with what the
+reads returned, and its error gets the URI, tensor and shard added here.
+
 Opening costs one suffix read of the .index file, which usually holds the footer, the index
 block and, for small checkpoints, every data block too. Looking up one tensor in a huge index
 then costs one more read (its data block); ``load_index`` fetches all data blocks at once.
@@ -12,11 +16,10 @@ offset.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -24,26 +27,27 @@ import numpy as np
 
 from streamckpt.errors import (
     CheckpointNotFoundError,
-    CorruptCheckpointError,
     StreamCkptError,
     TensorNotFoundError,
-    TruncatedError,
     unwrap_task_group,
 )
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
     BundleHeader,
+    check_within_shard,
     data_filename,
     decode_entry,
-    decode_header,
     decode_records,
+    header_block,
+    header_in_block,
     index_filename,
     key_to_name,
     name_to_key,
 )
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
-from streamckpt.format.slices import TensorSlice, encode_slice_key, is_slice_key
+from streamckpt.format.partitioned import check_piece, check_tiling, piece_keys, tensor_keys
+from streamckpt.format.slices import TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,
     BlockHandle,
@@ -52,10 +56,11 @@ from streamckpt.format.table import (
     decode_footer,
     decode_index_block,
     lookup_in_block,
+    table_size_from_tail,
 )
-from streamckpt.pipeline.cache import INDEX_CACHE
+from streamckpt.pipeline.index import INDEX_CACHE, IndexState
 from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
-from streamckpt.pipeline.region import Region, UnsupportedIndexError, plan_region
+from streamckpt.pipeline.region import Region, plan_region
 from streamckpt.pipeline.tensors import decode_payload
 from streamckpt.storage import ByteRange, Store
 
@@ -115,29 +120,6 @@ def _info(key: bytes, entry: BundleEntry) -> TensorInfo:
     )
 
 
-@dataclass(slots=True)
-class IndexState:
-    """What a reader knows of one index.
-
-    Shared by every reader of the same checkpoint through the index cache, so that repeated
-    reads cost only their data requests.
-    """
-
-    index: IndexBlock
-    index_size: int
-    tail: bytes
-    version: object = None
-    header: BundleHeader | None = None
-    blocks: dict[int, bytes | memoryview] = field(default_factory=dict)
-    entries: dict[bytes, BundleEntry] | None = None
-    lookups: dict[bytes, BundleEntry | None] = field(default_factory=dict)
-    shard_sizes: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def tail_start(self) -> int:
-        return self.index_size - len(self.tail)
-
-
 class CheckpointReader:
     """An open checkpoint. Create with :func:`open_reader`; entries may load lazily."""
 
@@ -150,6 +132,9 @@ class CheckpointReader:
         self.from_cache = False
         self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
         self.seconds_by_phase: dict[str, float] = {}
+        # ``entries`` built once per decoded entries dict (checked by identity: the shared
+        # state may load its entries after this reader was made)
+        self._entries_view: tuple[dict[bytes, BundleEntry], dict[str, TensorInfo]] | None = None
 
     def _timed(self, phase: str, seconds: float) -> None:
         self.seconds_by_phase[phase] = self.seconds_by_phase.get(phase, 0.0) + seconds
@@ -172,14 +157,9 @@ class CheckpointReader:
     async def read_header(self) -> BundleHeader:
         """The bundle header: the first record of the first data block."""
         if self._s.header is None:
-            if not self._s.index.handles:
-                raise CorruptCheckpointError("index has no data blocks, so no bundle header")
-            first = self._s.index.handles[0]
+            first = header_block(self._s.index)
             block = await self._block(first)
-            value = lookup_in_block(block, HEADER_KEY, offset=first.offset)
-            if value is None:
-                raise CorruptCheckpointError("index has no bundle header", offset=first.offset)
-            self._s.header = decode_header(value)
+            self._s.header = header_in_block(block, offset=first.offset)
         return self._s.header
 
     @property
@@ -220,12 +200,19 @@ class CheckpointReader:
 
     @property
     def entries(self) -> dict[str, TensorInfo]:
-        """Every tensor by name (slice pieces of partitioned tensors are left out)."""
-        if self._s.entries is None:
+        """Every tensor by name (the pieces of partitioned tensors are left out).
+
+        Built on first access and then returned as is, so a caller looking up many names
+        pays for the dict once; treat it as read-only.
+        """
+        decoded = self._s.entries
+        if decoded is None:
             raise RuntimeError("the index is not loaded; open with load_index=True")
-        return {
-            key_to_name(k): _info(k, e) for k, e in self._s.entries.items() if not is_slice_key(k)
-        }
+        view = self._entries_view
+        if view is None or view[0] is not decoded:
+            infos = {key_to_name(k): _info(k, decoded[k]) for k in tensor_keys(decoded)}
+            view = self._entries_view = (decoded, infos)
+        return view[1]
 
     async def _block(self, handle: BlockHandle) -> bytes | memoryview:
         block = self._s.blocks.get(handle.offset)
@@ -274,6 +261,7 @@ class CheckpointReader:
         return found
 
     async def info(self, name: str | bytes) -> TensorInfo:
+        """What the index says about one tensor (one block read at most when not loaded)."""
         key = name_to_key(name)
         return _info(key, await self.entry(key))
 
@@ -291,14 +279,14 @@ class CheckpointReader:
             if size is None:
                 size = await self.store.size(self.shard_path(p.shard_id))
                 self._s.shard_sizes[p.shard_id] = size
-            if p.offset + p.size > size:
-                raise TruncatedError(
-                    f"tensor needs bytes up to {p.offset + p.size} but the shard has {size}",
-                    uri=self.store.uri(self.shard_path(p.shard_id)),
-                    tensor=key_to_name(p.key),
-                    shard=p.shard_id,
-                    offset=p.offset,
+            try:
+                check_within_shard(
+                    shard_id=p.shard_id, offset=p.offset, size=p.size, shard_size=size
                 )
+            except StreamCkptError as exc:
+                raise exc.with_context(
+                    uri=self.store.uri(self.shard_path(p.shard_id)), tensor=key_to_name(p.key)
+                ) from None
 
     async def _fetch_groups(
         self, groups: Sequence[ReadGroup], plain: Mapping[bytes, BundleEntry]
@@ -382,26 +370,20 @@ class CheckpointReader:
             if not entry.slices:
                 plain[key] = entry
                 continue
-            _check_cover(key, entry, self.uri)
+            try:
+                check_tiling(entry.shape, entry.slices)
+            except StreamCkptError as exc:
+                raise exc.with_context(uri=self.uri, tensor=key_to_name(key)) from None
             pieces[key] = []
-            for piece in entry.slices:
-                piece_key = encode_slice_key(key, piece)
+            for piece, piece_key in piece_keys(key, entry):
                 try:
-                    piece_entry = await self.entry(piece_key)
+                    found: BundleEntry | None = await self.entry(piece_key)
                 except TensorNotFoundError:
-                    raise CorruptCheckpointError(
-                        "a slice of a partitioned tensor is missing from the index",
-                        uri=self.uri,
-                        tensor=key_to_name(key),
-                    ) from None
-                if piece_entry.dtype != entry.dtype or piece_entry.shape != piece.shape_in(
-                    entry.shape
-                ):
-                    raise CorruptCheckpointError(
-                        "a slice's dtype or shape disagrees with its partitioned tensor",
-                        uri=self.uri,
-                        tensor=key_to_name(key),
-                    )
+                    found = None
+                try:
+                    piece_entry = check_piece(entry, piece, found)
+                except StreamCkptError as exc:
+                    raise exc.with_context(uri=self.uri, tensor=key_to_name(key)) from None
                 plain[piece_key] = piece_entry
                 pieces[key].append((piece, piece_key))
         return plain, pieces
@@ -456,10 +438,7 @@ class CheckpointReader:
         entry = await self.entry(key)
         region = None
         if not entry.slices and is_fixed_size(entry.dtype):
-            try:
-                region = plan_region(entry.shape, itemsize(entry.dtype), index)
-            except UnsupportedIndexError:
-                region = None
+            region = plan_region(entry.shape, itemsize(entry.dtype), index)
         if region is None:
             whole = (await self.read_many([key]))[key_to_name(key)]
             return np.array(whole[index], copy=True)
@@ -502,44 +481,6 @@ class CheckpointReader:
         self._s.blocks.clear()
 
 
-def _check_cover(key: bytes, entry: BundleEntry, uri: str) -> None:
-    """Slices must tile the tensor exactly: no gap, no overlap (TF refuses both).
-
-    Pieces inside the tensor whose volumes add up to the tensor's tile it exactly when no two
-    overlap. Partitions along one axis (what TF writes) are checked by sorting along it,
-    in O(n log n); pieces cut along several axes fall back to comparing every pair.
-    """
-    boxes = [piece.index_in(entry.shape) for piece in entry.slices]
-    total = sum(math.prod(s.stop - s.start for s in box) for box in boxes)
-    if total != math.prod(entry.shape):
-        problem = "overlapping" if total > math.prod(entry.shape) else "missing"
-        raise CorruptCheckpointError(
-            f"partitioned tensor's slices do not tile it ({problem} pieces)",
-            uri=uri,
-            tensor=key_to_name(key),
-        )
-    cut_axes = {
-        axis
-        for box in boxes
-        for axis, (part, size) in enumerate(zip(box, entry.shape, strict=True))
-        if (part.start, part.stop) != (0, size)
-    }
-    if len(cut_axes) <= 1:
-        axis = next(iter(cut_axes), 0)
-        ordered = sorted((box[axis].start, box[axis].stop) for box in boxes)
-        overlapping = any(b[0] < a[1] for a, b in itertools.pairwise(ordered))
-    else:
-        overlapping = any(
-            all(x.start < y.stop and y.start < x.stop for x, y in zip(a, b, strict=True))
-            for i, a in enumerate(boxes)
-            for b in boxes[i + 1 :]
-        )
-    if overlapping:
-        raise CorruptCheckpointError(
-            "partitioned tensor has overlapping slices", uri=uri, tensor=key_to_name(key)
-        )
-
-
 async def open_reader(
     store: Store,
     prefix_path: str,
@@ -550,7 +491,7 @@ async def open_reader(
 ) -> CheckpointReader:
     """Read the index's tail (footer, index block, often everything) and return a reader.
 
-    With ``use_cache`` an index opened before (see :mod:`streamckpt.pipeline.cache`) is reused
+    With ``use_cache`` an index opened before (see :mod:`streamckpt.pipeline.index`) is reused
     without any request.
     """
     started = time.perf_counter()
@@ -574,9 +515,7 @@ async def open_reader(
             "no checkpoint at this prefix (its .index is missing)", uri=uri
         ) from exc
     try:
-        if len(tail) < FOOTER_SIZE:
-            raise TruncatedError(f"index of {len(tail)} bytes is shorter than its footer")
-        size = known_size if known_size is not None else _infer_size(tail)
+        size = known_size if known_size is not None else table_size_from_tail(tail)
         if size is None:
             size = await store.size(index_path)
         footer = decode_footer(tail[-FOOTER_SIZE:], file_size=size)
@@ -611,26 +550,3 @@ def _first_block_span(index: IndexBlock) -> tuple[int, int]:
         return (0, 0)
     first = index.handles[0]
     return first.offset, first.end_with_trailer
-
-
-def _infer_size(tail: bytes) -> int | None:
-    """The index's size when the backend did not say, or None to ask it.
-
-    TensorFlow's writer and ours put the footer right after the index block, so the size is
-    where that block ends plus 48. The guess is kept only if the index block's checksum holds
-    at the position it implies; anything else falls back to asking the store.
-    """
-    try:
-        footer = decode_footer(tail[-FOOTER_SIZE:], file_size=1 << 62)
-    except StreamCkptError:
-        return None
-    guess = footer.index.end_with_trailer + FOOTER_SIZE
-    tail_start = guess - len(tail)
-    if tail_start < 0 or footer.index.offset < tail_start:
-        return None
-    base = footer.index.offset - tail_start
-    try:
-        decode_block(memoryview(tail)[base : base + footer.index.size + 5], offset=0)
-    except StreamCkptError:
-        return None
-    return guess

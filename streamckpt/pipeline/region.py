@@ -4,6 +4,10 @@ For a C-order tensor the elements of any box (a range per axis) lie between the 
 of its first and last corners. We fetch that one contiguous span, view it with the full
 tensor's strides (``as_strided``), and apply the remaining steps and integer picks in memory.
 A selection along the first axis, the common case, fetches exactly what it returns.
+
+Only basic indexing (ints, slices, Ellipsis) has such a plan; for anything else
+:func:`plan_region` returns None and the caller reads the whole tensor. Indexes numpy would
+refuse raise numpy's ``IndexError``, so that a partial read fails as indexing the array would.
 """
 
 from __future__ import annotations
@@ -13,10 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-
-class UnsupportedIndexError(Exception):
-    """The index is not basic indexing (ints, slices, Ellipsis); read the whole tensor."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +29,14 @@ class Region:
     result_shape: tuple[int, ...]
 
 
-def _normalize(index: Any, rank: int) -> list[Any]:
+def _normalize(index: Any, rank: int) -> list[Any] | None:
+    """One item per axis, or None when ``index`` is not basic indexing."""
     items = list(index) if isinstance(index, tuple) else [index]
     for item in items:
         if item is not Ellipsis and not isinstance(item, slice | int | np.integer):
-            raise UnsupportedIndexError(f"not basic indexing: {item!r}")
+            return None
         if isinstance(item, bool | np.bool_):
-            raise UnsupportedIndexError("boolean index")
+            return None
     if items.count(Ellipsis) > 1:
         raise IndexError("an index can only have a single ellipsis")
     if Ellipsis in items:
@@ -47,8 +48,11 @@ def _normalize(index: Any, rank: int) -> list[Any]:
     return items + [slice(None)] * (rank - len(items))
 
 
-def plan_region(shape: tuple[int, ...], itemsize: int, index: Any) -> Region:
+def plan_region(shape: tuple[int, ...], itemsize: int, index: Any) -> Region | None:
+    """The one byte span ``index`` needs and how to pick from it, or None if not basic."""
     items = _normalize(index, len(shape))
+    if items is None:
+        return None
     result_shape = np.broadcast_to(np.empty((), dtype=np.uint8), shape)[tuple(items)].shape
     strides = tuple(itemsize * math.prod(shape[d + 1 :]) for d in range(len(shape)))
     lows: list[int] = []
