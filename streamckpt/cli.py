@@ -123,8 +123,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     with sync.open(args.prefix) as ckpt:
-        reader = ckpt._reader
-        header = reader.header
+        header = ckpt.header
         per_shard: dict[int, int] = {}
         for entry in ckpt.entries.values():
             per_shard[entry.shard] = per_shard.get(entry.shard, 0) + entry.size

@@ -21,31 +21,21 @@ Invariants:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import functools
 import inspect
 import logging
-import math
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Literal,
-    Protocol,
-    SupportsFloat,
-    SupportsInt,
-    TypeVar,
-    overload,
-)
+from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt, overload
 
 import anyio
 
 from streamckpt import api
+from streamckpt.bridge import BlockingTwin, blocking_method, default_bridge
+from streamckpt.checkpoint import Checkpoint, SaveHandle, SyncCheckpoint
 from streamckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -60,10 +50,16 @@ from streamckpt.format.state import (
     encode_metrics,
     encode_state,
 )
+from streamckpt.retention import (
+    ManagedEntry,
+    basename,
+    best_paths,
+    is_absolute,
+    is_contained,
+    join_user,
+    plan_retention,
+)
 from streamckpt.storage import PathLike, Store, resolve
-
-if TYPE_CHECKING:
-    from streamckpt.checkpoint import SaveHandle
 
 __all__ = [
     "CheckpointManager",
@@ -74,7 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STATE_FILENAME = "checkpoint"
 # TensorFlow's text parser rejects unknown fields, so metrics cannot go into the state file.
@@ -88,8 +83,9 @@ class ManagedCheckpoint(Protocol):
     """What the manager needs of a checkpoint object (``streamckpt.Checkpoint`` has it).
 
     ``save`` counts ``save_counter`` up, stores it in the checkpoint and writes
-    ``<file_prefix>-<save_counter>``; ``write`` stores exactly ``file_prefix``; ``restore``
-    brings ``save_counter`` back, so later saves do not reuse names.
+    ``<file_prefix>-<checkpoint_number>`` (default: the new ``save_counter``), as TensorFlow's
+    manager does; ``restore`` brings ``save_counter`` back, so later saves do not reuse names.
+    Background saves (:meth:`CheckpointManager.save_async`) need a :class:`Checkpoint`.
     """
 
     @property
@@ -100,15 +96,7 @@ class ManagedCheckpoint(Protocol):
         file_prefix: str,
         /,
         *,
-        storage_options: dict[str, Any] | None = None,
-        filesystem: Any = None,
-    ) -> str: ...
-
-    async def write(
-        self,
-        file_prefix: str,
-        /,
-        *,
+        checkpoint_number: int | None = None,
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
     ) -> str: ...
@@ -129,95 +117,6 @@ class SkippedCheckpoint:
 
     path: str
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ManagedEntry:
-    """One checkpoint in the manager's active set; ``path`` as spelled in the state file."""
-
-    path: str
-    timestamp: float
-    metrics: Mapping[str, float] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionPlan:
-    """What a sweep does: paths to keep listed (oldest first), preserve unlisted, delete."""
-
-    kept: tuple[ManagedEntry, ...]
-    preserved: tuple[str, ...]
-    deleted: tuple[str, ...]
-    last_preserved_timestamp: float
-
-
-def best_paths(
-    entries: Sequence[ManagedEntry],
-    *,
-    best_metric: str | None,
-    mode: Literal["min", "max"],
-    keep_best: int,
-) -> set[str]:
-    """The ``keep_best`` best entries by ``best_metric``; ties go to the newer, NaN never ranks."""
-    if best_metric is None:
-        return set()
-    ranked: list[tuple[float, int, str]] = []
-    for order, entry in enumerate(entries):
-        value = (entry.metrics or {}).get(best_metric)
-        if value is None or math.isnan(value):
-            continue
-        ranked.append((value if mode == "min" else -value, -order, entry.path))
-    ranked.sort()
-    return {path for _, _, path in ranked[:keep_best]}
-
-
-def plan_retention(
-    entries: Sequence[ManagedEntry],
-    *,
-    max_to_keep: int | None,
-    keep_checkpoint_every_n_hours: float | None,
-    last_preserved_timestamp: float,
-    protected: set[str],
-) -> RetentionPlan:
-    """TensorFlow's sweep, with ``protected`` paths (the best ones) kept in the list.
-
-    The newest ``max_to_keep`` stay; each older one, oldest first, is kept if protected,
-    else preserved (dropped from the list, never deleted) when it is at least
-    ``keep_checkpoint_every_n_hours`` newer than the last preserved one, else deleted.
-    """
-    if not max_to_keep:
-        return RetentionPlan(tuple(entries), (), (), last_preserved_timestamp)
-    recent = {e.path for e in entries[-max_to_keep:]}
-    kept: list[ManagedEntry] = []
-    preserved: list[str] = []
-    deleted: list[str] = []
-    for entry in entries:
-        if entry.path in recent or entry.path in protected:
-            kept.append(entry)
-        elif keep_checkpoint_every_n_hours and (
-            entry.timestamp - keep_checkpoint_every_n_hours * 3600.0 >= last_preserved_timestamp
-        ):
-            last_preserved_timestamp = entry.timestamp
-            preserved.append(entry.path)
-        else:
-            deleted.append(entry.path)
-    return RetentionPlan(tuple(kept), tuple(preserved), tuple(deleted), last_preserved_timestamp)
-
-
-def _is_absolute(path: str) -> bool:
-    return "://" in path or path.startswith("/") or os.path.isabs(path)
-
-
-def _basename(path: str) -> str:
-    return path.replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def _join_user(directory: str, path: str, *, urls: bool) -> str:
-    """A state-file path as the caller spells paths: relative ones joined to the directory."""
-    if _is_absolute(path):
-        return path
-    if urls:
-        return directory.rstrip("/") + "/" + path
-    return os.path.join(directory, path)
 
 
 async def _read_optional(store: Store, path: str) -> bytes | None:
@@ -250,7 +149,7 @@ async def latest_checkpoint(
     except CorruptCheckpointError as exc:
         raise exc.with_context(uri=store.uri(store.join(path, STATE_FILENAME))) from None
     urls = filesystem is not None or "://" in text
-    return _join_user(text, state.model_checkpoint_path, urls=urls)
+    return join_user(text, state.model_checkpoint_path, urls=urls)
 
 
 _BROKEN = (CheckpointNotFoundError, CorruptCheckpointError)
@@ -277,13 +176,6 @@ def _broken_reason(exc: Exception) -> str:
     return f"{'missing' if issubclass(kind, CheckpointNotFoundError) else 'corrupt'}: {exc_text}"
 
 
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    # Imported here so that streamckpt.sync may import this module at its top.
-    from streamckpt.sync import run
-
-    return run(fn)
-
-
 def _read_step(counter: Callable[[], SupportsInt] | SupportsInt) -> int:
     return int(counter() if callable(counter) else counter)
 
@@ -307,7 +199,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        checkpoint: ManagedCheckpoint,
+        checkpoint: ManagedCheckpoint | SyncCheckpoint,
         directory: PathLike,
         *,
         max_to_keep: int | None = 5,
@@ -331,7 +223,10 @@ class CheckpointManager:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if keep_best < 1:
             raise ValueError(f"keep_best must be at least 1, got {keep_best}")
-        self._checkpoint = checkpoint
+        # A blocking face is driven through the async checkpoint it carries.
+        self._checkpoint: ManagedCheckpoint = (
+            checkpoint.checkpoint if isinstance(checkpoint, SyncCheckpoint) else checkpoint
+        )
         self._directory = os.fspath(directory)
         self._max_to_keep = max_to_keep
         self._keep_hours = keep_checkpoint_every_n_hours
@@ -391,14 +286,14 @@ class CheckpointManager:
             )
 
     def _user_path(self, path: str) -> str:
-        return _join_user(self._directory, path, urls=self._urls)
+        return join_user(self._directory, path, urls=self._urls)
 
     def _store_path(self, path: str) -> str:
         if "://" in path:
             return resolve(
                 path, storage_options=self._storage_options, filesystem=self._filesystem
             )[1]
-        if _is_absolute(path):
+        if is_absolute(path):
             return path
         return self._store.join(self._dir_path, path)
 
@@ -464,19 +359,32 @@ class CheckpointManager:
         )
         await self._store.write_atomic(self._state_path, encode_state(state), exclusive=False)
 
+    def _contained(self, path: str) -> bool:
+        """Whether a state-file path names a checkpoint in this manager's own directory."""
+        return is_contained(self._dir_path, self._store_path(path))
+
     async def _delete(self, paths: Sequence[str]) -> None:
-        """Remove checkpoints' files: every index first, then the data shards found by listing."""
-        if not paths:
+        """Remove checkpoints' files: every index first, then the data shards found by listing.
+
+        A path outside the manager's directory (a state file naming ``../x`` or another
+        absolute directory) is never deleted: logged and left alone.
+        """
+        outside = [p for p in paths if not self._contained(p)]
+        if outside:
+            logger.warning(
+                "not deleting %s: outside the manager's directory %s", outside, self._directory
+            )
+        prefixes = [self._store_path(p) for p in paths if p not in outside]
+        if not prefixes:
             return
-        prefixes = [self._store_path(p) for p in paths]
         await self._store.delete([index_filename(p) for p in prefixes])
         by_dir: dict[str, set[str]] = {}
         for prefix in prefixes:
-            by_dir.setdefault(self._store.dirname(prefix), set()).add(_basename(prefix))
+            by_dir.setdefault(self._store.dirname(prefix), set()).add(basename(prefix))
         shards: list[str] = []
         for directory, bases in by_dir.items():
             for listed in await self._store.list_dir(directory):
-                name = _basename(listed)
+                name = basename(listed)
                 match = _SHARD_SUFFIX.search(name)
                 if match is not None and name[: match.start()] in bases:
                     shards.append(listed)
@@ -523,47 +431,41 @@ class CheckpointManager:
         on the checkpoint's background thread, in that order, so a checkpoint is published
         only once committed and old ones go only after that. A save while another is in flight
         waits for it, or raises :class:`SaveInProgressError`, as the checkpoint's ``on_busy``
-        says. Needs a :class:`streamckpt.Checkpoint`.
+        says. Needs a :class:`streamckpt.Checkpoint`. A plain function, callable from sync
+        and async code alike (it blocks while it waits for a previous save).
         """
-        from streamckpt.checkpoint import Checkpoint
-
         checkpoint = self._checkpoint
         if not isinstance(checkpoint, Checkpoint):
             raise TypeError("save_async needs a streamckpt.Checkpoint to snapshot")
         if self._saving:
             raise SaveInProgressError("a save of this manager is already running")
-        previous = self._in_flight
-        if previous is not None and not previous.done():
-            if checkpoint._on_busy == "raise":
-                raise SaveInProgressError(f"a background save to {previous.path!r} is running")
-            concurrent.futures.wait([previous._future])  # its errors are its own
+        # The previous save's publication changes the view this one is planned from.
+        checkpoint.wait_for_save()
         if not self._loaded:
-            checkpoint._loop.submit(self.reload, label="reading the manager's state").result()
+            self._twin_run(self.reload)
         current_step = self._current_step(step)
         if not self._due(current_step, force):
             return None
         values = None if metrics is None else {str(k): float(v) for k, v in metrics.items()}
         path = self._next_path(step)
+        if path in self._broken:
+            self._twin_run(self._clear_broken, path)
 
-        async def before() -> None:
-            await self._clear_broken(path)
-
-        async def then() -> None:
+        async def record(_: str) -> None:
             await self._record(path, current_step, values)
 
-        handle = checkpoint._start(
-            self._user_path(self._name if step is None else path),
-            counted=step is None,
-            num_shards=None,
-            overwrite=False,
+        handle = checkpoint.save_async(
+            self._user_path(self._name),
+            checkpoint_number=None if step is None else int(step),
             storage_options=self._storage_options,
             filesystem=self._filesystem,
-            on_busy=None,
-            before=before,
-            then=then,
+            after_commit=record,
         )
         self._in_flight = handle
         return handle
+
+    def _twin_run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        return default_bridge.run(fn, *args)
 
     async def _background_done(self) -> None:
         """Wait for a :meth:`save_async` in flight; its errors are its handle's."""
@@ -608,20 +510,16 @@ class CheckpointManager:
         if not self._due(current_step, force):
             return None
         values = None if metrics is None else {str(k): float(v) for k, v in metrics.items()}
-        checkpoint = self._checkpoint
         path = self._next_path(step)
-        prefix = self._user_path(path)
         await self._clear_broken(path)
-        options: dict[str, Any] = {
-            "storage_options": self._storage_options,
-            "filesystem": self._filesystem,
-        }
-        if step is None:
-            await checkpoint.save(self._user_path(self._name), **options)
-        else:
-            await checkpoint.write(prefix, **options)
+        saved = await self._checkpoint.save(
+            self._user_path(self._name),
+            checkpoint_number=None if step is None else int(step),
+            storage_options=self._storage_options,
+            filesystem=self._filesystem,
+        )
         await self._record(path, current_step, values)
-        return prefix
+        return saved
 
     async def _record(
         self, path: str, current_step: int | None, values: dict[str, float] | None
@@ -639,9 +537,11 @@ class CheckpointManager:
             last_preserved_timestamp=self._last_preserved,
             protected=protected,
         )
+        deleted = set(plan.deleted)
         await self._publish(
             plan.kept,
-            metrics_of=[*self._entries, new],
+            # the deleted ones' metrics go with them; preserved ones keep theirs
+            metrics_of=[e for e in entries if e.path not in deleted],
             last_preserved_timestamp=plan.last_preserved_timestamp,
         )
         self._last_preserved = plan.last_preserved_timestamp
@@ -662,15 +562,15 @@ class CheckpointManager:
         before the state file was written.
         """
         pattern = re.compile(
-            re.escape(_basename(self._name)) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})$"
+            re.escape(basename(self._name)) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})$"
         )
         known = {e.path for e in self._entries} | {self._latest or ""}
-        latest_match = pattern.match(_basename(self._latest or "") + ".index")
+        latest_match = pattern.match(basename(self._latest or "") + ".index")
         newest_known = int(latest_match.group(1)) if latest_match else -1
         directory = self._store.dirname(self._store.join(self._dir_path, f"{self._name}-0"))
         has_index: dict[int, bool] = {}
         for listed in await self._store.list_dir(directory):
-            match = pattern.match(_basename(listed))
+            match = pattern.match(basename(listed))
             if match is not None:
                 number = int(match.group(1))
                 has_index[number] = has_index.get(number, False) or match.group(2) == ".index"
@@ -739,7 +639,10 @@ class CheckpointManager:
         candidates += [e.path for e in reversed(self._entries) if e.path != self._latest]
         restored: str | None = None
         for path in candidates:
-            reason = await self._verify(path)
+            if not self._contained(path):
+                reason: str | None = "outside the manager's directory: not restored"
+            else:
+                reason = await self._verify(path)
             if reason is None:
                 try:
                     await self._checkpoint.restore(
@@ -770,16 +673,17 @@ class CheckpointManager:
         return self._user_path(restored)
 
 
-class SyncCheckpointManager:
+class SyncCheckpointManager(BlockingTwin):
     """Blocking :class:`CheckpointManager` for sync training loops.
 
-    Reads the directory's state on construction, as TensorFlow's manager does. Each method
-    runs the async one to completion (``streamckpt.sync.run``); ``manager`` is the async one.
+    Reads the directory's state on construction, as TensorFlow's manager does. Every async
+    method has its twin here with the same parameters (``save`` adds ``blocking``);
+    ``manager`` is the async one.
     """
 
     def __init__(
         self,
-        checkpoint: ManagedCheckpoint,
+        checkpoint: ManagedCheckpoint | SyncCheckpoint,
         directory: PathLike,
         *,
         max_to_keep: int | None = 5,
@@ -795,10 +699,6 @@ class SyncCheckpointManager:
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
     ) -> None:
-        # A blocking streamckpt.sync.Checkpoint carries the async one the manager drives.
-        inner = getattr(checkpoint, "checkpoint", None)
-        if inner is not None and hasattr(inner, "write"):
-            checkpoint = inner
         self.manager = CheckpointManager(
             checkpoint,
             directory,
@@ -815,7 +715,10 @@ class SyncCheckpointManager:
             storage_options=storage_options,
             filesystem=filesystem,
         )
-        _run(self.manager.reload)
+        self.reload()
+
+    def _twin_target(self) -> CheckpointManager:
+        return self.manager
 
     @property
     def directory(self) -> str:
@@ -833,8 +736,8 @@ class SyncCheckpointManager:
     def skipped(self) -> list[SkippedCheckpoint]:
         return self.manager.skipped
 
-    def reload(self) -> None:
-        _run(self.manager.reload)
+    reload = blocking_method(CheckpointManager.reload)
+    restore_or_initialize = blocking_method(CheckpointManager.restore_or_initialize)
 
     @overload
     def save(
@@ -865,7 +768,15 @@ class SyncCheckpointManager:
         """Blocking :meth:`CheckpointManager.save`; ``blocking=False`` is its ``save_async``."""
         if not blocking:
             return self.manager.save_async(step, metrics, force=force)
-        return _run(functools.partial(self.manager.save, step, metrics, force=force))
+        saved: str | None = self._twin_run(self.manager.save, step, metrics, force=force)
+        return saved
 
-    def restore_or_initialize(self) -> str | None:
-        return _run(self.manager.restore_or_initialize)
+    def save_async(
+        self,
+        step: int | None = None,
+        metrics: Mapping[str, SupportsFloat] | None = None,
+        *,
+        force: bool = False,
+    ) -> SaveHandle | None:
+        """:meth:`CheckpointManager.save_async`."""
+        return self.manager.save_async(step, metrics, force=force)

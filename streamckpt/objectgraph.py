@@ -33,16 +33,18 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from streamckpt.errors import CorruptCheckpointError, NamingError, UnsupportedError
-from streamckpt.naming import (
-    Leaf,
-    _Child,
-    _children,
-    _is_namedtuple,
-    _is_skipped_value,
-    _LeafSite,
-    is_leaf,
-)
 from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
+from streamckpt.tree import (
+    Child,
+    ChildrenOf,
+    Leaf,
+    Node,
+    children,
+    is_leaf,
+    is_namedtuple,
+    is_skipped_value,
+    walk,
+)
 
 __all__ = [
     "ATTRIBUTES",
@@ -53,7 +55,6 @@ __all__ = [
     "ObjectGraph",
     "SavedAttribute",
     "SlotVariable",
-    "TreeNode",
     "build_object_graph",
     "checkpoint_key",
     "escape_local_name",
@@ -70,8 +71,6 @@ ATTRIBUTES = ".ATTRIBUTES"
 OPTIMIZER_SLOT = ".OPTIMIZER_SLOT"
 VARIABLE_VALUE = "VARIABLE_VALUE"
 SAVE_COUNTER = "save_counter"
-
-_IMMUTABLE_SCALARS = (bool, int, float, complex, str, bytes, np.generic)
 
 
 def escape_local_name(name: str) -> str:
@@ -113,44 +112,33 @@ def checkpoint_key(path: Sequence[str], attribute: str = VARIABLE_VALUE) -> str:
 # Building.
 
 
-@dataclasses.dataclass(slots=True)
-class TreeNode:
-    """One object of a Python tree, as a node of the graph TensorFlow would build from it."""
-
-    path: tuple[str, ...]  # the first breadth-first path that reaches it
-    value: Any
-    is_leaf: bool
-    children: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (name, id)
-    sites: list[_LeafSite] = dataclasses.field(default_factory=list)  # edges into it
-
-
-def tracked_children(node: Any, path: tuple[str, ...]) -> list[_Child]:
+def tracked_children(node: Any, path: tuple[str, ...]) -> list[Child]:
     """The children TensorFlow's data-structure wrappers would track, in their order."""
-    children = _children(node, path)
-    if children is None:
+    found = children(node, path)
+    if found is None:
         shown = "/".join(path) or "the root"
         raise UnsupportedError(
             f"{type(node).__name__} at {shown!r} is neither a leaf nor a container"
         )
-    kept = [child for child in children if not _is_skipped_value(child.value)]
-    if _is_namedtuple(node):
+    kept = [child for child in found if not is_skipped_value(child.value)]
+    if is_namedtuple(node):
         # TensorFlow's tuple wrapper tracks a namedtuple's fields by name and by position.
         kept += [
             dataclasses.replace(child, name=str(index))
-            for index, child in enumerate(children)
-            if not _is_skipped_value(child.value)
+            for index, child in enumerate(found)
+            if not is_skipped_value(child.value)
         ]
     return kept
 
 
 def tree_nodes(
     root: Any,
-    top: Sequence[_Child],
+    top: Sequence[Child],
     *,
-    children_of: Callable[[Any, tuple[str, ...]], list[_Child]] = tracked_children,
+    children_of: ChildrenOf | None = None,
     leaf: Callable[[Any], bool] = is_leaf,
     with_sites: bool = False,
-) -> list[TreeNode]:
+) -> list[Node]:
     """The tree under a root whose children are ``top``, as TensorFlow's graph nodes.
 
     Node 0 is the root; ids are the breadth-first visiting order, and an object reached twice
@@ -159,32 +147,18 @@ def tree_nodes(
     ``with_sites`` records every edge into a node (a restore writes leaves in place through
     them; a save has no use for them).
     """
-    nodes = [TreeNode((), root, is_leaf=False)]
-    ids_by_identity: dict[int, int] = {}
-    queue = collections.deque([0])
-    while queue:
-        node_id = queue.popleft()
-        node = nodes[node_id]
-        if node.is_leaf:
-            continue
-        for child in top if node_id == 0 else children_of(node.value, node.path):
-            value = child.value
-            shared = not isinstance(value, _IMMUTABLE_SCALARS)
-            child_id = ids_by_identity.get(id(value)) if shared else None
-            if child_id is None:
-                child_id = len(nodes)
-                nodes.append(TreeNode((*node.path, child.name), value, leaf(value)))
-                if shared:
-                    ids_by_identity[id(value)] = child_id
-                queue.append(child_id)
-            if with_sites:
-                site = _LeafSite((*node.path, child.name), value, node.value, child)
-                nodes[child_id].sites.append(site)
-            node.children.append((child.name, child_id))
-    return nodes
+    return walk(
+        root,
+        top,
+        children_of=children_of or tracked_children,
+        leaf=leaf,
+        order="breadth",
+        share=True,
+        with_sites=with_sites,
+    )
 
 
-def _graph_children(node: Any, path: tuple[str, ...]) -> list[_Child]:
+def _graph_children(node: Any, path: tuple[str, ...]) -> list[Child]:
     """``tracked_children``, refusing what a TensorFlow checkpoint cannot name."""
     if isinstance(node, dict):
         for key in node:
@@ -213,18 +187,18 @@ def build_object_graph(
     if save_counter is not None and SAVE_COUNTER in root_children:
         raise NamingError(f"{SAVE_COUNTER!r} is reserved for the save counter")
     top = [
-        _Child(name, root_children[name], "item", name)
+        Child(name, root_children[name], "item", name)
         for name in sorted(root_children)
-        if not _is_skipped_value(root_children[name])
+        if not is_skipped_value(root_children[name])
     ]
     if save_counter is not None:
-        top.append(_Child(SAVE_COUNTER, np.asarray(save_counter, dtype=np.int64), "fixed", None))
+        top.append(Child(SAVE_COUNTER, np.asarray(save_counter, dtype=np.int64), "fixed", None))
     nodes = tree_nodes(root_children, top, children_of=_graph_children)
     values_by_key = {checkpoint_key(n.path): n.value for n in nodes if n.is_leaf}
     return values_by_key, _serialize(nodes)
 
 
-def _serialize(nodes: Sequence[TreeNode]) -> bytes:
+def _serialize(nodes: Sequence[Node]) -> bytes:
     has_values = _nodes_with_values(
         [[child_id for _, child_id in n.children] for n in nodes],
         [n.is_leaf for n in nodes],

@@ -30,6 +30,7 @@ from support import TF_FIXTURES, load_manifest
 
 import streamckpt
 import streamckpt.sync
+from streamckpt.bridge import shared_bridge
 from streamckpt.checkpoint import (
     Checkpoint,
     SaveHandle,
@@ -475,9 +476,10 @@ def test_snapshot_converts_layouts_and_reuses_its_buffer(tmp_path: Path) -> None
     strided = np.arange(20.0)[::3]
     with Checkpoint(a=big_endian, f=fortran, s=strided, t=np.array([b"x", b"yz"], object)) as c:
         c.save_async(tmp_path / "c").result()
-        buffer = c._buffer
+        buffer = c._snapshots._buffer
+        assert buffer is not None
         c.save_async(tmp_path / "c").result()
-        assert c._buffer is buffer
+        assert c._snapshots._buffer is buffer
     loaded = streamckpt.sync.load(f"{tmp_path / 'c'}-2")
     assert loaded[f"a{VV}"].dtype == np.dtype("<i4")
     np.testing.assert_array_equal(loaded[f"a{VV}"], big_endian)
@@ -605,7 +607,7 @@ def test_exit_waits_for_a_save_in_flight(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "returned False"
-    assert "waiting at exit for 1 checkpoint save(s) in flight" in done.stderr
+    assert "waiting at exit for 1 background save(s) in flight" in done.stderr
     assert (tmp_path / "c-1.index").exists()
 
 
@@ -634,13 +636,15 @@ def test_blocking_sync_save_streams_in_the_caller_after_the_save_in_flight(
     tmp_path: Path,
 ) -> None:
     """No snapshot and no background thread for a blocking save; it queues behind async ones."""
-    with SyncCheckpoint(**make_tree(6)) as sync:
+    # A niceness no other test uses: its bridge is this checkpoint's alone.
+    bridge = shared_bridge(7)
+    with SyncCheckpoint(background_nice=7, **make_tree(6)) as sync:
         assert sync.save(tmp_path / "a") == f"{tmp_path / 'a'}-1"
-        assert sync.checkpoint._buffer is None  # streamed from the leaves, not copied
-        assert sync.checkpoint._loop._thread is None  # and in this thread
+        assert sync.checkpoint._snapshots.nbytes == 0  # streamed from the leaves, not copied
+        assert not bridge.running  # and in this thread
         status = sync.restore(f"{tmp_path / 'a'}-1")
         status.assert_consumed()
-        assert sync.checkpoint._loop._thread is None
+        assert not bridge.running
         release = threading.Event()
         order: list[str] = []
 
@@ -854,11 +858,12 @@ def test_background_nice_lowers_only_the_background_threads(tmp_path: Path) -> N
     own = os.getpriority(os.PRIO_PROCESS, 0)
     with Checkpoint(background_nice=19, w=np.ones(3)) as ckpt:
         ckpt.save_async(tmp_path / "c", num_shards=2).result()
-        ours = [t for t in threading.enumerate() if t.name == "streamckpt-checkpoint"]
+        loop_thread = shared_bridge(19).native_thread_id
+        assert loop_thread is not None
+        assert os.getpriority(os.PRIO_PROCESS, loop_thread) == 19
         workers = [t for t in threading.enumerate() if t.name == "AnyIO worker thread"]
-        assert ours and workers
-        for thread in ours + workers:
-            assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 19
+        # the workers the save's loop started inherited its niceness
+        assert any(os.getpriority(os.PRIO_PROCESS, t.native_id or 0) == 19 for t in workers)
     assert os.getpriority(os.PRIO_PROCESS, 0) == own
     with pytest.raises(ValueError, match="background_nice"):
         Checkpoint(background_nice=-1)

@@ -373,9 +373,12 @@ async def test_step_names_the_checkpoint(directory: str) -> None:
     manager = CheckpointManager(ckpt, directory, max_to_keep=None)
     assert (await manager.save() or "").endswith("ckpt-1")
     assert (await manager.save(step=100) or "").endswith("ckpt-100")
-    assert (await manager.save() or "").endswith("ckpt-2")
-    assert ckpt.save_counter == 2  # write() does not count, unlike TF's manager
-    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-100", "ckpt-2"]
+    # As TensorFlow's manager: a step names the checkpoint, save_counter still counts it.
+    assert (await manager.save() or "").endswith("ckpt-3")
+    assert ckpt.save_counter == 3
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-1", "ckpt-100", "ckpt-3"]
+    stepped = await streamckpt.load(f"{directory}/ckpt-100")
+    assert int(stepped["save_counter/.ATTRIBUTES/VARIABLE_VALUE"]) == 2
     with pytest.raises(CheckpointExistsError):  # a name is never silently overwritten
         await manager.save(step=100)
 

@@ -1,0 +1,185 @@
+"""Background saves: the snapshot that lets the caller go on, and the handle that reports.
+
+Rules:
+
+* **A background save owns its bytes.** It starts only after every leaf has been copied once
+  into a host buffer owned by the checkpoint; the caller may then change its arrays. The
+  buffer is reused by the next save (plain memory copies, without the page faults of fresh
+  memory), which therefore waits for the previous one, or refuses to start.
+* **A failure is never silent.** It is logged when it happens, re-raised by whoever waits
+  on the handle, and a save still running at interpreter exit is waited for (see
+  :mod:`streamckpt.bridge`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Generator, Mapping
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from streamckpt.bridge import Job
+from streamckpt.errors import StreamCkptError, UnsupportedError
+from streamckpt.format.dtypes import from_numpy
+from streamckpt.pipeline.save import SaveInfo
+from streamckpt.storage.base import fresh_buffer
+from streamckpt.tree import to_numpy
+
+__all__ = ["OnBusy", "SaveHandle", "SnapshotBuffer", "wait_for_future", "wait_until_done"]
+
+logger = logging.getLogger("streamckpt.checkpoint")
+
+OnBusy = Literal["wait", "raise"]
+
+# Each snapshot tensor starts on a cache line, so views of the buffer are aligned for any dtype.
+_ALIGNMENT = 64
+
+
+async def wait_for_future(future: concurrent.futures.Future[Any]) -> None:
+    """Return once ``future`` is done; cancelling the caller leaves ``future`` running."""
+    if future.done():
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # another backend (trio): park a worker thread instead
+        await anyio.to_thread.run_sync(concurrent.futures.wait, [future], abandon_on_cancel=True)
+        return
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def resolve() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def wake(_: concurrent.futures.Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the waiting loop has closed meanwhile
+            loop.call_soon_threadsafe(resolve)
+
+    future.add_done_callback(wake)
+    await waiter
+
+
+class SaveHandle:
+    """A save running in the background; ``result()`` or ``await handle`` waits for it.
+
+    Waiting re-raises whatever made the save fail. A failure is also logged when it happens,
+    so that a save nobody waits for does not fail silently.
+    """
+
+    __slots__ = ("_job", "path")
+
+    def __init__(self, path: str, job: Job) -> None:
+        self.path = path
+        self._job = job
+        job.future.add_done_callback(self._log_failure)
+
+    def _log_failure(self, future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.error(
+                "background checkpoint save to %s failed: %r", self.path, future.exception()
+            )
+
+    def done(self) -> bool:
+        """Whether the save has finished, successfully or not."""
+        return self._job.done()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the save has finished, without raising its error; False on timeout."""
+        done, _ = concurrent.futures.wait([self._job.future], timeout)
+        return bool(done)
+
+    def result(self, timeout: float | None = None) -> str:
+        """Block until the save is committed and return its path (TimeoutError on timeout)."""
+        self._job.result(timeout)
+        return self.path
+
+    def info(self) -> SaveInfo:
+        """What the finished save wrote and how long it took; blocks until it has finished."""
+        info: SaveInfo = self._job.result()
+        return info
+
+    async def wait(self) -> str:
+        """Wait without blocking the event loop; cancelling the waiter does not stop the save."""
+        await wait_for_future(self._job.future)
+        return self.result()
+
+    def __await__(self) -> Generator[Any, None, str]:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"<SaveHandle {self.path!r} {state}>"
+
+
+async def wait_until_done(handle: SaveHandle) -> None:
+    """Wait, without blocking the event loop or raising the save's error, until it ends."""
+    await wait_for_future(handle._job.future)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGNMENT) * _ALIGNMENT
+
+
+def _string_snapshot(key: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """An object array of ``bytes``: elements checked now and detached from mutable buffers."""
+    copy = np.empty(array.shape, dtype=object)
+    flat = copy.reshape(-1)
+    for index, element in enumerate(array.reshape(-1)):
+        if isinstance(element, str):
+            flat[index] = element.encode()
+        elif isinstance(element, bytes | bytearray | memoryview | np.bytes_):
+            flat[index] = bytes(element)
+        else:
+            raise UnsupportedError(
+                f"cannot save {type(element).__name__} as a string element", tensor=key
+            )
+    return copy
+
+
+class SnapshotBuffer:
+    """Host memory that a checkpoint's background saves copy their leaves into, reused."""
+
+    def __init__(self) -> None:
+        self._buffer: np.ndarray[Any, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.nbytes
+
+    def free(self) -> None:
+        self._buffer = None
+
+    def take(self, values: Mapping[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
+        """Copy every leaf once into the buffer (grown if too small); return views of it.
+
+        Object arrays (strings) are converted to ``bytes`` elements on their own. Nothing is
+        copied until every leaf is known to be savable, so a bad leaf costs no copy.
+        """
+        layout: list[tuple[str, np.ndarray[Any, Any], np.dtype[Any], int]] = []
+        snapshot: dict[str, np.ndarray[Any, Any]] = {}
+        total = 0
+        for key, leaf in values.items():
+            try:
+                array = to_numpy(leaf)
+                from_numpy(array.dtype)
+            except StreamCkptError as exc:
+                raise exc.with_context(tensor=key) from None
+            if array.dtype.hasobject:
+                snapshot[key] = _string_snapshot(key, array)
+                continue
+            target = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+            layout.append((key, array, target, total))
+            total += _aligned(array.nbytes)
+        buffer = self._buffer
+        if buffer is None or buffer.nbytes < total:
+            buffer = self._buffer = np.frombuffer(fresh_buffer(max(total, 1)), np.uint8)
+        for key, array, target, offset in layout:
+            view = buffer[offset : offset + array.nbytes].view(target).reshape(array.shape)
+            np.copyto(view, array, casting="equiv")
+            snapshot[key] = view
+        return snapshot
