@@ -69,9 +69,9 @@ def protos(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks side by side with TensorFlow and the other installed peers."""
+    """The benchmarks: ``nox -s bench -- local`` (default: ``all``; ``-- all --quick`` smokes)."""
     session.install("-e", ".[test]", "safetensors")
-    session.run("python", "scripts/bench.py", *session.posargs)
+    session.run("python", "-m", "benchmarks", *(session.posargs or ["all"]))
 
 
 @nox.session
