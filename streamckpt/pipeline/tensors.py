@@ -18,6 +18,7 @@ from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType, from_numpy, numpy_dtype
 from streamckpt.format.strings import decode_strings, encode_strings
 from streamckpt.format.variant import decode_variants, encode_variants
+from streamckpt.tree import to_numpy
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,20 +49,10 @@ class PreparedTensor:
 
 
 def as_array(value: Any) -> np.ndarray[Any, Any]:
-    """Host numpy view of a leaf: numpy, Python scalars, anything with DLPack or __array__."""
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, np.generic | int | float | bool | complex):
+    """Host numpy view of a leaf (:func:`streamckpt.tree.to_numpy`), or of a nested list."""
+    if isinstance(value, list | tuple):
         return np.asarray(value)
-    if isinstance(value, bytes | str):
-        return np.array(value.encode() if isinstance(value, str) else value, dtype=object)
-    if hasattr(value, "__dlpack__") and not hasattr(value, "__array__"):
-        return np.from_dlpack(value)
-    if hasattr(value, "__array__"):
-        return np.asarray(value)
-    if hasattr(value, "__dlpack__"):
-        return np.from_dlpack(value)
-    return np.asarray(value)
+    return to_numpy(value)
 
 
 def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:

@@ -44,14 +44,12 @@ from streamckpt.format.state import (
 )
 from streamckpt.manager import (
     CheckpointManager,
-    ManagedEntry,
     SkippedCheckpoint,
     SyncCheckpointManager,
-    best_paths,
     latest_checkpoint,
-    plan_retention,
 )
 from streamckpt.proto import checkpoint_state_pb2
+from streamckpt.retention import ManagedEntry, best_paths, plan_retention
 
 pytestmark = pytest.mark.anyio
 
@@ -871,3 +869,56 @@ async def test_tf_plain_save_state_file(tf: Any, tmp_path: Path) -> None:
             tf.train.Checkpoint(), str(tmp_path), max_to_keep=5
         ).checkpoints
     )
+
+
+# -- honesty: metrics follow deletions, the state file cannot reach outside, TF-exact saves ---
+
+
+async def test_metrics_of_deleted_checkpoints_leave_the_sidecar(directory: str) -> None:
+    manager = CheckpointManager(Checkpoint(w=np.zeros(2)), directory, max_to_keep=2)
+    for step in range(1, 5):
+        await manager.save(step=step, metrics={"loss": float(step)})
+    fs, path = fsspec.core.url_to_fs(directory)
+    sidecar = decode_metrics(fs.cat_file(f"{path}/checkpoint.metrics.json"))
+    assert sorted(sidecar) == ["ckpt-3", "ckpt-4"]
+    assert files_of(directory) >= {"ckpt-3.index", "ckpt-4.index"}
+    assert "ckpt-1.index" not in files_of(directory)
+
+
+async def test_a_state_file_cannot_make_the_manager_delete_outside_its_directory(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim"
+    await streamckpt.save(victim / "x", {"keep": np.ones(3)})
+    elsewhere = tmp_path / "elsewhere"
+    await streamckpt.save(elsewhere / "y", {"keep": np.ones(3)})
+    run = tmp_path / "run"
+    run.mkdir()
+    state = CheckpointState(
+        model_checkpoint_path="../victim/x",
+        all_model_checkpoint_paths=("../victim/x", str(elsewhere / "y"), "../victim/x"),
+        all_model_checkpoint_timestamps=(1.0, 2.0, 3.0),
+        last_preserved_timestamp=0.0,
+    )
+    (run / "checkpoint").write_bytes(encode_state(state))
+    manager = CheckpointManager(Checkpoint(w=np.zeros(2)), run, max_to_keep=1)
+    assert await manager.restore_or_initialize() is None  # neither is restored from there
+    assert all("outside" in s.reason for s in manager.skipped)
+    for step in range(1, 4):
+        await manager.save(step=step)
+    assert sorted(os.listdir(victim)) == ["x.data-00000-of-00001", "x.index"]
+    assert sorted(os.listdir(elsewhere)) == ["y.data-00000-of-00001", "y.index"]
+    assert [os.path.basename(p) for p in manager.checkpoints] == ["ckpt-3"]
+
+
+@pytest.mark.tf
+async def test_every_manager_save_carries_save_counter_so_tf_consumes_it(tmp_path: Path) -> None:
+    tf = pytest.importorskip("tensorflow")
+    manager = CheckpointManager(Checkpoint(w=np.arange(3.0)), tmp_path / "run")
+    first = await manager.save(step=100)
+    second = await manager.save()
+    for path, counter in ((first, 1), (second, 2)):
+        restored = tf.train.Checkpoint(w=tf.Variable(np.zeros(3)))
+        restored.restore(path).assert_consumed()
+        assert int(restored.save_counter.numpy()) == counter
+        assert restored.w.numpy().tolist() == [0.0, 1.0, 2.0]

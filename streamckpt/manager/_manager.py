@@ -1,20 +1,12 @@
 """CheckpointManager: numbered checkpoints in one directory, a retention policy, and resume.
 
-A managed directory is laid out as TensorFlow lays it out, so ``tf.train.latest_checkpoint``
-and ``tf.train.CheckpointManager`` read it and this manager reads theirs::
-
-    <directory>/ckpt-7.index, ckpt-7.data-00000-of-00001, ...   the checkpoints
-    <directory>/checkpoint                 state file: TF's text-format CheckpointState
-    <directory>/checkpoint.metrics.json    metrics per checkpoint, for keep-best (ours only)
-
-Invariants:
+The directory's layout is described in :mod:`streamckpt.manager._files`. Rules:
 
 - A save publishes in this order: the checkpoint (its index committed last by ``write``), the
   metrics sidecar, the state file, and only then deletions. The state file names committed
   checkpoints only, and no longer names the ones about to be deleted, so a crash at any point
   leaves every checkpoint it names intact (at worst, some unreferenced files stay behind).
-- A checkpoint is deleted index first: a half-deleted one looks like an interrupted save
-  (shards without an index), never like a committed checkpoint with missing data.
+- Deletion goes index first (see ``_files``) and never leaves the manager's directory.
 - The ``keep_best`` best checkpoints by ``best_metric`` are never deleted by the manager.
 - At most one save runs at a time per manager; one manager per directory (as with TF).
 """
@@ -25,24 +17,13 @@ import contextlib
 import inspect
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt, overload
+from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt
 
-import anyio
-
-from streamckpt import api
-from streamckpt.bridge import BlockingTwin, blocking_method, default_bridge
+from streamckpt.bridge import default_bridge
 from streamckpt.checkpoint import Checkpoint, SaveHandle, SyncCheckpoint
-from streamckpt.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    SaveInProgressError,
-    StorageError,
-)
-from streamckpt.format.bundle import index_filename
+from streamckpt.errors import CorruptCheckpointError, SaveInProgressError, StorageError
 from streamckpt.format.state import (
     CheckpointState,
     decode_metrics,
@@ -50,33 +31,29 @@ from streamckpt.format.state import (
     encode_metrics,
     encode_state,
 )
+from streamckpt.manager._files import (
+    METRICS_FILENAME,
+    STATE_FILENAME,
+    SkippedCheckpoint,
+    broken_reason,
+    delete_checkpoints,
+    find_unpublished,
+    read_optional,
+    verify_checkpoint,
+)
 from streamckpt.retention import (
     ManagedEntry,
-    basename,
     best_paths,
     is_absolute,
     is_contained,
     join_user,
     plan_retention,
 )
-from streamckpt.storage import PathLike, Store, resolve
+from streamckpt.storage import PathLike, resolve
 
-__all__ = [
-    "CheckpointManager",
-    "ManagedCheckpoint",
-    "SkippedCheckpoint",
-    "SyncCheckpointManager",
-    "latest_checkpoint",
-]
+__all__ = ["CheckpointManager", "ManagedCheckpoint"]
 
-logger = logging.getLogger(__name__)
-
-STATE_FILENAME = "checkpoint"
-# TensorFlow's text parser rejects unknown fields, so metrics cannot go into the state file.
-METRICS_FILENAME = "checkpoint.metrics.json"
-_SHARD_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
-# Shard sizes checked at once when verifying a checkpoint with many shards.
-_MAX_CONCURRENT_CHECKS = 16
+logger = logging.getLogger("streamckpt.manager")
 
 
 class ManagedCheckpoint(Protocol):
@@ -109,71 +86,6 @@ class ManagedCheckpoint(Protocol):
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
     ) -> object: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SkippedCheckpoint:
-    """A checkpoint :meth:`CheckpointManager.restore_or_initialize` passed over, and why."""
-
-    path: str
-    reason: str
-
-
-async def _read_optional(store: Store, path: str) -> bytes | None:
-    try:
-        return await store.read_all(path)
-    except CheckpointNotFoundError:
-        return None
-
-
-async def latest_checkpoint(
-    directory: PathLike,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    filesystem: Any = None,
-) -> str | None:
-    """The newest checkpoint's prefix per the directory's state file, or None if it has none.
-
-    One read (the state file), no listing: a manager writes the state file only after the
-    checkpoint's index is committed, so the prefix it names is complete. Unlike TF, which
-    checks that the index exists, this does not; a corrupt state file raises
-    CorruptCheckpointError instead of reading as "no checkpoint".
-    """
-    text = os.fspath(directory)
-    store, path = resolve(text, storage_options=storage_options, filesystem=filesystem)
-    data = await _read_optional(store, store.join(path, STATE_FILENAME))
-    if data is None:
-        return None
-    try:
-        state = decode_state(data)
-    except CorruptCheckpointError as exc:
-        raise exc.with_context(uri=store.uri(store.join(path, STATE_FILENAME))) from None
-    urls = filesystem is not None or "://" in text
-    return join_user(text, state.model_checkpoint_path, urls=urls)
-
-
-_BROKEN = (CheckpointNotFoundError, CorruptCheckpointError)
-
-
-def _broken_reason(exc: Exception) -> str:
-    """Why a checkpoint is unusable, when ``exc`` says so; re-raises any other error.
-
-    Task groups wrap errors in groups, so a group counts when every error in it is one of
-    ours for a missing file or corrupt bytes.
-    """
-    if isinstance(exc, ExceptionGroup):
-        if exc.split(_BROKEN)[1] is not None:
-            raise exc
-        leaf: BaseException = exc
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        exc_text = str(leaf)
-        kind = type(leaf)
-    elif isinstance(exc, _BROKEN):
-        exc_text, kind = str(exc), type(exc)
-    else:
-        raise exc
-    return f"{'missing' if issubclass(kind, CheckpointNotFoundError) else 'corrupt'}: {exc_text}"
 
 
 def _read_step(counter: Callable[[], SupportsInt] | SupportsInt) -> int:
@@ -305,8 +217,8 @@ class CheckpointManager:
         Listed checkpoints newer than ``last_preserved_timestamp`` form the active set (with no
         timestamps in the file, none do); timestamps from the future are clamped to now.
         """
-        state_bytes = await _read_optional(self._store, self._state_path)
-        metrics_bytes = await _read_optional(self._store, self._metrics_path)
+        state_bytes = await read_optional(self._store, self._state_path)
+        metrics_bytes = await read_optional(self._store, self._metrics_path)
         try:
             state = None if state_bytes is None else decode_state(state_bytes)
         except CorruptCheckpointError as exc:
@@ -364,31 +276,15 @@ class CheckpointManager:
         return is_contained(self._dir_path, self._store_path(path))
 
     async def _delete(self, paths: Sequence[str]) -> None:
-        """Remove checkpoints' files: every index first, then the data shards found by listing.
-
-        A path outside the manager's directory (a state file naming ``../x`` or another
-        absolute directory) is never deleted: logged and left alone.
-        """
+        """Remove checkpoints' files, index first; never outside the manager's directory."""
         outside = [p for p in paths if not self._contained(p)]
         if outside:
             logger.warning(
                 "not deleting %s: outside the manager's directory %s", outside, self._directory
             )
-        prefixes = [self._store_path(p) for p in paths if p not in outside]
-        if not prefixes:
-            return
-        await self._store.delete([index_filename(p) for p in prefixes])
-        by_dir: dict[str, set[str]] = {}
-        for prefix in prefixes:
-            by_dir.setdefault(self._store.dirname(prefix), set()).add(basename(prefix))
-        shards: list[str] = []
-        for directory, bases in by_dir.items():
-            for listed in await self._store.list_dir(directory):
-                name = basename(listed)
-                match = _SHARD_SUFFIX.search(name)
-                if match is not None and name[: match.start()] in bases:
-                    shards.append(listed)
-        await self._store.delete(shards)
+        await delete_checkpoints(
+            self._store, [self._store_path(p) for p in paths if p not in outside]
+        )
 
     # -- save -----------------------------------------------------------------------------
 
@@ -556,71 +452,21 @@ class CheckpointManager:
     # -- restore --------------------------------------------------------------------------
 
     async def _unpublished(self) -> list[SkippedCheckpoint]:
-        """Checkpoints newer than the latest that the state file does not name (one listing).
-
-        They come from saves interrupted before their index was committed (shards only) or
-        before the state file was written.
-        """
-        pattern = re.compile(
-            re.escape(basename(self._name)) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})$"
-        )
+        """Checkpoints newer than the latest that the state file does not name."""
         known = {e.path for e in self._entries} | {self._latest or ""}
-        latest_match = pattern.match(basename(self._latest or "") + ".index")
-        newest_known = int(latest_match.group(1)) if latest_match else -1
-        directory = self._store.dirname(self._store.join(self._dir_path, f"{self._name}-0"))
-        has_index: dict[int, bool] = {}
-        for listed in await self._store.list_dir(directory):
-            match = pattern.match(basename(listed))
-            if match is not None:
-                number = int(match.group(1))
-                has_index[number] = has_index.get(number, False) or match.group(2) == ".index"
-        skipped = []
-        for number in sorted(has_index, reverse=True):
-            path = f"{self._name}-{number}"
-            if number <= newest_known or path in known:
-                continue
-            reason = (
-                "not in the state file: the save stopped before it was published"
-                if has_index[number]
-                else "no index: the save stopped before its commit"
-            )
-            self._broken.add(path)
-            skipped.append(SkippedCheckpoint(self._user_path(path), reason))
-        return skipped
+        found = await find_unpublished(
+            self._store, self._dir_path, self._name, known=known, latest=self._latest
+        )
+        self._broken.update(path for path, _ in found)
+        return [SkippedCheckpoint(self._user_path(path), reason) for path, reason in found]
 
     async def _verify(self, path: str) -> str | None:
-        """Why the checkpoint cannot be restored, or None if it looks whole.
-
-        Checks that the index opens and decodes (block checksums included) and that every data
-        shard exists and is long enough for the tensors the index places in it. Tensor
-        checksums are left to the restore, which reads the data anyway.
-        """
-        try:
-            async with api.open(
-                self._user_path(path),
-                storage_options=self._storage_options,
-                filesystem=self._filesystem,
-            ) as reader:
-                needed = dict.fromkeys(range(reader.header.num_shards), 0)
-                for info in reader.entries.values():
-                    if info.shard in needed:
-                        needed[info.shard] = max(needed[info.shard], info.offset + info.size)
-                sizes: dict[int, int] = {}
-                limiter = anyio.CapacityLimiter(_MAX_CONCURRENT_CHECKS)
-
-                async def measure(shard: int) -> None:
-                    async with limiter:
-                        sizes[shard] = await reader.store.size(reader.shard_path(shard))
-
-                async with anyio.create_task_group() as tg:
-                    for shard in needed:
-                        tg.start_soon(measure, shard)
-        except Exception as exc:
-            return _broken_reason(exc)
-        for shard, size in sorted(sizes.items()):
-            if size < needed[shard]:
-                return f"data shard {shard} has {size} bytes, the index needs {needed[shard]}"
-        return None
+        """Why the checkpoint cannot be restored, or None if it looks whole."""
+        return await verify_checkpoint(
+            self._user_path(path),
+            storage_options=self._storage_options,
+            filesystem=self._filesystem,
+        )
 
     async def restore_or_initialize(self) -> str | None:
         """Restore the newest checkpoint that verifies; else run ``init_fn`` and return None.
@@ -651,7 +497,7 @@ class CheckpointManager:
                         filesystem=self._filesystem,
                     )
                 except Exception as exc:
-                    reason = f"restore failed: {_broken_reason(exc)}"
+                    reason = f"restore failed: {broken_reason(exc)}"
             if reason is None:
                 restored = path
                 break
@@ -671,112 +517,3 @@ class CheckpointManager:
         if self._interval is not None and self._step_counter is not None:
             self._last_step = _read_step(self._step_counter)
         return self._user_path(restored)
-
-
-class SyncCheckpointManager(BlockingTwin):
-    """Blocking :class:`CheckpointManager` for sync training loops.
-
-    Reads the directory's state on construction, as TensorFlow's manager does. Every async
-    method has its twin here with the same parameters (``save`` adds ``blocking``);
-    ``manager`` is the async one.
-    """
-
-    def __init__(
-        self,
-        checkpoint: ManagedCheckpoint | SyncCheckpoint,
-        directory: PathLike,
-        *,
-        max_to_keep: int | None = 5,
-        keep_checkpoint_every_n_hours: float | None = None,
-        checkpoint_name: str = "ckpt",
-        checkpoint_interval: int | None = None,
-        step_counter: Callable[[], SupportsInt] | SupportsInt | None = None,
-        best_metric: str | None = None,
-        mode: Literal["min", "max"] = "min",
-        keep_best: int = 1,
-        init_fn: Callable[[], Awaitable[None] | None] | None = None,
-        clock: Callable[[], float] = time.time,
-        storage_options: dict[str, Any] | None = None,
-        filesystem: Any = None,
-    ) -> None:
-        self.manager = CheckpointManager(
-            checkpoint,
-            directory,
-            max_to_keep=max_to_keep,
-            keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
-            checkpoint_name=checkpoint_name,
-            checkpoint_interval=checkpoint_interval,
-            step_counter=step_counter,
-            best_metric=best_metric,
-            mode=mode,
-            keep_best=keep_best,
-            init_fn=init_fn,
-            clock=clock,
-            storage_options=storage_options,
-            filesystem=filesystem,
-        )
-        self.reload()
-
-    def _twin_target(self) -> CheckpointManager:
-        return self.manager
-
-    @property
-    def directory(self) -> str:
-        return self.manager.directory
-
-    @property
-    def checkpoints(self) -> list[str]:
-        return self.manager.checkpoints
-
-    @property
-    def latest_checkpoint(self) -> str | None:
-        return self.manager.latest_checkpoint
-
-    @property
-    def skipped(self) -> list[SkippedCheckpoint]:
-        return self.manager.skipped
-
-    reload = blocking_method(CheckpointManager.reload)
-    restore_or_initialize = blocking_method(CheckpointManager.restore_or_initialize)
-
-    @overload
-    def save(
-        self,
-        step: int | None = ...,
-        metrics: Mapping[str, SupportsFloat] | None = ...,
-        *,
-        force: bool = ...,
-        blocking: Literal[True] = ...,
-    ) -> str | None: ...
-    @overload
-    def save(
-        self,
-        step: int | None = ...,
-        metrics: Mapping[str, SupportsFloat] | None = ...,
-        *,
-        force: bool = ...,
-        blocking: Literal[False],
-    ) -> SaveHandle | None: ...
-    def save(
-        self,
-        step: int | None = None,
-        metrics: Mapping[str, SupportsFloat] | None = None,
-        *,
-        force: bool = False,
-        blocking: bool = True,
-    ) -> str | SaveHandle | None:
-        """Blocking :meth:`CheckpointManager.save`; ``blocking=False`` is its ``save_async``."""
-        if not blocking:
-            return self.manager.save_async(step, metrics, force=force)
-        saved: str | None = self._twin_run(self.manager.save, step, metrics, force=force)
-        return saved
-
-    def save_async(
-        self,
-        step: int | None = None,
-        metrics: Mapping[str, SupportsFloat] | None = None,
-        *,
-        force: bool = False,
-    ) -> SaveHandle | None:
-        """:meth:`CheckpointManager.save_async`."""
-        return self.manager.save_async(step, metrics, force=force)
