@@ -13,6 +13,7 @@ Rule: a checkpoint is deleted index first, so a half-deleted one looks like an i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -29,11 +30,14 @@ from streamckpt.retention import basename, join_user
 from streamckpt.storage import PathLike, Store, resolve
 
 __all__ = [
+    "DELETING_FILENAME",
     "METRICS_FILENAME",
     "STATE_FILENAME",
     "SkippedCheckpoint",
     "broken_reason",
+    "decode_deleting",
     "delete_checkpoints",
+    "encode_deleting",
     "find_unpublished",
     "latest_checkpoint",
     "read_optional",
@@ -43,6 +47,9 @@ __all__ = [
 STATE_FILENAME = "checkpoint"
 # TensorFlow's text parser rejects unknown fields, so metrics cannot go into the state file.
 METRICS_FILENAME = "checkpoint.metrics.json"
+# Checkpoints a sweep dropped from the state file and is deleting: a deletion cut short is
+# finished by the next sweep, instead of leaving files that look like preserved checkpoints.
+DELETING_FILENAME = "checkpoint.deleting.json"
 _SHARD_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 # Shard sizes checked at once when verifying a checkpoint with many shards.
 _MAX_CONCURRENT_CHECKS = 16
@@ -196,3 +203,20 @@ async def verify_checkpoint(
         if size < needed[shard]:
             return f"data shard {shard} has {size} bytes, the index needs {needed[shard]}"
     return None
+
+
+def encode_deleting(paths: Sequence[str]) -> bytes:
+    """The pending-deletions file: the state-file spellings of the checkpoints being deleted."""
+    return (json.dumps({"deleting": list(paths)}) + "\n").encode()
+
+
+def decode_deleting(data: bytes) -> list[str]:
+    """Parse :func:`encode_deleting`'s bytes; anything else is corrupt."""
+    try:
+        document = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"pending-deletions file is not JSON: {exc}") from None
+    paths = document.get("deleting") if isinstance(document, dict) else None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise CorruptCheckpointError("pending-deletions file holds no list of paths")
+    return paths

@@ -32,11 +32,14 @@ from streamckpt.format.state import (
     encode_state,
 )
 from streamckpt.manager._files import (
+    DELETING_FILENAME,
     METRICS_FILENAME,
     STATE_FILENAME,
     SkippedCheckpoint,
     broken_reason,
+    decode_deleting,
     delete_checkpoints,
+    encode_deleting,
     find_unpublished,
     read_optional,
     verify_checkpoint,
@@ -158,6 +161,7 @@ class CheckpointManager:
         self._urls = filesystem is not None or "://" in self._directory
         self._state_path = self._store.join(self._dir_path, STATE_FILENAME)
         self._metrics_path = self._store.join(self._dir_path, METRICS_FILENAME)
+        self._deleting_path = self._store.join(self._dir_path, DELETING_FILENAME)
 
         self._loaded = False
         self._entries: list[ManagedEntry] = []
@@ -165,6 +169,7 @@ class CheckpointManager:
         self._last_preserved = 0.0
         self._last_step: int | None = None
         self._has_sidecar = False
+        self._deleting: list[str] = []  # from an earlier sweep that did not finish
         self._saving = False
         self._in_flight: SaveHandle | None = None  # the last save_async
         # Paths restore_or_initialize found broken; a save reusing one clears it first.
@@ -219,6 +224,12 @@ class CheckpointManager:
         """
         state_bytes = await read_optional(self._store, self._state_path)
         metrics_bytes = await read_optional(self._store, self._metrics_path)
+        deleting_bytes = await read_optional(self._store, self._deleting_path)
+        try:
+            self._deleting = [] if deleting_bytes is None else decode_deleting(deleting_bytes)
+        except CorruptCheckpointError as exc:
+            logger.warning("ignoring %s: %s", self._store.uri(self._deleting_path), exc)
+            self._deleting = []
         try:
             state = None if state_bytes is None else decode_state(state_bytes)
         except CorruptCheckpointError as exc:
@@ -434,6 +445,14 @@ class CheckpointManager:
             protected=protected,
         )
         deleted = set(plan.deleted)
+        listed = {e.path for e in plan.kept}
+        # What an earlier sweep did not finish deleting goes now, unless listed again.
+        doomed = list(dict.fromkeys([*plan.deleted, *self._deleting]))
+        doomed = [p for p in doomed if p not in listed]
+        if doomed:  # recorded before the state file stops naming them
+            await self._store.write_atomic(
+                self._deleting_path, encode_deleting(doomed), exclusive=False
+            )
         await self._publish(
             plan.kept,
             # the deleted ones' metrics go with them; preserved ones keep theirs
@@ -444,10 +463,15 @@ class CheckpointManager:
         self._entries = list(plan.kept)
         self._latest = path
         self._last_step = current_step
+        self._deleting = doomed
+        if not doomed:
+            return
         try:
-            await self._delete(plan.deleted)
+            await self._delete(doomed)
+            await self._store.delete([self._deleting_path])
+            self._deleting = []
         except StorageError as exc:
-            logger.warning("could not delete old checkpoints %s: %s", list(plan.deleted), exc)
+            logger.warning("could not delete old checkpoints %s: %s", doomed, exc)
 
     # -- restore --------------------------------------------------------------------------
 

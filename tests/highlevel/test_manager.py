@@ -502,6 +502,17 @@ async def test_failed_deletion_is_logged_not_raised(
     assert "could not delete" in caplog.text
     assert await latest_checkpoint(directory) == f"{directory}/ckpt-2"
     assert manager.checkpoints == [f"{directory}/ckpt-2"]
+    assert "ckpt-1.index" in files_of(directory)
+    # A new manager (a restarted job) finishes the deletion at its first sweep.
+    counting.fail_deletes = False
+    restarted = CheckpointManager(
+        Checkpoint(w=np.zeros(1)), directory, max_to_keep=2, filesystem=counting
+    )
+    await restarted.restore_or_initialize()
+    await restarted.save(step=10)
+    assert sorted(n for n in files_of(directory) if n.startswith("ckpt-1.")) == []
+    assert "checkpoint.deleting.json" not in files_of(directory)
+    assert [p.rsplit("/", 1)[-1] for p in restarted.checkpoints] == ["ckpt-2", "ckpt-10"]
 
 
 async def test_interval_with_step_counter(directory: str) -> None:
