@@ -260,9 +260,10 @@ def walk(
     """
     nodes = [Node((), root, is_leaf=False)]
     ids_by_identity: dict[int, int] = {}
-    # (node id, ids of the objects on its path): the ancestors find cycles without ``share``
+    # (node id, ids of the objects on its path): without ``share`` the ancestors find cycles
+    no_ancestors: frozenset[int] = frozenset()
     pending: collections.deque[tuple[int, frozenset[int]]] = collections.deque(
-        [(0, frozenset({id(root)}))]
+        [(0, no_ancestors if share else frozenset({id(root)}))]
     )
     take = pending.popleft if order == "breadth" else pending.pop
     while pending:
@@ -279,13 +280,16 @@ def walk(
             child_id = ids_by_identity.get(id(value)) if shareable else None
             if child_id is None:
                 is_child_leaf = leaf(value)
-                if not share and not is_child_leaf and id(value) in ancestors:
-                    raise UnsupportedError(f"the tree contains a cycle at {'/'.join(child_path)!r}")
                 child_id = len(nodes)
                 nodes.append(Node(child_path, value, is_child_leaf))
                 if shareable:
                     ids_by_identity[id(value)] = child_id
-                expanded.append((child_id, ancestors | {id(value)}))
+                if share or is_child_leaf:
+                    expanded.append((child_id, no_ancestors))
+                elif id(value) in ancestors:
+                    raise UnsupportedError(f"the tree contains a cycle at {'/'.join(child_path)!r}")
+                else:
+                    expanded.append((child_id, ancestors | {id(value)}))
             if with_sites:
                 nodes[child_id].sites.append(LeafSite(child_path, value, node.value, child))
             node.children.append((child.name, child_id))

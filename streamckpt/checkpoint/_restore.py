@@ -162,6 +162,10 @@ def _leaf_problem(node: Node, info: TensorInfo) -> str | None:
 
 
 def _write_leaf(node: Node, value: np.ndarray[Any, Any]) -> None:
+    leaf = node.value
+    if type(leaf) is np.ndarray and leaf.flags.writeable and leaf.shape == value.shape:
+        leaf[...] = value  # _leaf_problem checked the cast; the common case, kept cheap
+        return
     writes = [(site, prepare_write(site, value, "/".join(site.path))) for site in node.sites]
     for site, (in_place, prepared) in writes:
         if in_place:
