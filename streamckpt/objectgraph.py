@@ -124,7 +124,7 @@ def tracked_children(node: Any, path: tuple[str, ...]) -> list[Child]:
     if is_namedtuple(node):
         # TensorFlow's tuple wrapper tracks a namedtuple's fields by name and by position.
         kept += [
-            dataclasses.replace(child, name=str(index))
+            child._replace(name=str(index))
             for index, child in enumerate(found)
             if not is_skipped_value(child.value)
         ]

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -158,9 +158,11 @@ def shape_of(x: Any) -> tuple[int, ...] | None:
 SlotKind = Literal["item", "attr", "field", "fixed"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Child:
-    """One child of a container: its local name, its value, and how it sits there."""
+class Child(NamedTuple):
+    """One child of a container: its local name, its value, and how it sits there.
+
+    A named tuple: a walk makes one per edge, and a tuple is the cheapest record to make.
+    """
 
     name: str
     value: Any
@@ -216,8 +218,7 @@ def children(node: Any, path: tuple[str, ...]) -> list[Child] | None:
 # The walk.
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class LeafSite:
+class LeafSite(NamedTuple):
     """One edge into a node: the path it was reached by, and the slot it sits in."""
 
     path: tuple[str, ...]
@@ -226,15 +227,20 @@ class LeafSite:
     child: Child | None
 
 
-@dataclasses.dataclass(slots=True)
 class Node:
     """One object of a tree, reached first by ``path``; ``children`` are (name, node id)."""
 
-    path: tuple[str, ...]
-    value: Any
-    is_leaf: bool
-    children: list[tuple[str, int]] = dataclasses.field(default_factory=list)
-    sites: list[LeafSite] = dataclasses.field(default_factory=list)  # edges into it
+    __slots__ = ("children", "is_leaf", "path", "sites", "value")
+
+    def __init__(self, path: tuple[str, ...], value: Any, is_leaf: bool) -> None:
+        self.path = path
+        self.value = value
+        self.is_leaf = is_leaf
+        self.children: list[tuple[str, int]] = []
+        self.sites: list[LeafSite] = []  # edges into it
+
+    def __repr__(self) -> str:
+        return f"Node({self.path!r}, leaf={self.is_leaf}, children={len(self.children)})"
 
 
 ChildrenOf: TypeAlias = Callable[[Any, tuple[str, ...]], list[Child]]
