@@ -19,6 +19,24 @@ from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed
 MAX_KEY_EXPANSION = 32
 
 
+def _common_prefix_length(a: bytes, b: bytes) -> int:
+    """How many leading bytes ``a`` and ``b`` share.
+
+    Bisection on slice comparisons: C compares the bytes, so a 2 KB key costs a dozen
+    comparisons rather than a Python step per byte.
+    """
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:  # invariant: a[:low] == b[:low] and a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 class BlockBuilder:
     """Accumulates sorted records into one block, with a restart point every N records."""
 
@@ -34,10 +52,7 @@ class BlockBuilder:
     def add(self, key: bytes, value: bytes) -> None:
         shared = 0
         if self._counter < self._restart_interval:
-            limit = min(len(key), len(self._last_key))
-            last = self._last_key
-            while shared < limit and last[shared] == key[shared]:
-                shared += 1
+            shared = _common_prefix_length(self._last_key, key)
         else:
             self._restarts.append(len(self._buf))
             self._counter = 0

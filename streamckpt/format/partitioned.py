@@ -26,7 +26,7 @@ import numpy as np
 
 from streamckpt.errors import CorruptCheckpointError, UnsupportedError
 from streamckpt.format.bundle import BundleEntry
-from streamckpt.format.slices import TensorSlice, encode_slice_key
+from streamckpt.format.slices import TensorSlice, encode_slice_keys
 
 __all__ = ["check_piece", "check_tiling", "piece_keys", "tensor_keys"]
 
@@ -37,7 +37,7 @@ MAX_CUT_AXES = 8
 
 def piece_keys(key: bytes, entry: BundleEntry) -> list[tuple[TensorSlice, bytes]]:
     """The index key of every piece ``entry`` lists, in its order."""
-    return [(piece, encode_slice_key(key, piece)) for piece in entry.slices]
+    return list(zip(entry.slices, encode_slice_keys(key, entry.slices), strict=True))
 
 
 def tensor_keys(entries: Mapping[bytes, BundleEntry]) -> list[bytes]:

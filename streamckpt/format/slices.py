@@ -29,6 +29,7 @@ __all__ = [
     "TensorSlice",
     "decode_slice_key",
     "encode_slice_key",
+    "encode_slice_keys",
     "format_slice_spec",
     "is_slice_key",
     "parse_slice_spec",
@@ -294,11 +295,32 @@ def _decode_name(key: bytes, pos: int) -> tuple[bytes, int]:
 
 def encode_slice_key(name: bytes, piece: TensorSlice) -> bytes:
     """The index key of one stored piece of tensor ``name``."""
-    parts = [b"\x00", _escape_name(name), _NAME_TERMINATOR, _encode_unsigned(len(piece.extents))]
-    for extent in piece.extents:
-        parts.append(_encode_signed(extent.start))
-        parts.append(_encode_signed(-1 if extent.length is None else extent.length))
-    return b"".join(parts)
+    return encode_slice_keys(name, [piece])[0]
+
+
+def encode_slice_keys(name: bytes, pieces: Sequence[TensorSlice]) -> list[bytes]:
+    """The index keys of many pieces of one tensor.
+
+    The name is escaped once, and each distinct number (pieces mostly share a few starts and
+    lengths) is encoded once.
+    """
+    head = b"\x00" + _escape_name(name) + _NAME_TERMINATOR
+    numbers: dict[int, bytes] = {}
+
+    def number(value: int) -> bytes:
+        encoded = numbers.get(value)
+        if encoded is None:
+            encoded = numbers[value] = _encode_signed(value)
+        return encoded
+
+    keys = []
+    for piece in pieces:
+        parts = [head, _encode_unsigned(len(piece.extents))]
+        for extent in piece.extents:
+            parts.append(number(extent.start))
+            parts.append(number(-1 if extent.length is None else extent.length))
+        keys.append(b"".join(parts))
+    return keys
 
 
 def decode_slice_key(key: bytes) -> tuple[bytes, TensorSlice]:

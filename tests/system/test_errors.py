@@ -5,13 +5,13 @@ never hang and never allocate what a header merely claims."""
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import functools
 import math
 import os
+import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import TF_FIXTURES
+from support.builders import (
+    KiB,
+    MiB,
+    allocated_since,
+    allocation_start,
+    data_block_handles,
+    entry_value,
+    flip,
+    header_value,
+    index_of,
+    no_hang,
+    partitioned_value,
+    table_of_blocks,
+    truncate,
+    write_checkpoint,
+)
 
 import streamckpt
 from streamckpt.errors import (
@@ -33,29 +49,23 @@ from streamckpt.errors import (
     TruncatedError,
     UnsupportedError,
 )
-from streamckpt.format.block import BlockBuilder, iter_block
-from streamckpt.format.bundle import BundleHeader, decode_index
+from streamckpt.format.block import iter_block
+from streamckpt.format.bundle import decode_index
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize
 from streamckpt.format.slices import is_slice_key
 from streamckpt.format.table import (
     FOOTER_SIZE,
     TRAILER_SIZE,
-    BlockHandle,
-    Footer,
     TableWriter,
     decode_block,
     decode_footer,
-    decode_index_block,
     encode_block_trailer,
-    encode_footer,
 )
 from streamckpt.proto import tensor_bundle_pb2
 
 pytestmark = pytest.mark.anyio
 
-KiB = 1 << 10
-MiB = 1 << 20
 # Bytes any one failing read may allocate; far below every size the hostile entries claim.
 ALLOCATION_CAP = 32 * MiB
 # The reader takes claims of up to 64 MiB at their word (it checks a shard's real size only
@@ -69,107 +79,12 @@ FUZZ = settings(
 )
 
 
-# --- building checkpoints by hand -------------------------------------------------------
-
-
-def entry_value(
-    *,
-    dtype: int,
-    shape: Sequence[int],
-    shard_id: int = 0,
-    offset: int = 0,
-    size: int = 0,
-    crc: int = 0,
-) -> bytes:
-    """A serialized BundleEntryProto with any dtype number, even ones DataType lacks."""
-    proto = tensor_bundle_pb2.BundleEntryProto(
-        dtype=dtype, shard_id=shard_id, offset=offset, size=size, crc32c=crc
-    )
-    proto.shape.SetInParent()
-    for dim in shape:
-        proto.shape.dim.add(size=dim)
-    return proto.SerializeToString()
-
-
-def index_of(records: dict[bytes, bytes], *, num_shards: int = 1) -> bytes:
-    """A valid table holding the header and ``records`` (raw entry values)."""
-    writer = TableWriter()
-    writer.add(b"", BundleHeader(num_shards=num_shards).encode())
-    for key in sorted(records):
-        writer.add(key, records[key])
-    return writer.finish()
-
-
-def table_of_blocks(
-    blocks: Sequence[Sequence[tuple[bytes, bytes]]], separators: Sequence[bytes]
-) -> bytes:
-    """A table whose data blocks hold exactly ``blocks``, in that order, unchecked.
-
-    TableWriter refuses unsorted keys, so hostile tables are assembled from the block builder
-    and the table's own trailer and footer pieces.
-    """
-    out = bytearray()
-    handles = []
-
-    def put(raw: bytes) -> BlockHandle:
-        handle = BlockHandle(len(out), len(raw))
-        out.extend(raw + encode_block_trailer(raw, 0))
-        return handle
-
-    for records in blocks:
-        builder = BlockBuilder(16)
-        for key, value in records:
-            builder.add(key, value)
-        handles.append(put(builder.finish()))
-    metaindex = put(BlockBuilder(16).finish())
-    index_builder = BlockBuilder(1)
-    for separator, handle in zip(separators, handles, strict=True):
-        index_builder.add(separator, handle.encode())
-    index = put(index_builder.finish())
-    out.extend(encode_footer(Footer(metaindex, index)))
-    return bytes(out)
-
-
-def header_value(num_shards: int = 1) -> bytes:
-    return BundleHeader(num_shards=num_shards).encode()
-
-
-def write_checkpoint(directory: Path, index: bytes, shards: Sequence[bytes] = (b"",)) -> str:
-    prefix = str(directory / "ckpt")
-    Path(prefix + ".index").write_bytes(index)
-    for shard_id, data in enumerate(shards):
-        Path(f"{prefix}.data-{shard_id:05d}-of-{len(shards):05d}").write_bytes(data)
-    return prefix
-
-
-def data_block_handles(index: bytes) -> list[BlockHandle]:
-    footer = decode_footer(index[-FOOTER_SIZE:], file_size=len(index))
-    stored = index[footer.index.offset : footer.index.end_with_trailer]
-    block = decode_block(stored, offset=footer.index.offset)
-    return list(
-        decode_index_block(block, index_offset=footer.index.offset, limit=len(index)).handles
-    )
-
-
 def size_of(path: str) -> int:
     return os.path.getsize(path)
 
 
 def read_bytes(path: str) -> bytes:
     return Path(path).read_bytes()
-
-
-def flip(path: str, position: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)
-        f.seek(position)
-        f.write(bytes((byte[0] ^ 0x40,)))
-
-
-def truncate(path: str, size: int) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(size)
 
 
 def assert_names(exc: StreamCkptError, **expected: Any) -> None:
@@ -179,32 +94,6 @@ def assert_names(exc: StreamCkptError, **expected: Any) -> None:
         assert getattr(exc, field) == value, (field, exc)
         rendered = repr(value) if field == "tensor" else str(value)
         assert f"{field}={rendered}" in text, (field, text)
-
-
-def allocation_start() -> int:
-    """Start measuring: what is traced now (it may hold garbage of earlier examples)."""
-    tracemalloc.reset_peak()
-    return tracemalloc.get_traced_memory()[0]
-
-
-def allocated_since(start: int) -> int:
-    """How far traced memory rose above ``start`` at its peak."""
-    return tracemalloc.get_traced_memory()[1] - start
-
-
-@contextlib.contextmanager
-def no_hang(seconds: float) -> Iterator[None]:
-    """End the whole run, with a traceback, if the block overruns.
-
-    pytest-timeout cannot stop a C loop that holds the GIL (``min`` over a huge range, zeroing
-    a huge buffer): neither its signal nor its thread gets to run. faulthandler's watchdog is a
-    C thread that needs no GIL, so a regression fails loudly instead of hanging the suite.
-    """
-    faulthandler.dump_traceback_later(seconds, exit=True)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
@@ -875,19 +764,17 @@ def test_load_mutated_indexes(
         anyio.run(attempt)
 
 
-@pytest.mark.timeout(3)
 async def test_many_slices_are_checked_in_subquadratic_time(tmp_path: Path) -> None:
     """20,000 slices fit in a 200 KB entry; checking that they tile the tensor must not take
     minutes (a TF checkpoint sliced finely by MaxShardSizePolicy has thousands)."""
     count = 20_000
-    proto = tensor_bundle_pb2.BundleEntryProto(dtype=1)
-    proto.shape.dim.add(size=count)
-    for start in range(count):
-        proto.slices.add().extent.add(start=start, length=1)
-    prefix = write_checkpoint(tmp_path, index_of({b"sliced": proto.SerializeToString()}))
+    value = partitioned_value(dtype=1, shape=[count], pieces=[[(i, 1)] for i in range(count)])
+    prefix = write_checkpoint(tmp_path, index_of({b"sliced": value}))
     # the pieces themselves are absent: after the cover check, the first lookup fails
+    started = time.perf_counter()
     with pytest.raises(CorruptCheckpointError, match="slice of a partitioned tensor is missing"):
         await streamckpt.load(prefix)
+    assert time.perf_counter() - started < 3.0
 
 
 @pytest.mark.parametrize(

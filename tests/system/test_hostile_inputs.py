@@ -1,0 +1,217 @@
+"""Small hostile inputs stay cheap: an index of n bytes costs O(n) time and memory to open and
+check, and a data payload is refused before anything in proportion to what its entry claims
+is built.
+
+Each case is the input that blew up before, at a size where the quadratic code took more than
+ten times the bound asserted here (measured before the fix, in the comments), while the fix
+stays far below it: the bounds are generous for a noisy two-core machine. Time is measured
+with ``perf_counter`` and memory as the traced allocation peak (tracemalloc sees numpy's
+buffers too), both in this process.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from support.builders import (
+    KiB,
+    MiB,
+    entry_value,
+    header_value,
+    index_of,
+    no_hang,
+    partitioned_value,
+    table_of_raw_blocks,
+    write_checkpoint,
+)
+
+import streamckpt
+from streamckpt.errors import ChecksumError, CorruptCheckpointError
+from streamckpt.format.bundle import decode_index
+from streamckpt.format.crc import crc32c, mask
+from streamckpt.format.slices import Extent, TensorSlice, encode_slice_key
+from streamckpt.format.varint import encode_fixed32, encode_varint
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class Cost:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+
+
+@pytest.fixture
+def watchdog() -> Iterator[None]:
+    with no_hang(120):
+        yield
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    tracemalloc.start()
+    try:
+        with no_hang(120):
+            yield
+    finally:
+        tracemalloc.stop()
+
+
+async def cost_of(work: Callable[[], Awaitable[Any]], expected: type[Exception]) -> Cost:
+    """Time and traced peak of a call that must raise ``expected``: the faster of two runs
+    (a busy shared machine can stall one), the larger of their peaks."""
+    cost = Cost(seconds=float("inf"))
+    for _ in range(2):
+        tracing = tracemalloc.is_tracing()
+        if tracing:
+            tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        started = time.perf_counter()
+        with pytest.raises(expected):
+            await work()
+        cost.seconds = min(cost.seconds, time.perf_counter() - started)
+        if tracing:
+            cost.peak_bytes = max(cost.peak_bytes, tracemalloc.get_traced_memory()[1] - start)
+    return cost
+
+
+# --- keys that each extend the previous key ------------------------------------------------
+
+
+def chain_index(records: int) -> bytes:
+    """One data block whose every key is the previous key plus one byte, prefix-compressed
+    against it (no restart point): ~17 bytes a record spell keys of ``records**2 / 2`` bytes.
+
+    Encoded here record by record: the block builder would compare each key byte by byte.
+    """
+    value = entry_value(dtype=1, shape=[0], size=0, crc=mask(0))
+    header = header_value()
+    raw = bytearray(encode_varint(0) + encode_varint(0) + encode_varint(len(header)) + header)
+    for shared in range(records):  # key i is b"k" * (i + 1): all of key i - 1, then one byte
+        raw += encode_varint(shared) + b"\x01" + encode_varint(len(value)) + b"k" + value
+    raw += encode_fixed32(0) + encode_fixed32(1)  # one restart point, at the header
+    return table_of_raw_blocks([bytes(raw)], [b"l"])
+
+
+@pytest.mark.usefixtures("traced")
+async def test_keys_that_each_extend_the_previous_one(tmp_path: Path) -> None:
+    """Before: 409 KB of index took 1.27 GB RSS to open, 834 KB 4.9 GB and 13.9 s. The keys of
+    the 40,000 records here spell 800 MB, which the old decoder built and kept (measured on
+    it: 8,000 records, 128 KB, took 1.6 s and a 32 MB peak, both growing as the square, so
+    about 40 s here). Now the keys a block spells are capped at 32x its size."""
+    index = chain_index(40_000)
+    assert 640 * KiB < len(index) < 720 * KiB
+    prefix = write_checkpoint(tmp_path, index)
+
+    async def decode() -> None:
+        decode_index(index)
+
+    for work in (
+        decode,
+        lambda: streamckpt.load(prefix),
+        lambda: streamckpt.read_tensor(prefix, b"k" * 39_999),
+    ):
+        cost = await cost_of(work, CorruptCheckpointError)
+        assert cost.seconds < 4.0, cost
+        assert cost.peak_bytes < 48 * MiB, cost
+
+
+@pytest.mark.usefixtures("traced")
+async def test_long_names_as_tf_writes_them_still_open(tmp_path: Path) -> None:
+    """The cap that refuses the chain keeps real indexes: 4,000 names of 2,000 bytes that
+    share all but their last bytes (TF restarts prefix compression every 16 records)."""
+    stem = b"model/" + b"x" * 1990
+    payload = np.float32(1.5).tobytes()
+    value = entry_value(dtype=1, shape=[], size=4, crc=mask(crc32c(payload)))
+    names = [stem + f"{i:04d}".encode() for i in range(4000)]
+    prefix = write_checkpoint(tmp_path, index_of(dict.fromkeys(names, value)), [payload])
+    async with streamckpt.open(prefix) as ckpt:
+        assert len(ckpt.entries) == 4000
+    assert await streamckpt.read_tensor(prefix, names[-1]) == np.float32(1.5)
+
+
+# --- partitioned tensors cut along two axes ------------------------------------------------
+
+
+def grid_checkpoint(root: Path, name: str, rows: int, cols: int, *, with_pieces: bool) -> str:
+    """A (rows, cols) float32 tensor stored as rows * cols one-element pieces."""
+    directory = root / name
+    directory.mkdir()
+    cells = [(r, c) for r in range(rows) for c in range(cols)]
+    records = {
+        b"grid": partitioned_value(
+            dtype=1, shape=[rows, cols], pieces=[[(r, 1), (c, 1)] for r, c in cells]
+        )
+    }
+    shard = bytearray()
+    if with_pieces:
+        for r, c in cells:
+            payload = np.float32(r * cols + c).tobytes()
+            key = encode_slice_key(b"grid", TensorSlice((Extent(r, 1), Extent(c, 1))))
+            records[key] = entry_value(
+                dtype=1, shape=[1, 1], offset=len(shard), size=4, crc=mask(crc32c(payload))
+            )
+            shard += payload
+    return write_checkpoint(directory, index_of(records), [bytes(shard)])
+
+
+def index_size(prefix: str) -> int:
+    return Path(prefix + ".index").stat().st_size
+
+
+def sparse_string_checkpoint(directory: Path, count: int) -> str:
+    """An entry claiming ``count`` strings over a zeroed shard that takes no disk."""
+    value = entry_value(dtype=7, shape=[count], size=count + 4, crc=mask(0))
+    prefix = write_checkpoint(directory, index_of({b"strings": value}), [b""])
+    with open(prefix + ".data-00000-of-00001", "r+b") as shard:
+        shard.truncate(count + 4)
+    return prefix
+
+
+@pytest.mark.usefixtures("watchdog")
+async def test_pieces_cut_along_two_axes_are_checked_in_linear_time(tmp_path: Path) -> None:
+    """Before: the pairwise overlap check took 7.9 s for a 50 KB index and 65 s for 140 KB
+    (measured on it here: 4,900 pieces, 68 KB, 39 s). This one is 12,100 pieces in a 150 KB
+    full entry: the check passes, then finds the first piece's entry missing. The same grid
+    with its pieces then loads whole."""
+    bare = grid_checkpoint(tmp_path, "bare", 110, 110, with_pieces=False)
+    assert index_size(bare) > 140 * KiB
+    cost = await cost_of(lambda: streamckpt.load(bare), CorruptCheckpointError)
+    assert cost.seconds < 6.0, cost
+
+    whole = grid_checkpoint(tmp_path, "whole", 110, 110, with_pieces=True)
+    started = time.perf_counter()
+    loaded = await streamckpt.load(whole)
+    seconds = time.perf_counter() - started
+    np.testing.assert_array_equal(
+        loaded["grid"], np.arange(110 * 110, dtype=np.float32).reshape(110, 110)
+    )
+    assert seconds < 15.0, seconds
+
+
+# --- a string tensor claiming 64 Mi elements ------------------------------------------------
+
+
+@pytest.mark.usefixtures("traced")
+async def test_string_claim_on_a_sparse_shard_is_refused_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    """Before: 64 Mi empty strings over a zeroed (sparse) 64 MiB shard reached 1.66 GB RSS
+    before the length checksum refused them. Now the lengths are checksummed a chunk at a
+    time: the 64 MiB read itself is the only large allocation."""
+    count = 64 << 20
+    prefix = sparse_string_checkpoint(tmp_path, count)
+    for work in (
+        lambda: streamckpt.load(prefix),
+        lambda: streamckpt.read_tensor(prefix, "strings"),
+    ):
+        cost = await cost_of(work, ChecksumError)
+        assert cost.peak_bytes < (count + 4) + 48 * MiB, cost
+        assert cost.seconds < 10.0, cost
