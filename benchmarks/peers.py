@@ -55,30 +55,42 @@ def available(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     return tools, skipped
 
 
-class StreamCkpt:
+class Tool:
+    """The defaults: save the arrays as they are, restore into nothing, check as returned."""
+
+    def prepare_save(self, arrays: dict[str, np.ndarray[Any, Any]]) -> Any:
+        return arrays
+
+    def save(self, state: Any, root: str) -> None:
+        raise NotImplementedError
+
+    def prepare_restore(self, wl: Workload) -> Any:
+        return None
+
+    def restore(self, state: Any, root: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check(self, restored: dict[str, Any]) -> dict[str, Any]:
+        return restored
+
+
+class StreamCkpt(Tool):
+    """``streamckpt.sync.save`` / ``load`` with ``num_shards``."""
+
     def __init__(self, num_shards: int) -> None:
         import streamckpt.sync
 
         self.sync = streamckpt.sync
         self.num_shards = num_shards
 
-    def prepare_save(self, arrays: dict[str, np.ndarray[Any, Any]]) -> Any:
-        return arrays
-
     def save(self, state: Any, root: str) -> None:
         self.sync.save(os.path.join(root, "ckpt"), state, num_shards=self.num_shards)
-
-    def prepare_restore(self, wl: Workload) -> Any:
-        return None
 
     def restore(self, state: Any, root: str) -> dict[str, Any]:
         return self.sync.load(os.path.join(root, "ckpt"))
 
-    def check(self, restored: dict[str, Any]) -> dict[str, Any]:
-        return restored
 
-
-class TensorFlow(StreamCkpt):
+class TensorFlow(Tool):
     """tf.train.Checkpoint over tf.Variables made before the timer; ``write`` then fsync;
     ``read`` restores in place into zero-filled variables made before the timer."""
 
@@ -109,7 +121,7 @@ class TensorFlow(StreamCkpt):
         return {k: v.numpy() for k, v in restored.items()}
 
 
-class Orbax(StreamCkpt):
+class Orbax(Tool):
     """orbax-checkpoint's synchronous ``Checkpointer(StandardCheckpointHandler())`` with its
     defaults (OCDBT + zarr3, compressed); restore returns numpy arrays."""
 
@@ -126,7 +138,7 @@ class Orbax(StreamCkpt):
         return self.ckptr.restore(os.path.join(os.path.abspath(root), "ckpt"))  # type: ignore[no-any-return]
 
 
-class TorchDCP(StreamCkpt):
+class TorchDCP(Tool):
     """torch.distributed.checkpoint in one process, FileSystemWriter(sync_files=True), over
     tensors sharing the arrays' memory; loads in place into tensors allocated before the
     timer."""
@@ -155,7 +167,7 @@ class TorchDCP(StreamCkpt):
         return {k: v.numpy() for k, v in restored.items()}
 
 
-class SafeTensors(StreamCkpt):
+class SafeTensors(Tool):
     """safetensors.numpy: ``save_file`` then fsync of the file and directory; ``load_file``."""
 
     def __init__(self) -> None:
@@ -169,10 +181,10 @@ class SafeTensors(StreamCkpt):
         return self.st.load_file(os.path.join(root, "ckpt.safetensors"))  # type: ignore[no-any-return]
 
 
-def make_tool(tool: str) -> StreamCkpt:
+def make_tool(tool: str) -> Tool:
     if tool.startswith("streamckpt-"):
         return StreamCkpt(int(tool.split("-", 1)[1]))
-    peer: Callable[[], StreamCkpt] = {
+    peer: Callable[[], Tool] = {
         "tensorflow": TensorFlow,
         "orbax": Orbax,
         "torch-dcp": TorchDCP,
@@ -184,7 +196,7 @@ def make_tool(tool: str) -> StreamCkpt:
 # -- the child's side ---------------------------------------------------------------------------
 
 
-def run_save(spec: dict[str, Any], tool: StreamCkpt, wl: Workload) -> dict[str, Any]:
+def run_save(spec: dict[str, Any], tool: Tool, wl: Workload) -> dict[str, Any]:
     """Untimed: arrays, the tool's state, one warm-up save (its time is the "1st save": TF
     traces, DCP plans). Timed: ``repeats`` saves, each into an empty directory after the
     previous checkpoint was deleted and synced away, stopping once ``budget`` seconds went
@@ -213,7 +225,7 @@ def run_save(spec: dict[str, Any], tool: StreamCkpt, wl: Workload) -> dict[str, 
     return out
 
 
-def run_restore(spec: dict[str, Any], tool: StreamCkpt, wl: Workload) -> dict[str, Any]:
+def run_restore(spec: dict[str, Any], tool: Tool, wl: Workload) -> dict[str, Any]:
     """One restore (the checkpoint's files evicted from the page cache first when ``cold``),
     then, when ``verify``, every tensor compared with the data, untimed."""
     target = os.path.join(spec["dir"], "ckpt")
