@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -239,3 +240,33 @@ def test_mutated_payloads_raise_only_corrupt(values: list[bytes], data: st.DataO
         del mutated[at]
     with pytest.raises(CorruptCheckpointError):
         decode_strings(bytes(mutated), len(values), expected_crc=entry_crc)
+
+
+# --- many elements: checked a chunk at a time -------------------------------------------------
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_many_strings_across_chunks_round_trip(big_endian: bool) -> None:
+    """Lengths of one, two and three varint bytes, straddling the 16 Ki-element chunks."""
+    values = [bytes([i % 251]) * (i % 3 * 150) for i in range(40_000)]
+    payload, entry_crc = encode_strings(values, big_endian=big_endian)
+    decoded = decode_strings(payload, len(values), big_endian=big_endian, expected_crc=entry_crc)
+    assert decoded == values
+    empties = [b""] * 50_000
+    payload, entry_crc = encode_strings(empties)
+    assert decode_strings(payload, len(empties), expected_crc=entry_crc) == empties
+
+
+def test_a_huge_claim_over_zeros_is_refused_in_bounded_memory() -> None:
+    """16 Mi empty strings over zeroed bytes: refused by the length checksum, and nothing
+    in proportion to the count is built first."""
+    count = 16 << 20
+    payload = bytearray(count + 4)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChecksumError, match="length checksum"):
+            decode_strings(payload, count)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError, StreamCkptError
-from streamckpt.format.block import BlockBuilder, iter_block, seek_block
+from streamckpt.format.block import MAX_KEY_EXPANSION, BlockBuilder, iter_block, seek_block
 from streamckpt.format.crc import crc32c, mask, unmask
 from streamckpt.format.table import (
     FOOTER_SIZE,
@@ -17,8 +17,9 @@ from streamckpt.format.table import (
     decode_index_block,
     short_successor,
     shortest_separator,
+    table_size_from_tail,
 )
-from streamckpt.format.varint import decode_varint, encode_varint
+from streamckpt.format.varint import decode_varint, decode_varints, encode_fixed32, encode_varint
 
 
 def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -184,3 +185,82 @@ def test_hostile_snappy_length_is_refused_before_inflating() -> None:
     stored += mask(crc32c(stored)).to_bytes(4, "little")
     with pytest.raises(StreamCkptError):
         decode_block(stored, offset=0)
+
+
+# --- hostile prefix compression, many varints, the size from a tail -------------------------
+
+
+def _chain_block(records: int) -> bytes:
+    """Every key is the previous one plus a byte; one restart point."""
+    raw = bytearray()
+    for shared in range(records):
+        raw += encode_varint(shared) + b"\x01\x00" + b"k"
+    return bytes(raw) + encode_fixed32(0) + encode_fixed32(1)
+
+
+def test_keys_a_block_spells_are_capped_by_its_size() -> None:
+    block = _chain_block(3000)  # ~14 KB spelling 4.5 MB of keys
+    assert len(block) * MAX_KEY_EXPANSION < 3000 * 3001 // 2
+    with pytest.raises(CorruptCheckpointError, match="spell more than"):
+        list(iter_block(block))
+    with pytest.raises(CorruptCheckpointError, match="spell more than"):
+        seek_block(block, b"k" * 2999)
+    short = _chain_block(100)  # within the cap: read as it is
+    assert [k for k, _ in iter_block(short)] == [b"k" * (i + 1) for i in range(100)]
+    assert seek_block(short, b"k" * 50) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(20, 400), st.integers(1, 32))
+def test_long_shared_keys_at_any_restart_interval_up_to_32_are_read(
+    key_length: int, interval: int
+) -> None:
+    """What the cap must never refuse: long keys that share all but their last bytes,
+    with the smallest values, at TF's restart interval (16) and up to twice it."""
+    keys = [b"x" * key_length + i.to_bytes(2, "big") for i in range(300)]
+    builder = BlockBuilder(interval)
+    for key in keys:
+        builder.add(key, b"")
+    assert [k for k, _ in iter_block(builder.finish())] == keys
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 300), max_size=40), st.binary(max_size=3)
+)
+def test_varints_decoded_at_once_match_one_at_a_time(values: list[int], after: bytes) -> None:
+    data = b"".join(encode_varint(v) for v in values) + after
+    decoded, end = decode_varints(data, 0, len(values))
+    assert decoded.tolist() == values
+    pos = 0
+    for _ in values:
+        _, pos = decode_varint(data, pos)
+    assert end == pos
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x80", b"\x80" * 11, b"\xff" * 9 + b"\x02"],
+    ids=["empty", "cut", "long", "wide"],
+)
+def test_varints_decoded_at_once_refuse_what_one_at_a_time_refuses(data: bytes) -> None:
+    with pytest.raises(CorruptCheckpointError) as scalar:
+        decode_varint(data, 0)
+    with pytest.raises(CorruptCheckpointError) as vector:
+        decode_varints(b"\x05" + data, 1, 2)
+    assert str(vector.value).split(" (")[0] == str(scalar.value).split(" (")[0]
+
+
+def test_table_size_from_a_tail() -> None:
+    writer = TableWriter(block_size=64)
+    for i in range(50):
+        writer.add(f"key{i:03d}".encode(), b"v" * 10)
+    table = writer.finish()
+    assert table_size_from_tail(table) == len(table)
+    index = decode_footer(table[-FOOTER_SIZE:], file_size=len(table)).index
+    assert table_size_from_tail(table[index.offset :]) == len(table)
+    assert table_size_from_tail(table[index.offset + 1 :]) is None  # index block cut: ask
+    assert table_size_from_tail(table[-40:]) is None  # shorter than a footer
+    damaged = bytearray(table)
+    damaged[-60] ^= 1  # inside the index block: its checksum no longer holds there
+    assert table_size_from_tail(bytes(damaged)) is None
