@@ -47,6 +47,7 @@ from streamckpt.format.bundle import (
 )
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
 from streamckpt.format.partitioned import check_piece, check_tiling, piece_keys, tensor_keys
+from streamckpt.format.payload import decode_tensor
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,
@@ -61,7 +62,6 @@ from streamckpt.format.table import (
 from streamckpt.pipeline.index import INDEX_CACHE, IndexState
 from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
 from streamckpt.pipeline.region import Region, plan_region
-from streamckpt.pipeline.tensors import decode_payload
 from streamckpt.storage import ByteRange, Store
 
 # First read of an index: enough for footer + index block of any realistic checkpoint, and the
@@ -342,7 +342,7 @@ class CheckpointReader:
     ) -> np.ndarray[Any, Any]:
         buffer = payload if payload.readonly is False else bytearray(payload)
         try:
-            return decode_payload(
+            return decode_tensor(
                 buffer,
                 dtype=entry.dtype,
                 shape=entry.shape,

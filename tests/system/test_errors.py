@@ -774,7 +774,7 @@ async def test_many_slices_are_checked_in_subquadratic_time(tmp_path: Path) -> N
     started = time.perf_counter()
     with pytest.raises(CorruptCheckpointError, match="slice of a partitioned tensor is missing"):
         await streamckpt.load(prefix)
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started < 10.0  # pairwise: minutes
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,56 @@
+"""A tensor's payload bytes to a numpy array, verified against its entry (spec section 7).
+
+The one checksum rule of every payload: the entry's masked crc32c covers the payload bytes
+for fixed-size types; for DT_STRING and DT_VARIANT it covers fixed-width lengths instead of
+the stored varints, so their codecs verify it while they parse. Nothing is returned unless
+it holds. Little-endian fixed-size data is viewed, not copied.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from streamckpt.errors import ChecksumError
+from streamckpt.format.crc import crc32c, mask
+from streamckpt.format.dtypes import DataType, numpy_dtype
+from streamckpt.format.strings import decode_strings
+from streamckpt.format.variant import decode_variants
+
+__all__ = ["decode_tensor"]
+
+
+def decode_tensor(
+    buffer: bytes | bytearray | memoryview,
+    *,
+    dtype: DataType,
+    shape: tuple[int, ...],
+    big_endian: bool,
+    expected_crc: int,
+) -> np.ndarray[Any, Any]:
+    """An array of ``shape`` over ``buffer``, checked against the masked ``expected_crc``.
+
+    Offsets in errors are relative to the payload start; the caller makes them file offsets.
+    """
+    count = math.prod(shape)
+    if dtype == DataType.DT_STRING or dtype == DataType.DT_VARIANT:
+        if dtype == DataType.DT_STRING:
+            values = decode_strings(
+                memoryview(buffer), count, big_endian=big_endian, expected_crc=expected_crc
+            )
+        else:
+            values = decode_variants(memoryview(buffer), count, expected_crc=expected_crc)
+        out = np.empty(count, dtype=object)
+        out[:] = values
+        return out.reshape(shape)
+    actual = mask(crc32c(buffer))
+    if actual != expected_crc:
+        raise ChecksumError(
+            f"tensor checksum mismatch (stored {expected_crc:#010x}, computed {actual:#010x})"
+        )
+    array = np.frombuffer(buffer, dtype=numpy_dtype(dtype, big_endian=big_endian), count=count)
+    if big_endian and array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.reshape(shape)
