@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
             f"{info.seconds:.2f} s ({total / info.seconds / 1e9:.2f} GB/s, fsync'd)"
         )
         for path in info.files:
-            out.line(f"  {path}  {human(os.path.getsize(path))}")
+            out.line(f"  {path}  {human((await anyio.Path(path).stat()).st_size)}")
 
         started = time.perf_counter()
         with out.progress("loading", total) as advance:
