@@ -1,0 +1,295 @@
+"""Tensors in and out of other formats: safetensors files, Hugging Face directories, torch.
+
+Rules:
+
+- a source states every tensor's name, dtype and shape before any data is read, and then
+  reads the tensors asked for, so a writer can lay out its file first and stream the data;
+- safetensors is read and written here by its own short spec (8-byte little-endian header
+  length, a JSON header of dtype / shape / data offsets, then the raw bytes), with ranged
+  reads on any fsspec URL; the ``safetensors`` package is not needed;
+- dtypes are kept exactly, bfloat16 and float8 included; torch files are loaded with
+  ``weights_only=True`` (no pickled code runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio.to_thread
+import ml_dtypes
+import numpy as np
+
+import streamckpt
+from streamckpt.cli._output import CORRUPT, USAGE, CliError
+
+HF_INDEX = "model.safetensors.index.json"
+
+_ST_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "C64": np.dtype(np.complex64),
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+# A header longer than this is not a safetensors header (the spec caps it at 100 MB).
+_MAX_HEADER = 100_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One tensor as a source describes it before reading it."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Source(Protocol):
+    specs: list[Spec]
+
+    async def read(self, names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]: ...
+
+
+def batches(specs: Sequence[Spec], budget: int) -> list[list[Spec]]:
+    """Specs in order, grouped so that each group's bytes fit ``budget`` (one may exceed it)."""
+    groups: list[list[Spec]] = []
+    held = 0
+    for spec in specs:
+        if not groups or (groups[-1] and held + spec.nbytes > budget):
+            groups.append([])
+            held = 0
+        groups[-1].append(spec)
+        held += spec.nbytes
+    return groups
+
+
+class CheckpointSource:
+    """A TF checkpoint, read through an open :class:`streamckpt.CheckpointReader`."""
+
+    def __init__(self, reader: streamckpt.CheckpointReader) -> None:
+        self.reader = reader
+        self.specs = [
+            Spec(e.name, e.dtype, e.shape)
+            for e in sorted(reader.entries.values(), key=lambda e: (e.shard, e.offset, e.name))
+        ]
+
+    async def read(self, names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        return await self.reader.read_many(list(names))
+
+
+class SafetensorsSource:
+    """One or more safetensors files (a Hugging Face directory has several)."""
+
+    def __init__(self, fs: Any, files: Sequence[str]) -> None:
+        self.fs = fs
+        self.specs: list[Spec] = []
+        self.where: dict[str, tuple[str, int, int]] = {}  # name -> file, start, end
+        for path in files:
+            for spec, start, end in _read_header(fs, path):
+                if spec.name in self.where:
+                    raise CliError(f"tensor {spec.name!r} appears twice (in {path})", code=CORRUPT)
+                self.specs.append(spec)
+                self.where[spec.name] = (path, start, end)
+        self.by_name = {spec.name: spec for spec in self.specs}
+
+    async def read(self, names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        def work() -> dict[str, np.ndarray[Any, Any]]:
+            values = {}
+            for name in names:
+                path, start, end = self.where[name]
+                spec = self.by_name[name]
+                data = self.fs.cat_file(path, start=start, end=end) if end > start else b""
+                values[name] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+            return values
+
+        return await anyio.to_thread.run_sync(work)
+
+
+def _read_header(fs: Any, path: str) -> list[tuple[Spec, int, int]]:
+    size = fs.size(path)
+    head = fs.cat_file(path, start=0, end=8)
+    if len(head) < 8:
+        raise CliError(f"{path} is not a safetensors file: shorter than 8 bytes", code=CORRUPT)
+    (length,) = struct.unpack("<Q", head)
+    if length > min(_MAX_HEADER, size - 8):
+        raise CliError(f"{path} is not a safetensors file: bad header length", code=CORRUPT)
+    try:
+        header = json.loads(fs.cat_file(path, start=8, end=8 + length))
+        entries = []
+        for name, item in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _ST_DTYPES[item["dtype"]]
+            shape = tuple(int(d) for d in item["shape"])
+            start, end = (int(x) + 8 + length for x in item["data_offsets"])
+            spec = Spec(name, dtype, shape)
+            if end - start != spec.nbytes or end > size or start > end:
+                raise ValueError(f"offsets of {name!r} do not fit its dtype and shape")
+            entries.append((spec, start, end))
+    except KeyError as exc:
+        raise CliError(
+            f"{path}: unsupported or missing safetensors field {exc}", code=CORRUPT
+        ) from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CliError(f"{path} is not a valid safetensors file: {exc}", code=CORRUPT) from None
+    return entries
+
+
+def hf_files(fs: Any, directory: str) -> list[str]:
+    """The safetensors files a Hugging Face directory's index names, in order."""
+    index_path = f"{directory.rstrip('/')}/{HF_INDEX}"
+    try:
+        weight_map = json.loads(fs.cat_file(index_path))["weight_map"]
+        files = list(dict.fromkeys(str(f) for f in weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CliError(f"{index_path} is not a Hugging Face index: {exc}", code=CORRUPT) from None
+    return [f"{directory.rstrip('/')}/{name}" for name in files]
+
+
+class ArraySource:
+    """Tensors already in memory (a torch state dict)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
+        self.arrays = arrays
+        self.specs = [Spec(name, a.dtype, tuple(a.shape)) for name, a in arrays.items()]
+
+    async def read(self, names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+        return {name: self.arrays[name] for name in names}
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CliError(
+            "reading or writing torch files needs torch, which is not installed",
+            hint="pip install torch",
+            code=USAGE,
+        ) from None
+    return torch
+
+
+def load_torch(fs: Any, path: str) -> ArraySource:
+    """A torch state dict, loaded with ``weights_only=True``; every value must be a tensor."""
+    torch = _torch()
+    with fs.open(path, "rb") as stream:
+        try:
+            loaded = torch.load(stream, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds for a bad file
+            raise CliError(
+                f"cannot load {path} as a torch state dict: {exc}", code=CORRUPT
+            ) from None
+    if isinstance(loaded, dict) and set(loaded) <= {"state_dict", "model"} and len(loaded) == 1:
+        loaded = next(iter(loaded.values()))
+    if not isinstance(loaded, dict):
+        raise CliError(f"{path} holds a {type(loaded).__name__}, not a state dict", code=CORRUPT)
+    arrays = {}
+    for name, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise CliError(
+                f"{path}: {name!r} is a {type(value).__name__}, not a tensor", code=CORRUPT
+            )
+        arrays[str(name)] = _from_torch(torch, value)
+    return ArraySource(arrays)
+
+
+_TORCH_VIEWS = {"bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8"}
+
+
+def _from_torch(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:
+    tensor = tensor.detach().cpu().contiguous()
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name in _TORCH_VIEWS:
+        raw = tensor.view(getattr(torch, _TORCH_VIEWS[name])).numpy()
+        return raw.view(np.dtype(getattr(ml_dtypes, name)))
+    array: np.ndarray[Any, Any] = tensor.numpy()
+    return array
+
+
+def _to_torch(torch: Any, array: np.ndarray[Any, Any]) -> Any:
+    name = array.dtype.name
+    if name in _TORCH_VIEWS:
+        raw = np.ascontiguousarray(array).view(np.dtype(_TORCH_VIEWS[name]))
+        return torch.from_numpy(raw.copy()).view(getattr(torch, name))
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+async def write_torch(fs: Any, path: str, source: Source, advance: Callable[[int], None]) -> None:
+    """One ``torch.save`` of the whole state dict (torch writes it in one go)."""
+    torch = _torch()
+    values = await source.read([spec.name for spec in source.specs])
+    state = {name: _to_torch(torch, value) for name, value in values.items()}
+
+    def work() -> None:
+        with fs.open(path, "wb") as stream:
+            torch.save(state, stream)
+
+    await anyio.to_thread.run_sync(work)
+    advance(sum(spec.nbytes for spec in source.specs))
+
+
+def check_safetensors_dtypes(specs: Sequence[Spec]) -> None:
+    unsupported = [f"{s.name} ({s.dtype})" for s in specs if s.dtype not in _ST_NAMES]
+    if unsupported:
+        raise CliError(
+            f"safetensors cannot hold {', '.join(unsupported[:5])}"
+            + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""),
+            hint='drop them with --name-map (a JSON object {"name": null}), or convert to tf',
+        )
+
+
+async def write_safetensors(
+    fs: Any,
+    path: str,
+    specs: Sequence[Spec],
+    source: Source,
+    budget: int,
+    advance: Callable[[int], None],
+) -> int:
+    """Stream ``specs`` into one safetensors file: header first, then data batch by batch."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": _ST_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    stream = await anyio.to_thread.run_sync(fs.open, path, "wb")
+    try:
+        await anyio.to_thread.run_sync(stream.write, struct.pack("<Q", len(text)) + text)
+        for group in batches(specs, budget):
+            values = await source.read([spec.name for spec in group])
+            for spec in group:
+                data = np.ascontiguousarray(values.pop(spec.name), dtype=spec.dtype)
+                await anyio.to_thread.run_sync(
+                    stream.write, memoryview(data.reshape(-1).view(np.uint8))
+                )
+                advance(spec.nbytes)
+    finally:
+        await anyio.to_thread.run_sync(stream.close)
+    return 8 + len(text) + offset
