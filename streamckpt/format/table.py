@@ -279,11 +279,14 @@ class IndexBlock:
 def decode_index_block(block: bytes | memoryview, *, index_offset: int, limit: int) -> IndexBlock:
     """Parse the (already verified and inflated) index block.
 
-    ``limit`` is the offset of the footer: every data block must end before it.
+    ``limit`` is the offset of the footer: every data block must end before it, and each
+    must start where or after the one before it ends, so that the data blocks together are
+    at most the file's size.
     """
     separators: list[bytes] = []
     handles: list[BlockHandle] = []
     previous: bytes | None = None
+    blocks_end = 0
     for key, value in iter_block(block):
         if previous is not None and key <= previous:
             raise CorruptCheckpointError("index block keys are not sorted", offset=index_offset)
@@ -292,9 +295,17 @@ def decode_index_block(block: bytes | memoryview, *, index_offset: int, limit: i
             raise CorruptCheckpointError(
                 "data block handle points past the end of the index", offset=index_offset
             )
+        if handle.offset < blocks_end:
+            # Blocks are written one after another. Handles that overlap (or all name one
+            # block) would make reading the index cost handles x block size.
+            raise CorruptCheckpointError(
+                f"data block at {handle.offset} overlaps the one before it (ends at {blocks_end})",
+                offset=index_offset,
+            )
         separators.append(key)
         handles.append(handle)
         previous = key
+        blocks_end = handle.end_with_trailer
     return IndexBlock(tuple(separators), tuple(handles))
 
 

@@ -264,3 +264,23 @@ def test_table_size_from_a_tail() -> None:
     damaged = bytearray(table)
     damaged[-60] ^= 1  # inside the index block: its checksum no longer holds there
     assert table_size_from_tail(bytes(damaged)) is None
+
+
+def test_data_block_handles_must_follow_one_another() -> None:
+    from streamckpt.format.table import BlockHandle
+
+    def index_block(*handles: BlockHandle) -> bytes:
+        builder = BlockBuilder(1)
+        for i, handle in enumerate(handles):
+            builder.add(bytes([i + 1]), handle.encode())
+        return builder.finish()
+
+    ok = index_block(BlockHandle(0, 10), BlockHandle(15, 3), BlockHandle(30, 0))
+    assert len(decode_index_block(ok, index_offset=0, limit=100).handles) == 3
+    for handles in [
+        (BlockHandle(0, 10), BlockHandle(0, 10)),  # the same block twice
+        (BlockHandle(0, 10), BlockHandle(14, 3)),  # starts inside the one before (trailer)
+        (BlockHandle(20, 5), BlockHandle(0, 5)),  # out of order
+    ]:
+        with pytest.raises(CorruptCheckpointError, match="overlaps the one before"):
+            decode_index_block(index_block(*handles), index_offset=0, limit=100)
