@@ -11,6 +11,7 @@ from streamckpt.format.block import MAX_KEY_EXPANSION, BlockBuilder, iter_block,
 from streamckpt.format.crc import crc32c, mask, unmask
 from streamckpt.format.table import (
     FOOTER_SIZE,
+    BlockHandle,
     TableWriter,
     decode_block,
     decode_footer,
@@ -267,8 +268,6 @@ def test_table_size_from_a_tail() -> None:
 
 
 def test_data_block_handles_must_follow_one_another() -> None:
-    from streamckpt.format.table import BlockHandle
-
     def index_block(*handles: BlockHandle) -> bytes:
         builder = BlockBuilder(1)
         for i, handle in enumerate(handles):
