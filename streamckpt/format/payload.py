@@ -13,13 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from streamckpt.errors import ChecksumError
+from streamckpt.errors import ChecksumError, TruncatedError
 from streamckpt.format.crc import crc32c, mask
-from streamckpt.format.dtypes import DataType, numpy_dtype
+from streamckpt.format.dtypes import DataType, itemsize, numpy_dtype
 from streamckpt.format.strings import decode_strings
 from streamckpt.format.variant import decode_variants
 
-__all__ = ["decode_tensor"]
+__all__ = ["check_payload_size", "decode_tensor"]
+
+
+def check_payload_size(size: int, expected: int) -> None:
+    """Refuse a buffer of ``size`` bytes, not ``expected``, before anything views it.
+
+    Stores return exactly the bytes asked for or raise; this keeps a strided view (partial
+    reads) or a typed view (whole tensors) from ever reaching past a short buffer.
+    """
+    if size != expected:
+        raise TruncatedError(f"read {size} bytes where {expected} were expected")
 
 
 def decode_tensor(
@@ -45,6 +55,7 @@ def decode_tensor(
         out = np.empty(count, dtype=object)
         out[:] = values
         return out.reshape(shape)
+    check_payload_size(memoryview(buffer).nbytes, count * itemsize(dtype))
     actual = mask(crc32c(buffer))
     if actual != expected_crc:
         raise ChecksumError(

@@ -47,7 +47,7 @@ from streamckpt.format.bundle import (
 )
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
 from streamckpt.format.partitioned import check_piece, check_tiling, piece_keys, tensor_keys
-from streamckpt.format.payload import decode_tensor
+from streamckpt.format.payload import check_payload_size, decode_tensor
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,
@@ -456,6 +456,15 @@ class CheckpointReader:
         await self._check_fits([Placement(key, entry.shard_id, start, region.byte_length)])
         try:
             data = await self.store.read_range(path, start, start + region.byte_length)
+        except StreamCkptError as exc:
+            raise exc.with_context(
+                uri=self.store.uri(path),
+                tensor=key_to_name(key),
+                shard=entry.shard_id,
+                offset=start,
+            ) from None
+        try:
+            check_payload_size(memoryview(data).nbytes, region.byte_length)
         except StreamCkptError as exc:
             raise exc.with_context(
                 uri=self.store.uri(path),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamckpt.errors import ChecksumError, CorruptCheckpointError
+from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedError
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType
-from streamckpt.format.payload import decode_tensor
+from streamckpt.format.payload import check_payload_size, decode_tensor
 from streamckpt.format.strings import encode_strings
 from streamckpt.format.variant import encode_variants
 
@@ -64,3 +64,18 @@ def test_strings_and_variants_are_checked_by_their_codecs() -> None:
         decode_tensor(
             empty, dtype=DataType.DT_VARIANT, shape=(1,), big_endian=False, expected_crc=crc
         )
+
+
+def test_a_short_buffer_is_refused_before_it_is_viewed() -> None:
+    raw = np.arange(4, dtype="<f4").tobytes()
+    with pytest.raises(TruncatedError, match="read 12 bytes where 16 were expected"):
+        decode_tensor(
+            raw[:12],
+            dtype=DataType.DT_FLOAT,
+            shape=(4,),
+            big_endian=False,
+            expected_crc=mask(crc32c(raw[:12])),
+        )
+    check_payload_size(16, 16)
+    with pytest.raises(TruncatedError):
+        check_payload_size(15, 16)
