@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Output(json=args.json, quiet=args.quiet, debug=args.debug)
     _route_logging(debug=args.debug)
     try:
+        _check_urls(args)
         module = importlib.import_module(f"streamckpt.cli.{args.module}")
         code: int = getattr(module, args.function)(args, out)
         sys.stdout.flush()
@@ -86,6 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _report(exc, out, args)
     return code
+
+
+def _check_urls(args: argparse.Namespace) -> None:
+    """Refuse unusable URLs before the command's module (numpy, the pipeline) is imported."""
+    from streamckpt.cli._where import check_url
+
+    for name in args.reads:
+        check_url(getattr(args, name))
+    if args.writes:
+        check_url(getattr(args, args.writes), writing=True)
 
 
 class _OneLine(logging.Formatter):
@@ -133,13 +144,6 @@ def explain(exc: BaseException, *, command: str) -> tuple[str, str | None, int]:
         text = str(exc).replace("(pass overwrite=True)", "(add --overwrite to replace it)")
         message = f"{text} [{name}]"
         if isinstance(exc, errors.CheckpointNotFoundError):
-            if command in ("cp", "convert", "demo") and exc.uri and exc.uri.endswith(".claim"):
-                where = exc.uri.removesuffix(".claim")
-                return (
-                    f"cannot write {where}: its directory does not accept new files [{name}]",
-                    "choose a destination in a directory you can write",
-                    STORAGE,
-                )
             return message, "a checkpoint is PREFIX.index + PREFIX.data-*: pass PREFIX", USAGE
         if isinstance(exc, errors.CheckpointExistsError):
             where = (exc.uri or "the destination").removesuffix(".index")

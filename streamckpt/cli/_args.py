@@ -94,9 +94,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     common = [_common()]
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, module: str, text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, module: str, text: str, *, reads: tuple[str, ...] = (), writes: str = ""
+    ) -> argparse.ArgumentParser:
+        # reads / writes: the arguments holding URLs, checked before the command's imports
         p = sub.add_parser(name, help=text, description=text, parents=common)
-        p.set_defaults(module=module, function=f"cmd_{name}")
+        p.set_defaults(module=module, function=f"cmd_{name}", reads=reads, writes=writes)
         return p
 
     ls = command(
@@ -104,6 +107,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         "inspecting",
         "list the checkpoints of a directory (step, tensors, bytes, time, newest, best), "
         "or the tensors of one checkpoint",
+        reads=("target",),
     )
     ls.add_argument("target", metavar="DIR|PREFIX", help="a directory, or a checkpoint prefix")
     ls.add_argument(
@@ -121,10 +125,17 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         help="whether the best --best value is the smallest (default) or the largest",
     )
 
-    inspect = command("inspect", "inspecting", "header, tensor count and bytes per shard")
+    inspect = command(
+        "inspect", "inspecting", "header, tensor count and bytes per shard", reads=("prefix",)
+    )
     inspect.add_argument("prefix", metavar="PREFIX", help="checkpoint prefix (path or URL)")
 
-    cat = command("cat", "inspecting", "print one tensor, or part of it, as numpy prints it")
+    cat = command(
+        "cat",
+        "inspecting",
+        "print one tensor, or part of it, as numpy prints it",
+        reads=("prefix",),
+    )
     cat.add_argument("prefix", metavar="PREFIX", help="checkpoint prefix (path or URL)")
     cat.add_argument("name", metavar="NAME", help="tensor name, as streamckpt ls prints it")
     cat.add_argument(
@@ -142,7 +153,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     )
 
     verify = command(
-        "verify", "checking", "read every tensor, check every crc32c, report every failure"
+        "verify",
+        "checking",
+        "read every tensor, check every crc32c, report every failure",
+        reads=("prefix",),
     )
     verify.add_argument("prefix", metavar="PREFIX", help="checkpoint prefix (path or URL)")
     _budget(verify)
@@ -151,6 +165,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         "diff",
         "checking",
         "compare two checkpoints tensor by tensor: max abs and rel difference, count differing",
+        reads=("a", "b"),
     )
     diff.add_argument("a", metavar="A", help="first checkpoint prefix")
     diff.add_argument("b", metavar="B", help="second checkpoint prefix")
@@ -165,7 +180,13 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     )
     _budget(diff)
 
-    cp = command("cp", "copying", "copy a checkpoint, e.g. from local disk to gs://")
+    cp = command(
+        "cp",
+        "copying",
+        "copy a checkpoint, e.g. from local disk to gs://",
+        reads=("src",),
+        writes="dst",
+    )
     cp.add_argument("src", metavar="SRC", help="source checkpoint prefix")
     cp.add_argument("dst", metavar="DST", help="destination prefix (not memory://)")
     _shards_and_overwrite(cp)
@@ -175,6 +196,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         "converting",
         "convert between a TF checkpoint, a .safetensors file, a Hugging Face sharded "
         "safetensors directory and a torch state dict (.pt/.bin)",
+        reads=("src",),
+        writes="dst",
     )
     convert.add_argument("src", metavar="SRC", help="what to read (format from its name)")
     convert.add_argument("dst", metavar="DST", help="what to write (format from its name)")

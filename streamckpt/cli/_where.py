@@ -8,6 +8,8 @@ what to do, so that no command fails halfway through with a backend's traceback.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from streamckpt.cli._output import STORAGE, USAGE, CliError
@@ -91,3 +93,22 @@ def must_exist(url: str) -> None:
     fs, path = filesystem(url)
     if not fs.exists(path):
         raise CliError(f"no such file or directory: {url}", code=USAGE)
+
+
+@contextmanager
+def writing_to(destination: str) -> Iterator[None]:
+    """Say "cannot write DST" when a save finds no place to create its files.
+
+    The library reports a directory it cannot create files in as the file it could not
+    create (``CheckpointNotFoundError``), which reads like a missing source in a copy.
+    """
+    from streamckpt.errors import CheckpointNotFoundError
+
+    try:
+        yield
+    except CheckpointNotFoundError as exc:
+        raise CliError(
+            f"cannot write {destination}: {exc.message} ({exc.uri})",
+            hint="choose a destination in a directory you can write",
+            code=STORAGE,
+        ) from exc

@@ -91,6 +91,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
         )
     if failures:
         out.line(f"FAILED {len(failures)} of {count} tensors in {prefix}")
+        out.note(f"{len(failures)} of {count} tensors failed verification")
         return DIFFERENT
     out.line(f"OK {count} tensors, {human(total)} verified in {seconds:.2f} s")
     return 0

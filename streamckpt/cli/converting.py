@@ -24,7 +24,7 @@ import anyio
 import streamckpt
 from streamckpt.cli import _formats as formats
 from streamckpt.cli._output import USAGE, CliError, Output, human
-from streamckpt.cli._where import check_url, filesystem
+from streamckpt.cli._where import check_url, filesystem, must_exist, writing_to
 from streamckpt.cli.inspecting import prefix_arg
 
 MiB = 1 << 20
@@ -36,10 +36,9 @@ def source_format(src: str, given: str | None) -> str:
     if given:
         return given
     fs, path = filesystem(src)
-    if src.endswith(".safetensors"):
-        return "safetensors"
-    if src.endswith(_TORCH_SUFFIXES):
-        return "torch"
+    if src.endswith((".safetensors", *_TORCH_SUFFIXES)):
+        must_exist(src)
+        return "safetensors" if src.endswith(".safetensors") else "torch"
     if fs.exists(f"{path.rstrip('/')}/{formats.HF_INDEX}"):
         return "hf"
     if fs.exists(prefix_arg(path) + ".index"):
@@ -182,7 +181,7 @@ async def _write(
             hint="add --overwrite to replace it, or choose another destination",
             code=USAGE,
         )
-    with out.progress("converting", total) as advance:
+    with out.progress("converting", total) as advance, writing_to(dst):
         if kind_out == "tf":
             values = await renamed_source.read([spec.name for spec in specs])
             info = await streamckpt.save(

@@ -18,7 +18,7 @@ import numpy as np
 
 import streamckpt
 from streamckpt.cli._output import Output, human
-from streamckpt.cli._where import check_url
+from streamckpt.cli._where import check_url, writing_to
 from streamckpt.cli.inspecting import prefix_arg
 
 MiB = 1 << 20
@@ -34,7 +34,7 @@ def cmd_cp(args: argparse.Namespace, out: Output) -> int:
             total = sum(e.size for e in reader.entries.values())
         with out.progress("reading", total) as advance:
             values = await streamckpt.load(src, progress=advance)
-        with out.progress("writing", total) as advance:
+        with out.progress("writing", total) as advance, writing_to(dst):
             info = await streamckpt.save(
                 dst, values, num_shards=args.shards, overwrite=args.overwrite, progress=advance
             )
