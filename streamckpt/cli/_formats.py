@@ -18,7 +18,7 @@ import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio.to_thread
 import ml_dtypes
@@ -222,7 +222,8 @@ def _from_torch(torch: Any, tensor: Any) -> np.ndarray[Any, Any]:
     name = str(tensor.dtype).removeprefix("torch.")
     if name in _TORCH_VIEWS:
         raw = tensor.view(getattr(torch, _TORCH_VIEWS[name])).numpy()
-        return raw.view(np.dtype(getattr(ml_dtypes, name)))
+        viewed: np.ndarray[Any, Any] = raw.view(np.dtype(getattr(ml_dtypes, name)))
+        return viewed
     array: np.ndarray[Any, Any] = tensor.numpy()
     return array
 
@@ -287,7 +288,7 @@ async def write_safetensors(
             for spec in group:
                 data = np.ascontiguousarray(values.pop(spec.name), dtype=spec.dtype)
                 await anyio.to_thread.run_sync(
-                    stream.write, memoryview(data.reshape(-1).view(np.uint8))
+                    stream.write, memoryview(cast(Any, data.reshape(-1).view(np.uint8)))
                 )
                 advance(spec.nbytes)
     finally:

@@ -59,7 +59,7 @@ def _ls_tensors(prefix: str, args: argparse.Namespace, out: Output) -> int:
         for e in anyio.run(entries)
         if args.filter is None or fnmatch.fnmatchcase(e.name, args.filter)
     ]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": e.name,
             "dtype": e.tf_dtype.name,
@@ -117,7 +117,7 @@ def _ls_directory(target: str, fs: Any, path: str, args: argparse.Namespace, out
     if latest is None and order:
         latest = max(order, key=lambda e: (e.mtime or 0.0, _step(e.name) or -1)).name
     best = _best(order, args.best, args.mode) if args.best else None
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "prefix": _join(target, e.name),
             "step": _step(e.name),
