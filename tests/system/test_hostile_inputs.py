@@ -66,9 +66,11 @@ def traced() -> Iterator[None]:
         tracemalloc.stop()
 
 
-async def cost_of(work: Callable[[], Awaitable[Any]], expected: type[Exception]) -> Cost:
-    """Time and traced peak of a call that must raise ``expected``: the faster of two runs
-    (a busy shared machine can stall one), the larger of their peaks."""
+async def cost_of(
+    work: Callable[[], Awaitable[Any]], expected: type[Exception], *, seconds: float
+) -> Cost:
+    """Time and traced peak of a call that must raise ``expected``. A run over ``seconds``
+    is repeated once (a busy shared machine can stall one) and the faster counts."""
     cost = Cost(seconds=float("inf"))
     for _ in range(2):
         tracing = tracemalloc.is_tracing()
@@ -81,6 +83,8 @@ async def cost_of(work: Callable[[], Awaitable[Any]], expected: type[Exception])
         cost.seconds = min(cost.seconds, time.perf_counter() - started)
         if tracing:
             cost.peak_bytes = max(cost.peak_bytes, tracemalloc.get_traced_memory()[1] - start)
+        if cost.seconds < seconds:
+            break
     return cost
 
 
@@ -120,7 +124,7 @@ async def test_keys_that_each_extend_the_previous_one(tmp_path: Path) -> None:
         lambda: streamckpt.load(prefix),
         lambda: streamckpt.read_tensor(prefix, b"k" * 39_999),
     ):
-        cost = await cost_of(work, CorruptCheckpointError)
+        cost = await cost_of(work, CorruptCheckpointError, seconds=4.0)
         assert cost.seconds < 4.0, cost
         assert cost.peak_bytes < 48 * MiB, cost
 
@@ -152,10 +156,16 @@ def repeated_block_index(block_bytes: int, handles: int) -> bytes:
     metaindex = BlockHandle(len(out), 8)
     meta = BlockBuilder(16).finish()
     out += meta + encode_block_trailer(meta, 0)
-    index_builder = BlockBuilder(1)
-    for i in range(handles):
-        index_builder.add(i.to_bytes(3, "big"), handle.encode())
-    index = index_builder.finish()
+    value = handle.encode()
+    record_head = encode_varint(0) + encode_varint(3) + encode_varint(len(value))
+    record_size = len(record_head) + 3 + len(value)
+    index = b"".join(
+        [
+            *(record_head + i.to_bytes(3, "big") + value for i in range(handles)),
+            *(encode_fixed32(i * record_size) for i in range(handles)),  # a restart each
+            encode_fixed32(handles),
+        ]
+    )
     index_handle = BlockHandle(len(out), len(index))
     out += index + encode_block_trailer(index, 0)
     return bytes(out + encode_footer(Footer(metaindex, index_handle)))
@@ -164,9 +174,9 @@ def repeated_block_index(block_bytes: int, handles: int) -> bytes:
 @pytest.mark.usefixtures("traced")
 async def test_an_index_block_naming_one_block_again_and_again(tmp_path: Path) -> None:
     """Before: every handle cost a checksum of the block it names, so handles x block size,
-    the square of the index size (measured on the old code: 8,000 handles to one 512 KB
-    block, 0.32 s). Here 200,000 handles name one 2 MB block: 400 GB to checksum, about 30 s
-    at 13 GB/s. Data blocks must now follow one another, so they add up to the file at most.
+    the square of the index size. Here 200,000 handles name one 2 MB block: 400 GB to
+    checksum (measured on the old code: 20,000 of them took 2.5 s, so about 25 s here).
+    Data blocks must now follow one another, so they add up to the file at most.
     """
     index = repeated_block_index(2 * MiB, 200_000)
     assert len(index) < 5 * MiB
@@ -176,7 +186,7 @@ async def test_an_index_block_naming_one_block_again_and_again(tmp_path: Path) -
         decode_index(index)
 
     for work in (decode, lambda: streamckpt.load(prefix)):
-        cost = await cost_of(work, CorruptCheckpointError)
+        cost = await cost_of(work, CorruptCheckpointError, seconds=2.0)
         assert cost.seconds < 2.0, cost
         assert cost.peak_bytes < 16 * MiB, cost
 
@@ -227,7 +237,7 @@ async def test_pieces_cut_along_two_axes_are_checked_in_linear_time(tmp_path: Pa
     with its pieces then loads whole."""
     bare = grid_checkpoint(tmp_path, "bare", 110, 110, with_pieces=False)
     assert index_size(bare) > 140 * KiB
-    cost = await cost_of(lambda: streamckpt.load(bare), CorruptCheckpointError)
+    cost = await cost_of(lambda: streamckpt.load(bare), CorruptCheckpointError, seconds=6.0)
     assert cost.seconds < 6.0, cost
 
     whole = grid_checkpoint(tmp_path, "whole", 110, 110, with_pieces=True)
@@ -256,6 +266,6 @@ async def test_string_claim_on_a_sparse_shard_is_refused_in_bounded_memory(
         lambda: streamckpt.load(prefix),
         lambda: streamckpt.read_tensor(prefix, "strings"),
     ):
-        cost = await cost_of(work, ChecksumError)
+        cost = await cost_of(work, ChecksumError, seconds=10.0)
         assert cost.peak_bytes < (count + 4) + 48 * MiB, cost
         assert cost.seconds < 10.0, cost
