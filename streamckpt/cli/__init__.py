@@ -23,10 +23,10 @@ from streamckpt.cli._args import add_commands
 from streamckpt.cli._output import (
     CORRUPT,
     EXIT_CODES_HELP,
+    INTERNAL,
     INTERRUPTED,
     STORAGE,
     USAGE,
-    CliError,
     Output,
 )
 
@@ -134,41 +134,51 @@ def _report(exc: Exception, out: Output, args: argparse.Namespace) -> int:
 
 
 def explain(exc: BaseException, *, command: str) -> tuple[str, str | None, int]:
-    """(message, hint, exit code) for any failure of a command."""
+    """(message, hint, exit code) for any failure of a command.
+
+    The hint is the error's first note (the command line adds them where it knows what to
+    do), else what is usually the way out of an error of that class.
+    """
     from streamckpt import errors
 
-    if isinstance(exc, CliError):
-        return exc.message, exc.hint, exc.code
+    notes = getattr(exc, "__notes__", None) or []
     name = type(exc).__name__
     if isinstance(exc, errors.StreamCkptError):
-        text = str(exc).replace("(pass overwrite=True)", "(add --overwrite to replace it)")
-        message = f"{text} [{name}]"
-        if isinstance(exc, errors.CheckpointNotFoundError):
-            return message, "a checkpoint is PREFIX.index + PREFIX.data-*: pass PREFIX", USAGE
-        if isinstance(exc, errors.CheckpointExistsError):
-            where = (exc.uri or "the destination").removesuffix(".index")
-            message = f"a checkpoint already exists at {where} [{name}]"
-            return message, "add --overwrite to replace it, or choose another destination", USAGE
-        if isinstance(exc, errors.TensorNotFoundError):
-            return message, "streamckpt ls PREFIX lists the tensors", USAGE
-        if isinstance(exc, errors.CorruptCheckpointError | errors.UnsupportedError):
-            return message, "streamckpt verify PREFIX lists every damaged tensor", CORRUPT
-        if isinstance(exc, errors.PermissionDeniedError):
-            return message, "check the credentials or file permissions", STORAGE
-        if isinstance(exc, errors.StorageError):
-            return message, None, STORAGE
-        return message, None, USAGE
+        message = f"{str(exc).replace('(pass overwrite=True)', '(add --overwrite)')} [{name}]"
+        hint, code = _ways_out(exc)
+        return message, notes[0] if notes else hint, code
+    note = notes[0] if notes else None
+    if isinstance(exc, IndexError):  # numpy's words for an index that does not fit
+        return f"{exc}" + (f" ({note})" if note else ""), None, USAGE
     if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
-        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), None, USAGE
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), note, USAGE
     if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename or exc}", None, STORAGE
+        return f"permission denied: {exc.filename or exc}", note, STORAGE
     if isinstance(exc, OSError):
-        return f"storage error: {exc}", None, STORAGE
+        return f"storage error: {exc}", note, STORAGE
     return (
         f"unexpected {name}: {exc}",
         "this is a bug in streamckpt: rerun with --debug and report the traceback",
-        70,
+        INTERNAL,
     )
+
+
+def _ways_out(exc: BaseException) -> tuple[str | None, int]:
+    from streamckpt import errors
+
+    if isinstance(exc, errors.CheckpointNotFoundError):
+        return "a checkpoint is PREFIX.index + PREFIX.data-*: pass PREFIX", USAGE
+    if isinstance(exc, errors.CheckpointExistsError):
+        return "add --overwrite to replace it, or choose another destination", USAGE
+    if isinstance(exc, errors.TensorNotFoundError):
+        return "streamckpt ls PREFIX lists the tensors", USAGE
+    if isinstance(exc, errors.CorruptCheckpointError):
+        return "streamckpt verify PREFIX lists every damaged tensor", CORRUPT
+    if isinstance(exc, errors.PermissionDeniedError):
+        return "check the credentials or file permissions", STORAGE
+    if isinstance(exc, errors.StorageError):
+        return None, STORAGE
+    return None, USAGE  # UnsupportedError, NamingError: what was asked cannot be done
 
 
 if __name__ == "__main__":

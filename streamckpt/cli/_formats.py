@@ -25,7 +25,8 @@ import ml_dtypes
 import numpy as np
 
 import streamckpt
-from streamckpt.cli._output import CORRUPT, USAGE, CliError
+from streamckpt.cli._output import hinted
+from streamckpt.errors import CorruptCheckpointError, UnsupportedError
 
 HF_INDEX = "model.safetensors.index.json"
 
@@ -108,7 +109,7 @@ class SafetensorsSource:
         for path in files:
             for spec, start, end in _read_header(fs, path):
                 if spec.name in self.where:
-                    raise CliError(f"tensor {spec.name!r} appears twice (in {path})", code=CORRUPT)
+                    raise CorruptCheckpointError(f"tensor {spec.name!r} appears twice (in {path})")
                 self.specs.append(spec)
                 self.where[spec.name] = (path, start, end)
         self.by_name = {spec.name: spec for spec in self.specs}
@@ -130,10 +131,10 @@ def _read_header(fs: Any, path: str) -> list[tuple[Spec, int, int]]:
     size = fs.size(path)
     head = fs.cat_file(path, start=0, end=8)
     if len(head) < 8:
-        raise CliError(f"{path} is not a safetensors file: shorter than 8 bytes", code=CORRUPT)
+        raise CorruptCheckpointError(f"{path} is not a safetensors file: shorter than 8 bytes")
     (length,) = struct.unpack("<Q", head)
     if length > min(_MAX_HEADER, size - 8):
-        raise CliError(f"{path} is not a safetensors file: bad header length", code=CORRUPT)
+        raise CorruptCheckpointError(f"{path} is not a safetensors file: bad header length")
     try:
         header = json.loads(fs.cat_file(path, start=8, end=8 + length))
         entries = []
@@ -148,11 +149,11 @@ def _read_header(fs: Any, path: str) -> list[tuple[Spec, int, int]]:
                 raise ValueError(f"offsets of {name!r} do not fit its dtype and shape")
             entries.append((spec, start, end))
     except KeyError as exc:
-        raise CliError(
-            f"{path}: unsupported or missing safetensors field {exc}", code=CORRUPT
+        raise CorruptCheckpointError(
+            f"{path}: unsupported or missing safetensors field {exc}"
         ) from None
     except (ValueError, TypeError, AttributeError) as exc:
-        raise CliError(f"{path} is not a valid safetensors file: {exc}", code=CORRUPT) from None
+        raise CorruptCheckpointError(f"{path} is not a valid safetensors file: {exc}") from None
     return entries
 
 
@@ -163,7 +164,7 @@ def hf_files(fs: Any, directory: str) -> list[str]:
         weight_map = json.loads(fs.cat_file(index_path))["weight_map"]
         files = list(dict.fromkeys(str(f) for f in weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CliError(f"{index_path} is not a Hugging Face index: {exc}", code=CORRUPT) from None
+        raise CorruptCheckpointError(f"{index_path} is not a Hugging Face index: {exc}") from None
     return [f"{directory.rstrip('/')}/{name}" for name in files]
 
 
@@ -182,10 +183,9 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError:
-        raise CliError(
-            "reading or writing torch files needs torch, which is not installed",
-            hint="pip install torch",
-            code=USAGE,
+        raise hinted(
+            UnsupportedError("reading or writing torch files needs torch, not installed"),
+            "pip install torch",
         ) from None
     return torch
 
@@ -197,18 +197,18 @@ def load_torch(fs: Any, path: str) -> ArraySource:
         try:
             loaded = torch.load(stream, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds for a bad file
-            raise CliError(
-                f"cannot load {path} as a torch state dict: {exc}", code=CORRUPT
+            raise CorruptCheckpointError(
+                f"cannot load {path} as a torch state dict: {exc}"
             ) from None
     if isinstance(loaded, dict) and set(loaded) <= {"state_dict", "model"} and len(loaded) == 1:
         loaded = next(iter(loaded.values()))
     if not isinstance(loaded, dict):
-        raise CliError(f"{path} holds a {type(loaded).__name__}, not a state dict", code=CORRUPT)
+        raise CorruptCheckpointError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     arrays = {}
     for name, value in loaded.items():
         if not isinstance(value, torch.Tensor):
-            raise CliError(
-                f"{path}: {name!r} is a {type(value).__name__}, not a tensor", code=CORRUPT
+            raise CorruptCheckpointError(
+                f"{path}: {name!r} is a {type(value).__name__}, not a tensor"
             )
         arrays[str(name)] = _from_torch(torch, value)
     return ArraySource(arrays)
@@ -253,10 +253,12 @@ async def write_torch(fs: Any, path: str, source: Source, advance: Callable[[int
 def check_safetensors_dtypes(specs: Sequence[Spec]) -> None:
     unsupported = [f"{s.name} ({s.dtype})" for s in specs if s.dtype not in _ST_NAMES]
     if unsupported:
-        raise CliError(
-            f"safetensors cannot hold {', '.join(unsupported[:5])}"
-            + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""),
-            hint='drop them with --name-map (a JSON object {"name": null}), or convert to tf',
+        raise hinted(
+            UnsupportedError(
+                f"safetensors cannot hold {', '.join(unsupported[:5])}"
+                + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+            ),
+            'drop them with --name-map (a JSON object {"name": null}), or convert to tf',
         )
 
 

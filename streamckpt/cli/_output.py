@@ -6,7 +6,9 @@ Rules:
   document (also on failure: ``{"error": {...}}``), never progress and never warnings;
 - stderr carries errors (one or two lines: what is wrong, and what to do), and progress bars,
   which show only when stderr is a terminal, ``--quiet`` is off and the work is big enough;
-- every failure ends in one of the exit codes below, and a traceback only with ``--debug``.
+- every failure ends in one of the exit codes below, and a traceback only with ``--debug``;
+- every error raised on purpose is one of :mod:`streamckpt.errors`; what to do about it rides
+  along as the exception's note (:func:`hinted`).
 """
 
 from __future__ import annotations
@@ -17,41 +19,39 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 OK = 0
 DIFFERENT = 1  # diff found differences, verify found failures
-USAGE = 2  # bad arguments, no such checkpoint / tensor / file, unknown URL or missing extra
-CORRUPT = 3  # a checkpoint or file that breaks its format, or one this version cannot read
+USAGE = 2  # bad arguments, no such checkpoint / tensor / file, what cannot be done (a URL ...)
+CORRUPT = 3  # a checkpoint or file that breaks its format
 STORAGE = 4  # the storage failed: permission, network, disk full
+INTERNAL = 70  # a bug: an error nobody raised on purpose
 INTERRUPTED = 130
 
 EXIT_CODES_HELP = """\
 exit codes:
   0    success
   1    differences found (diff) or verification failures (verify)
-  2    usage error, or no such checkpoint, tensor or file, or a URL that cannot be used
-  3    corrupt or unsupported checkpoint or file
-  4    storage error (permission denied, network, disk full)
+  2    usage error, no such checkpoint, tensor or file, or what cannot be done
+       (an unknown URL protocol, a missing extra, memory:// as a destination, a dtype
+       the destination format cannot hold)
+  3    corrupt checkpoint or file
+  4    storage error (permission denied, cannot write there, network, disk full)
+  70   a bug in streamckpt (rerun with --debug and report it)
   130  interrupted
 """
+
+E = TypeVar("E", bound=BaseException)
 
 # Below this many bytes of work, no progress bar: it would only flicker.
 PROGRESS_MIN_BYTES = 32 << 20
 
 
-class CliError(Exception):
-    """A failure the command line explains itself: its message, a hint and an exit code.
-
-    Not part of the library's error tree: it never leaves :func:`streamckpt.cli.main`, which
-    turns it into lines on stderr and an exit code.
-    """
-
-    def __init__(self, message: str, *, hint: str | None = None, code: int = USAGE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.code = code
+def hinted(error: E, hint: str) -> E:
+    """``error`` with a line that says what to do: an exception note, printed under it."""
+    error.add_note(hint)
+    return error
 
 
 def human(nbytes: float) -> str:

@@ -12,7 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from streamckpt.cli._output import STORAGE, USAGE, CliError
+from streamckpt.cli._output import hinted
+from streamckpt.errors import (
+    CheckpointNotFoundError,
+    PermissionDeniedError,
+    StorageError,
+    UnsupportedError,
+)
 
 # fsspec protocols whose backend ships as one of streamckpt's extras
 _EXTRAS = {"gs": "gcs", "gcs": "gcs", "s3": "s3", "s3a": "s3"}
@@ -32,27 +38,28 @@ def is_local(url: str) -> bool:
 
 
 def check_url(url: str, *, writing: bool = False) -> None:
-    """Raise :class:`CliError` if ``url`` cannot be used; imports the backend to find out."""
+    """Raise if ``url`` cannot be used (:class:`UnsupportedError`); imports its backend."""
     protocol = protocol_of(url)
     if protocol is None or protocol in ("file", "local"):
         if writing:
             _check_local_destination(url[len("file://") :] if url.startswith("file://") else url)
         return
     if writing and protocol == "memory":
-        raise CliError(
-            f"refusing to write to {url}: memory:// lives only as long as this process, so "
-            "the data would be gone when the command exits",
-            hint="write to a local path or a bucket (gs://, s3://) instead",
+        raise hinted(
+            UnsupportedError(
+                f"refusing to write to {url}: memory:// lives only as long as this process, "
+                "so the data would be gone when the command exits"
+            ),
+            "write to a local path or a bucket (gs://, s3://) instead",
         )
     import fsspec
 
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise CliError(
-            f"unknown storage protocol {protocol}:// in {url}",
-            hint="use a local path, or a URL of a filesystem fsspec knows "
-            "(gs://, s3://, memory://, ...)",
+        raise hinted(
+            UnsupportedError(f"unknown storage protocol {protocol}:// in {url}"),
+            "use a local path, or a URL of a filesystem fsspec knows (gs://, s3://, memory://)",
         ) from None
     except ImportError as exc:
         extra = _EXTRAS.get(protocol)
@@ -61,7 +68,9 @@ def check_url(url: str, *, writing: bool = False) -> None:
             if extra
             else f"install the fsspec backend for {protocol}:// ({exc})"
         )
-        raise CliError(f"{protocol}:// needs a package that is not installed", hint=hint) from None
+        raise hinted(
+            UnsupportedError(f"{protocol}:// needs a package that is not installed"), hint
+        ) from None
 
 
 def _check_local_destination(path: str) -> None:
@@ -70,13 +79,13 @@ def _check_local_destination(path: str) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise CliError(
-            f"cannot write {path}: {parent} is a file, not a directory",
-            hint="choose a destination in a directory",
+        raise hinted(
+            StorageError(f"cannot write {path}: {parent} is a file, not a directory"),
+            "choose a destination in a directory",
         )
     if not os.access(parent, os.W_OK):
-        raise CliError(
-            f"cannot write {path}: no permission to create files in {parent}", code=STORAGE
+        raise PermissionDeniedError(
+            f"cannot write {path}: no permission to create files in {parent}"
         )
 
 
@@ -92,7 +101,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 def must_exist(url: str) -> None:
     fs, path = filesystem(url)
     if not fs.exists(path):
-        raise CliError(f"no such file or directory: {url}", code=USAGE)
+        raise CheckpointNotFoundError(f"no such file or directory: {url}")
 
 
 @contextmanager
@@ -102,13 +111,10 @@ def writing_to(destination: str) -> Iterator[None]:
     The library reports a directory it cannot create files in as the file it could not
     create (``CheckpointNotFoundError``), which reads like a missing source in a copy.
     """
-    from streamckpt.errors import CheckpointNotFoundError
-
     try:
         yield
     except CheckpointNotFoundError as exc:
-        raise CliError(
-            f"cannot write {destination}: {exc.message} ({exc.uri})",
-            hint="choose a destination in a directory you can write",
-            code=STORAGE,
+        raise hinted(
+            StorageError(f"cannot write {destination}: {exc.message}", uri=exc.uri),
+            "choose a destination in a directory you can write",
         ) from exc

@@ -22,10 +22,11 @@ from typing import Any
 import anyio
 
 import streamckpt
-from streamckpt.cli import _formats as formats
-from streamckpt.cli._output import USAGE, CliError, Output, human
+import streamckpt.cli._formats as formats
+from streamckpt.cli._output import Output, hinted, human
 from streamckpt.cli._where import check_url, filesystem, must_exist, writing_to
 from streamckpt.cli.inspecting import prefix_arg
+from streamckpt.errors import CheckpointExistsError, CheckpointNotFoundError, NamingError
 
 MiB = 1 << 20
 _OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -43,9 +44,11 @@ def source_format(src: str, given: str | None) -> str:
         return "hf"
     if fs.exists(prefix_arg(path) + ".index"):
         return "tf"
-    raise CliError(
-        f"no checkpoint, safetensors, torch file or Hugging Face directory at {src}",
-        hint="pass an existing SRC, or name its format with --from",
+    raise hinted(
+        CheckpointNotFoundError(
+            f"no checkpoint, safetensors, torch file or Hugging Face directory at {src}"
+        ),
+        "pass an existing SRC, or name its format with --from",
     )
 
 
@@ -68,13 +71,13 @@ def read_name_map(path: str | None) -> dict[str, str | None]:
     try:
         document = json.loads(fs.cat_file(inner))
     except FileNotFoundError:
-        raise CliError(f"no such name map: {path}") from None
+        raise CheckpointNotFoundError(f"no such name map: {path}") from None
     except ValueError as exc:
-        raise CliError(f"name map {path} is not JSON: {exc}") from None
+        raise NamingError(f"name map {path} is not JSON: {exc}") from None
     if not isinstance(document, dict) or not all(
         isinstance(v, str | None) for v in document.values()
     ):
-        raise CliError(
+        raise NamingError(
             f"name map {path} must be a JSON object of names to new names (or null to drop)"
         )
     return {str(k): v for k, v in document.items()}
@@ -94,7 +97,7 @@ def renamed(
         if new is None:
             continue
         if new in seen:
-            raise CliError(f"{spec.name!r} and {seen[new]!r} would both be named {new!r}")
+            raise NamingError(f"{spec.name!r} and {seen[new]!r} would both be named {new!r}")
         seen[new] = spec.name
         kept.append((spec, new))
     return kept
@@ -176,11 +179,7 @@ async def _write(
         and not args.overwrite
         and fs.exists(path.rstrip("/") + (f"/{formats.HF_INDEX}" if kind_out == "hf" else ""))
     ):
-        raise CliError(
-            f"{dst} already exists",
-            hint="add --overwrite to replace it, or choose another destination",
-            code=USAGE,
-        )
+        raise CheckpointExistsError(f"{dst} already exists (add --overwrite to replace it)")
     with out.progress("converting", total) as advance, writing_to(dst):
         if kind_out == "tf":
             values = await renamed_source.read([spec.name for spec in specs])

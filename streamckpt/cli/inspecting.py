@@ -19,8 +19,9 @@ import anyio
 import numpy as np
 
 import streamckpt
-from streamckpt.cli._output import USAGE, CliError, Output, human
+from streamckpt.cli._output import Output, hinted, human
 from streamckpt.cli._where import check_url, filesystem
+from streamckpt.errors import CheckpointNotFoundError, NamingError
 
 # TensorFlow's manager and ours name the state file "checkpoint" and our metrics sidecar so
 _STATE_FILE = "checkpoint"
@@ -43,9 +44,9 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
         return _ls_tensors(target, args, out)
     if fs.isdir(path):
         return _ls_directory(target, fs, path, args, out)
-    raise CliError(
-        f"no checkpoint or directory at {target}",
-        hint="pass a directory of checkpoints, or a prefix such as run/ckpt-1000 (without .index)",
+    raise hinted(
+        CheckpointNotFoundError(f"no checkpoint or directory at {target}"),
+        "pass a directory of checkpoints, or a prefix such as run/ckpt-1000",
     )
 
 
@@ -196,7 +197,7 @@ def _best(entries: list[_Listed], metric: str, mode: str) -> str | None:
         if (value := e.metrics.get(metric)) is not None and not math.isnan(value)
     ]
     if not scored:
-        raise CliError(f"no checkpoint in this directory has a metric named {metric!r}")
+        raise NamingError(f"no checkpoint in this directory has a metric named {metric!r}")
     return (min(scored) if mode == "min" else max(scored))[1]
 
 
@@ -289,10 +290,9 @@ def _check_index(index: tuple[Any, ...], shape: tuple[int, ...], name: str) -> N
     probe = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
     try:
         probe[index]
-    except IndexError as exc:
-        raise CliError(
-            f"index does not fit tensor {name!r} of shape {list(shape)}: {exc}", code=USAGE
-        ) from None
+    except IndexError as exc:  # numpy's own words, and which tensor
+        exc.add_note(f"tensor {name!r} has shape {list(shape)}")
+        raise
 
 
 def printable_array(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -67,7 +67,7 @@ def test_every_bad_input_is_one_or_two_clear_lines(small_checkpoint: str, tmp_pa
         (["ls", "nosuch://bucket/run"], None, 2, "unknown storage protocol"),
         (["cp", p, "memory://x/ckpt"], None, 2, "memory://"),
         (["convert", p, "memory://x/m.safetensors"], None, 2, "memory://"),
-        (["cp", p, str(a_file / "ckpt")], None, 2, "is a file"),
+        (["cp", p, str(a_file / "ckpt")], None, 4, "is a file"),
         (["cp", p, p], None, 2, "--overwrite"),
         (["ls", str(tmp_path / "missing")], None, 2, "no checkpoint or directory"),
         (["inspect", str(tmp_path / "missing")], None, 2, "no checkpoint"),
