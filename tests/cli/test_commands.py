@@ -170,3 +170,25 @@ def test_cp_json(small_checkpoint: str, tmp_path: Path, capsys: pytest.CaptureFi
 def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "demo", "--size-mib", "4", "--shards", "2", "--dir", str(tmp_path))
     assert code == 0 and "saved" in out and "loaded all" in out and "ranged read" in out
+
+
+def test_ls_directory_on_an_fsspec_url(capsys: pytest.CaptureFixture[str]) -> None:
+    import uuid
+
+    import fsspec
+
+    base = f"memory://cli-{uuid.uuid4().hex}"
+    try:
+        for step in (5, 6):
+            streamckpt.sync.save(f"{base}/ckpt-{step}", {"x": np.ones(3, np.float32)})
+        code, document = run_json(capsys, "ls", base)
+        assert code == 0 and isinstance(document, dict)
+        rows = document["checkpoints"]
+        assert [(r["step"], r["tensors"], r["newest"]) for r in rows] == [
+            (5, 1, False),
+            (6, 1, True),
+        ]
+        code, out, _ = run(capsys, "ls", f"{base}/ckpt-6")
+        assert code == 0 and out.startswith("x\tDT_FLOAT\t[3]")
+    finally:
+        fsspec.filesystem("memory").rm(base.split("://", 1)[1], recursive=True)
