@@ -101,7 +101,10 @@ def filesystem(url: str) -> tuple[Any, str]:
 def must_exist(url: str) -> None:
     fs, path = filesystem(url)
     if not fs.exists(path):
-        raise CheckpointNotFoundError(f"no such file or directory: {url}")
+        raise hinted(
+            CheckpointNotFoundError(f"no such file or directory: {url}"),
+            "check the path (a URL needs its protocol, e.g. gs://bucket/model.safetensors)",
+        )
 
 
 @contextmanager

@@ -71,7 +71,10 @@ def read_name_map(path: str | None) -> dict[str, str | None]:
     try:
         document = json.loads(fs.cat_file(inner))
     except FileNotFoundError:
-        raise CheckpointNotFoundError(f"no such name map: {path}") from None
+        raise hinted(
+            CheckpointNotFoundError(f"no such name map: {path}"),
+            'give --name-map a JSON file such as {"old/name": "new/name"}',
+        ) from None
     except ValueError as exc:
         raise NamingError(f"name map {path} is not JSON: {exc}") from None
     if not isinstance(document, dict) or not all(
