@@ -8,13 +8,16 @@ Rules:
   length, a JSON header of dtype / shape / data offsets, then the raw bytes), with ranged
   reads on any fsspec URL; the ``safetensors`` package is not needed;
 - dtypes are kept exactly, bfloat16 and float8 included; torch files are loaded with
-  ``weights_only=True`` (no pickled code runs).
+  ``weights_only=True`` (no pickled code runs);
+- local source files are memory-mapped, not read: tensors handed to a writer are views of the
+  page cache, so even a writer that takes every tensor at once (a TF save) holds no copy.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,6 +116,15 @@ class SafetensorsSource:
                 self.specs.append(spec)
                 self.where[spec.name] = (path, start, end)
         self.by_name = {spec.name: spec for spec in self.specs}
+        self.mapped: dict[str, mmap.mmap] = {}  # kept open while arrays view them
+
+    def _mapping(self, path: str) -> mmap.mmap | None:
+        if not is_local_filesystem(self.fs):
+            return None
+        if path not in self.mapped:
+            with open(path, "rb") as stream:
+                self.mapped[path] = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+        return self.mapped[path]
 
     async def read(self, names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
         def work() -> dict[str, np.ndarray[Any, Any]]:
@@ -120,11 +132,22 @@ class SafetensorsSource:
             for name in names:
                 path, start, end = self.where[name]
                 spec = self.by_name[name]
-                data = self.fs.cat_file(path, start=start, end=end) if end > start else b""
-                values[name] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+                count = math.prod(spec.shape)
+                mapping = self._mapping(path) if count else None
+                if mapping is not None:
+                    flat = np.frombuffer(mapping, dtype=spec.dtype, count=count, offset=start)
+                else:
+                    data = self.fs.cat_file(path, start=start, end=end) if count else b""
+                    flat = np.frombuffer(data, dtype=spec.dtype, count=count)
+                values[name] = flat.reshape(spec.shape)
             return values
 
         return await anyio.to_thread.run_sync(work)
+
+
+def is_local_filesystem(fs: Any) -> bool:
+    protocol = fs.protocol
+    return "file" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
 
 
 def _read_header(fs: Any, path: str) -> list[tuple[Spec, int, int]]:
@@ -193,13 +216,14 @@ def _torch() -> Any:
 def load_torch(fs: Any, path: str) -> ArraySource:
     """A torch state dict, loaded with ``weights_only=True``; every value must be a tensor."""
     torch = _torch()
-    with fs.open(path, "rb") as stream:
-        try:
-            loaded = torch.load(stream, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many kinds for a bad file
-            raise CorruptCheckpointError(
-                f"cannot load {path} as a torch state dict: {exc}"
-            ) from None
+    try:
+        if is_local_filesystem(fs):  # mapped: tensors stay in the page cache
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with fs.open(path, "rb") as stream:
+                loaded = torch.load(stream, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        raise CorruptCheckpointError(f"cannot load {path} as a torch state dict: {exc}") from None
     if isinstance(loaded, dict) and set(loaded) <= {"state_dict", "model"} and len(loaded) == 1:
         loaded = next(iter(loaded.values()))
     if not isinstance(loaded, dict):
