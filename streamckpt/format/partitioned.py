@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from streamckpt.errors import CorruptCheckpointError, UnsupportedError
 from streamckpt.format.bundle import BundleEntry
-from streamckpt.format.slices import TensorSlice, encode_slice_keys
+from streamckpt.format.slices import (
+    TensorSlice,
+    decode_slice_key,
+    encode_slice_key_tail,
+    slice_key_head,
+)
 
 __all__ = ["check_piece", "check_tiling", "piece_keys", "tensor_keys"]
 
@@ -35,22 +40,48 @@ __all__ = ["check_piece", "check_tiling", "piece_keys", "tensor_keys"]
 MAX_CUT_AXES = 8
 
 
-def piece_keys(key: bytes, entry: BundleEntry) -> list[tuple[TensorSlice, bytes]]:
-    """The index key of every piece ``entry`` lists, in its order."""
-    return list(zip(entry.slices, encode_slice_keys(key, entry.slices), strict=True))
+def piece_keys(key: bytes, entry: BundleEntry) -> Iterator[tuple[TensorSlice, bytes]]:
+    """The index key of every piece ``entry`` lists, in its order, one at a time.
+
+    A generator, so that a caller looking each key up stops building keys at the first that
+    is missing: a long name listed with many pieces would otherwise spell name x pieces bytes
+    of keys that the index itself never paid for.
+    """
+    head = slice_key_head(key)
+    for piece in entry.slices:
+        yield piece, head + encode_slice_key_tail(piece)
 
 
 def tensor_keys(entries: Mapping[bytes, BundleEntry]) -> list[bytes]:
-    """The keys of ``entries`` that are tensors: all but the pieces some full entry lists."""
-    pieces = {
-        piece_key
-        for key, entry in entries.items()
-        if entry.slices
-        for _, piece_key in piece_keys(key, entry)
-    }
-    if not pieces:
-        return list(entries)
-    return [key for key in entries if key not in pieces]
+    """The keys of ``entries`` that are tensors: all but the pieces some full entry lists.
+
+    A key is a piece when it parses as the slice key of a tensor in ``entries`` whose full
+    entry lists that slice; parsing costs the key's length, so this is linear in the index.
+    """
+    listed: dict[bytes, frozenset[TensorSlice]] = {}
+    tensors = []
+    for key in entries:
+        if key[:1] == b"\x00" and _is_listed_piece(key, entries, listed):
+            continue
+        tensors.append(key)
+    return tensors
+
+
+def _is_listed_piece(
+    key: bytes,
+    entries: Mapping[bytes, BundleEntry],
+    listed: dict[bytes, frozenset[TensorSlice]],
+) -> bool:
+    try:
+        name, piece = decode_slice_key(key)
+    except CorruptCheckpointError:
+        return False  # not a slice key at all
+    full = entries.get(name)
+    if full is None or not full.slices:
+        return False
+    if name not in listed:
+        listed[name] = frozenset(full.slices)
+    return piece in listed[name]
 
 
 def check_piece(
@@ -87,11 +118,16 @@ def check_tiling(shape: Sequence[int], pieces: Sequence[TensorSlice]) -> None:
     starts = np.empty((len(pieces), rank), dtype=np.int64)
     stops = np.empty((len(pieces), rank), dtype=np.int64)
     for row, piece in enumerate(pieces):
-        piece.check_within(shape)
+        if len(piece.extents) != rank:
+            piece.check_within(shape)  # raises: a piece of another rank
         for axis, extent in enumerate(piece.extents):
             starts[row, axis] = extent.start
             length = extent.length
             stops[row, axis] = shape[axis] if length is None else extent.start + length
+    ends = np.array(shape, dtype=np.int64)
+    outside = np.flatnonzero((stops > ends).any(axis=1))
+    if len(outside):
+        pieces[int(outside[0])].check_within(shape)  # raises, naming the dimension
     volume = math.prod(shape)
     covered = sum(math.prod(row) for row in (stops - starts).tolist())
     if covered != volume:
@@ -101,7 +137,6 @@ def check_tiling(shape: Sequence[int], pieces: Sequence[TensorSlice]) -> None:
         )
     if volume == 0:
         return  # no element to cover twice or to miss
-    ends = np.array(shape, dtype=np.int64)
     cut_axes = np.flatnonzero((starts != 0).any(axis=0) | (stops != ends).any(axis=0))
     if len(cut_axes) > MAX_CUT_AXES:
         raise UnsupportedError(

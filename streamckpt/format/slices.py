@@ -17,6 +17,7 @@ Invariants this module keeps:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ __all__ = [
     "TensorSlice",
     "decode_slice_key",
     "encode_slice_key",
-    "encode_slice_keys",
+    "encode_slice_key_tail",
     "format_slice_spec",
     "is_slice_key",
     "parse_slice_spec",
+    "slice_key_head",
 ]
 
 _INT64_MAX = (1 << 63) - 1
@@ -295,32 +297,27 @@ def _decode_name(key: bytes, pos: int) -> tuple[bytes, int]:
 
 def encode_slice_key(name: bytes, piece: TensorSlice) -> bytes:
     """The index key of one stored piece of tensor ``name``."""
-    return encode_slice_keys(name, [piece])[0]
+    return slice_key_head(name) + encode_slice_key_tail(piece)
 
 
-def encode_slice_keys(name: bytes, pieces: Sequence[TensorSlice]) -> list[bytes]:
-    """The index keys of many pieces of one tensor.
+def slice_key_head(name: bytes) -> bytes:
+    """What the slice keys of all pieces of tensor ``name`` begin with: escape it once."""
+    return b"\x00" + _escape_name(name) + _NAME_TERMINATOR
 
-    The name is escaped once, and each distinct number (pieces mostly share a few starts and
-    lengths) is encoded once.
-    """
-    head = b"\x00" + _escape_name(name) + _NAME_TERMINATOR
-    numbers: dict[int, bytes] = {}
 
-    def number(value: int) -> bytes:
-        encoded = numbers.get(value)
-        if encoded is None:
-            encoded = numbers[value] = _encode_signed(value)
-        return encoded
+def encode_slice_key_tail(piece: TensorSlice) -> bytes:
+    """The rest of a slice key after :func:`slice_key_head`: the rank and the extents."""
+    parts = [_encode_unsigned(len(piece.extents))]
+    for extent in piece.extents:
+        parts.append(_encode_signed_cached(extent.start))
+        parts.append(_encode_signed_cached(-1 if extent.length is None else extent.length))
+    return b"".join(parts)
 
-    keys = []
-    for piece in pieces:
-        parts = [head, _encode_unsigned(len(piece.extents))]
-        for extent in piece.extents:
-            parts.append(number(extent.start))
-            parts.append(number(-1 if extent.length is None else extent.length))
-        keys.append(b"".join(parts))
-    return keys
+
+@functools.lru_cache(maxsize=4096)
+def _encode_signed_cached(value: int) -> bytes:
+    """Pieces mostly share a few starts and lengths: each is encoded once."""
+    return _encode_signed(value)
 
 
 def decode_slice_key(key: bytes) -> tuple[bytes, TensorSlice]:

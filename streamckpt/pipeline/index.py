@@ -49,6 +49,9 @@ class IndexState:
     entries: dict[bytes, BundleEntry] | None = None
     lookups: dict[bytes, BundleEntry | None] = field(default_factory=dict)
     shard_sizes: dict[int, int] = field(default_factory=dict)
+    # blocks looked up in once (binary search), and those parsed after a second lookup
+    searched_blocks: set[int] = field(default_factory=set)
+    block_records: dict[int, dict[bytes, memoryview]] = field(default_factory=dict)
 
     @property
     def tail_start(self) -> int:

@@ -56,6 +56,7 @@ from streamckpt.format.table import (
     decode_block,
     decode_footer,
     decode_index_block,
+    iter_data_block,
     lookup_in_block,
     table_size_from_tail,
 )
@@ -245,7 +246,7 @@ class CheckpointReader:
                             tg.start_soon(self.read_header)
                             tg.start_soon(self._block, handle)
                 block = await self._block(handle)
-                value = lookup_in_block(block, key, offset=handle.offset)
+                value = self._lookup_in_block(handle, block, key)
                 if value is not None:
                     try:
                         found = decode_entry(value, num_shards=self.header.num_shards)
@@ -259,6 +260,25 @@ class CheckpointReader:
                 "no such tensor in the checkpoint", uri=self.uri, tensor=key_to_name(key)
             )
         return found
+
+    def _lookup_in_block(
+        self, handle: BlockHandle, block: bytes | memoryview, key: bytes
+    ) -> memoryview | None:
+        """The value under ``key`` in one data block, or None.
+
+        The first lookup in a block is a binary search; a second parses the whole block into
+        a dict once. A block with a single restart point makes every search a scan of the
+        block, and many lookups (one per piece of a partitioned tensor) would otherwise cost
+        lookups x block size.
+        """
+        records = self._s.block_records.get(handle.offset)
+        if records is None:
+            if handle.offset not in self._s.searched_blocks:
+                self._s.searched_blocks.add(handle.offset)
+                return lookup_in_block(block, key, offset=handle.offset)
+            records = dict(iter_data_block(block, offset=handle.offset))
+            self._s.block_records[handle.offset] = records
+        return records.get(key)
 
     async def info(self, name: str | bytes) -> TensorInfo:
         """What the index says about one tensor (one block read at most when not loaded)."""
@@ -365,6 +385,7 @@ class CheckpointReader:
         """Entries to fetch for ``keys``: partitioned tensors expand to their slice pieces."""
         plain: dict[bytes, BundleEntry] = {}
         pieces: dict[bytes, list[tuple[TensorSlice, bytes]]] = {}
+        await self._load_index_for(len(keys))
         for key in keys:
             entry = await self.entry(key)
             if not entry.slices:
@@ -375,6 +396,9 @@ class CheckpointReader:
             except StreamCkptError as exc:
                 raise exc.with_context(uri=self.uri, tensor=key_to_name(key)) from None
             pieces[key] = []
+            if entry.num_elements == 0:
+                continue  # nothing to copy: its pieces are not even looked up
+            await self._load_index_for(len(entry.slices))
             for piece, piece_key in piece_keys(key, entry):
                 try:
                     found: BundleEntry | None = await self.entry(piece_key)
@@ -387,6 +411,15 @@ class CheckpointReader:
                 plain[piece_key] = piece_entry
                 pieces[key].append((piece, piece_key))
         return plain, pieces
+
+    async def _load_index_for(self, lookups: int) -> None:
+        """Load the whole index when that is cheaper than ``lookups`` lookups.
+
+        One read of every data block costs no more than a read per lookup once lookups
+        outnumber blocks, and the entries are then decoded once, in one pass.
+        """
+        if self._s.entries is None and lookups > len(self._s.index.handles):
+            await self.load_index()
 
     async def read_many(self, names: Iterable[str | bytes]) -> dict[str, np.ndarray[Any, Any]]:
         """Whole tensors, fetched with merged ranged reads, each verified by its crc32c."""
@@ -488,6 +521,7 @@ class CheckpointReader:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._s.blocks.clear()
+        self._s.block_records.clear()
 
 
 async def open_reader(
