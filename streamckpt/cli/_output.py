@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 OK = 0
@@ -70,12 +69,11 @@ class Output:
     json: bool = False
     quiet: bool = False
     debug: bool = False
-    lines: list[str] = field(default_factory=list)
 
     def line(self, text: str = "") -> None:
         """One line of the human-readable result (nothing in ``--json`` mode)."""
         if not self.json:
-            print(text, flush=False)
+            print(text)
 
     def document(self, value: Any) -> None:
         """The one JSON document of ``--json`` mode."""
@@ -120,11 +118,9 @@ class Output:
             transient=True,
         )
         task = bar.add_task(description, total=total)
-        lock = threading.Lock()
 
         def advance(nbytes: int) -> None:
-            with lock:
-                bar.advance(task, nbytes)
+            bar.advance(task, nbytes)  # takes rich's own lock
 
         with bar:
             yield advance
