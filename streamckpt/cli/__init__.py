@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from streamckpt import __version__
+    import streamckpt
 
     parser = _Parser(
         prog="streamckpt",
@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--version", action="version", version=f"streamckpt {__version__}", help="print version"
+        "--version",
+        action="version",
+        version=f"streamckpt {streamckpt.__version__}",
+        help="print version",
     )
     add_commands(parser)
     return parser

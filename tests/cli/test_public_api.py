@@ -17,7 +17,7 @@ import streamckpt.sync
 
 CLI = Path(streamckpt.__file__).parent / "cli"
 PUBLIC = {
-    "streamckpt": set(streamckpt.__all__) | {"sync", "errors", "__version__"},
+    "streamckpt": set(streamckpt.__all__) | {"sync", "errors"},
     "streamckpt.sync": set(streamckpt.sync.__all__),
     "streamckpt.errors": set(streamckpt.errors.__all__),
 }
