@@ -63,6 +63,7 @@ def state_bytes(state: IndexState) -> int:
     total = len(state.tail) + sum(len(b) for b in state.blocks.values())
     if state.entries is not None:
         total += 160 * len(state.entries)
+    total += 160 * sum(len(records) for records in state.block_records.values())
     return total + 160 * len(state.lookups)
 
 
