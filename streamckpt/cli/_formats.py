@@ -118,7 +118,7 @@ class SafetensorsSource:
         self.by_name = {spec.name: spec for spec in self.specs}
         self.mapped: dict[str, mmap.mmap] = {}  # kept open while arrays view them
 
-    def _mapping(self, path: str) -> mmap.mmap | None:
+    def mapping_of(self, path: str) -> mmap.mmap | None:
         if not is_local_filesystem(self.fs):
             return None
         if path not in self.mapped:
@@ -133,7 +133,7 @@ class SafetensorsSource:
                 path, start, end = self.where[name]
                 spec = self.by_name[name]
                 count = math.prod(spec.shape)
-                mapping = self._mapping(path) if count else None
+                mapping = self.mapping_of(path) if count else None
                 if mapping is not None:
                     flat = np.frombuffer(mapping, dtype=spec.dtype, count=count, offset=start)
                 else:
