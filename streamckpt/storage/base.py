@@ -308,9 +308,15 @@ class ByteBudget:
         return taken
 
     async def release(self, taken: int) -> None:
-        async with self._condition:
-            self.available += taken
-            self._condition.notify_all()
+        """Give ``taken`` bytes back; shielded, so a cancelled transfer still returns them.
+
+        Called from ``finally`` blocks: unshielded, a cancelled task stopped at the lock's
+        checkpoint and the bytes were lost for good, until every later transfer hung.
+        """
+        with anyio.CancelScope(shield=True):
+            async with self._condition:
+                self.available += taken
+                self._condition.notify_all()
 
 
 def check_length(data: bytes | bytearray, expected: int, *, uri: str, offset: int) -> None:

@@ -29,6 +29,7 @@ import anyio.to_thread
 from streamckpt.errors import (
     CheckpointExistsError,
     ChecksumError,
+    StorageError,
     StreamCkptError,
     TruncatedError,
     unwrap_task_group,
@@ -52,6 +53,7 @@ from streamckpt.storage.retry import (
     StoreStats,
     call_with_retries,
     classify,
+    http_status,
     run_blocking_with_retries,
 )
 from streamckpt.storage.s3_upload import S3MultipartWriter
@@ -247,13 +249,31 @@ class FsspecStore(Store):
             return out
         taken = await self.budget.acquire(end - start)
         try:
-            data: bytes = await self._call(
-                path, self.fs.cat_file, path, start=start, end=end, nbytes=end - start
-            )
+            data = await self._read_part(path, start, end)
         finally:
             await self.budget.release(taken)
         check_length(data, end - start, uri=self.uri(path), offset=start)
         self.stats.add(bytes_read=len(data))
+        return data
+
+    async def _read_part(self, path: str, start: int, end: int) -> bytes:
+        """One ranged GET; a range the object is too short for is a TruncatedError.
+
+        Servers answer a range that starts at or past the end with 416, which would
+        otherwise read as a backend failure, not as the short object it is.
+        """
+        try:
+            data: bytes = await self._call(
+                path, self.fs.cat_file, path, start=start, end=end, nbytes=end - start
+            )
+        except StorageError as exc:
+            if http_status(exc) != 416:
+                raise
+            raise TruncatedError(
+                f"wanted bytes {start} to {end}, the object ends before {start}",
+                uri=self.uri(path),
+                offset=start,
+            ) from exc
         return data
 
     async def read_into(self, path: str, start: int, out: memoryview) -> None:
@@ -267,14 +287,7 @@ class FsspecStore(Store):
             length = min(part, len(out) - offset)
             taken = await self.budget.acquire(length)
             try:
-                data: bytes = await self._call(
-                    path,
-                    self.fs.cat_file,
-                    path,
-                    start=start + offset,
-                    end=start + offset + length,
-                    nbytes=length,
-                )
+                data = await self._read_part(path, start + offset, start + offset + length)
                 check_length(data, length, uri=uri, offset=start + offset)
                 out[offset : offset + length] = data
                 del data
@@ -302,7 +315,12 @@ class FsspecStore(Store):
         return results
 
     async def read_suffix(self, path: str, length: int) -> tuple[bytes, int | None]:
-        data: bytes = await self._call(path, self.fs.cat_file, path, start=-length)
+        try:
+            data: bytes = await self._call(path, self.fs.cat_file, path, start=-length)
+        except StorageError as exc:
+            if http_status(exc) != 416:
+                raise
+            return b"", 0  # SeaweedFS answers a suffix of an empty object with 416
         self.stats.add(bytes_read=len(data))
         return data, (len(data) if len(data) < length else None)
 
@@ -441,12 +459,16 @@ class FsspecStore(Store):
                     tg.start_soon(remove, path)
 
     async def list_dir(self, path: str) -> list[str]:
+        own = path.rstrip("/")
+
         def work() -> list[str]:
             try:
                 self.fs.invalidate_cache(path)
-                return sorted(str(p) for p in self.fs.ls(path, detail=False))
+                listed = self.fs.ls(path, detail=False)
             except FileNotFoundError:
                 return []
+            # SeaweedFS keeps an emptied directory, and s3fs lists it as its own entry 'DIR/'
+            return sorted(str(p) for p in listed if str(p).rstrip("/") != own)
 
         return list(await self._call(path, work))
 

@@ -27,17 +27,6 @@ from streamckpt.testing.store import StoreFactory, StoreTests  # noqa: E402
 
 BUDGET = 4 << 20
 
-BUDGET_LEAK = (
-    "a read cancelled in flight never gives its bytes back to store.budget: "
-    "FsspecStore.read_range/read_into release them with `await budget.release(...)` in a "
-    "finally block, which the cancellation stops at its first checkpoint (anyio's lock); "
-    "once the whole budget has leaked, every later read of the store waits forever"
-)
-RANGE_416 = (
-    "a range that starts at or after the object's end: the server answers 416, which "
-    "FsspecStore.read_range maps to StorageError; check_length's TruncatedError is never reached"
-)
-
 
 class _OnServers(StoreTests):
     """A fresh base per test on the session's servers (as conftest's ``store`` makes one).
@@ -87,41 +76,19 @@ class TestLocalStore(_OnServers):
 
 class TestMemoryStore(_OnServers):
     kind = "memory"
-    known_failures: ClassVar[Mapping[str, str]] = {
-        "test_cancelled_read_gives_back_its_budget": BUDGET_LEAK,
-    }
+    known_failures: ClassVar[Mapping[str, str]] = {}
 
 
 class TestGcsStore(_OnServers):
     kind = "gcs"
-    known_failures: ClassVar[Mapping[str, str]] = {
-        "test_cancelled_read_gives_back_its_budget": BUDGET_LEAK,
-        "test_range_from_the_end": RANGE_416,
-        "test_range_beyond_the_end": RANGE_416,
-    }
+    known_failures: ClassVar[Mapping[str, str]] = {}
 
 
 class TestMotoStore(_OnServers):
     kind = "moto"
-    known_failures: ClassVar[Mapping[str, str]] = {
-        "test_cancelled_read_gives_back_its_budget": BUDGET_LEAK,
-        "test_range_from_the_end": RANGE_416,
-        "test_range_beyond_the_end": RANGE_416,
-    }
+    known_failures: ClassVar[Mapping[str, str]] = {}
 
 
 class TestSeaweedfsStore(_OnServers):
     kind = "seaweedfs"
-    known_failures: ClassVar[Mapping[str, str]] = {
-        "test_cancelled_read_gives_back_its_budget": BUDGET_LEAK,
-        "test_range_from_the_end": RANGE_416,
-        "test_range_beyond_the_end": RANGE_416,
-        "test_read_suffix_of_empty_object": (
-            "SeaweedFS answers the suffix range 'bytes=-16' of an empty object with 416; "
-            "FsspecStore.read_suffix maps it to StorageError instead of returning (b'', 0)"
-        ),
-        "test_list_dir_after_everything_deleted": (
-            "SeaweedFS keeps a directory after its last object is deleted; s3fs then lists "
-            "it as its own entry 'DIR/', which FsspecStore.list_dir returns as an object"
-        ),
-    }
+    known_failures: ClassVar[Mapping[str, str]] = {}
