@@ -70,7 +70,7 @@ DEFAULT_MAX_INFLIGHT_BYTES = 256 << 20
 # Shard size a save aims at on S3 and GCS when the caller gives no shard count: four parts.
 # The server joins each shard after its last part (an S3 complete, a GCS compose), work that
 # grows with the object, and several shards are joined side by side. Through a 20 ms /
-# 100 MB/s link (scripts/bench_objectstore.py), 256 MiB as 4 shards saved at 4.4-5.8x a naive
+# 100 MB/s link (python -m benchmarks objectstore), 256 MiB as 4 shards saved at 4.4-5.8x a naive
 # writer on all three test servers; as 1 shard at 2.9-5.9x (fake-gcs-server composes the
 # whole object after the last part), and moto loaded one object at 4.2-5.2x, 4 at 12.4-15.4x.
 AUTO_SHARD_BYTES = 64 << 20
