@@ -170,6 +170,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._has_sidecar = False
         self._deleting: list[str] = []  # from an earlier sweep that did not finish
+        self._swept_leftovers = False  # whether a sweep looked for crashed saves' checkpoints
         self._saving = False
         self._in_flight: SaveHandle | None = None  # the last save_async
         # Paths restore_or_initialize found broken; a save reusing one clears it first.
@@ -446,8 +447,10 @@ class CheckpointManager:
         )
         deleted = set(plan.deleted)
         listed = {e.path for e in plan.kept}
-        # What an earlier sweep did not finish deleting goes now, unless listed again.
-        doomed = list(dict.fromkeys([*plan.deleted, *self._deleting]))
+        # What an earlier sweep did not finish deleting goes now, unless listed again; so do,
+        # once per manager, checkpoints of crashed saves that were never published.
+        leftovers = await self._leftovers(known=listed | {path})
+        doomed = list(dict.fromkeys([*plan.deleted, *self._deleting, *leftovers]))
         doomed = [p for p in doomed if p not in listed]
         if doomed:  # recorded before the state file stops naming them
             await self._store.write_atomic(
@@ -472,6 +475,25 @@ class CheckpointManager:
             self._deleting = []
         except StorageError as exc:
             logger.warning("could not delete old checkpoints %s: %s", doomed, exc)
+
+    async def _leftovers(self, *, known: set[str]) -> list[str]:
+        """Checkpoints newer than the published latest that no state file ever named.
+
+        They are what saves that crashed or failed before their publication left (shards
+        without an index, or a whole checkpoint the caller was told had failed). Looked for
+        once per manager (one listing); preserved checkpoints are older and never match.
+        """
+        if self._swept_leftovers:
+            return []
+        self._swept_leftovers = True
+        found = await find_unpublished(
+            self._store,
+            self._dir_path,
+            self._name,
+            known=known | {e.path for e in self._entries},
+            latest=self._latest,
+        )
+        return [p for p, _ in found]
 
     # -- restore --------------------------------------------------------------------------
 

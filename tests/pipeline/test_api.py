@@ -9,11 +9,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from support import TF_FIXTURES
 
 import streamckpt
 import streamckpt.sync
-from streamckpt.cli import main as cli_main
 from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType
@@ -225,23 +223,3 @@ async def test_memory_filesystem(tmp_path: Path) -> None:
     assert np.array_equal((await streamckpt.load("memory://bucket/run/ckpt-1"))["a"], a)
     part = await streamckpt.read_tensor("memory://bucket/run/ckpt-1", "a", index=np.s_[10:20])
     assert part.tolist() == list(range(10, 20))
-
-
-def test_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["demo", "--size-mib", "8", "--shards", "2", "--dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "saved" in out and "loaded all" in out and "ranged read" in out
-    prefix = str(tmp_path / "ckpt-1000")
-    assert cli_main(["ls", prefix]) == 0
-    assert "embedding/table" in capsys.readouterr().out
-    assert cli_main(["verify", prefix]) == 0
-    assert capsys.readouterr().out.startswith("OK")
-    assert cli_main(["cat", prefix, "step"]) == 0
-    assert capsys.readouterr().out.strip() == "1000"
-    assert cli_main(["inspect", str(TF_FIXTURES / "multi_task" / "ckpt-1")]) == 0
-    assert '"num_shards": 3' in capsys.readouterr().out
-    copy = str(tmp_path / "copy")
-    assert cli_main(["cp", prefix, copy, "--shards", "3"]) == 0
-    assert cli_main(["diff", prefix, copy]) == 0
-    assert cli_main(["ls", str(tmp_path / "missing")]) == 2
-    assert "CheckpointNotFoundError" in capsys.readouterr().err

@@ -94,22 +94,25 @@ def test_no_import_cycles() -> None:
 
 
 def test_the_cli_uses_only_public_api() -> None:
-    tree = ast.parse((PACKAGE / "cli.py").read_text())
-    allowed = {"streamckpt", "streamckpt.sync", "streamckpt.errors"}
-    for imported, names in _imports(tree, "streamckpt.cli"):
-        if imported.startswith("streamckpt"):
-            assert imported in allowed, imported
-            public = {
-                "streamckpt": set(streamckpt.__all__),
-                "streamckpt.sync": set(streamckpt.sync.__all__),
-                "streamckpt.errors": set(streamckpt.errors.__all__),
-            }[imported]
-            assert set(names) <= public | {"sync", "errors"}, names
-    private_attributes = [
-        node.attr
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute)
-        and node.attr.startswith("_")
-        and not node.attr.startswith("__")
-    ]
-    assert private_attributes == []
+    public = {
+        "streamckpt": set(streamckpt.__all__),
+        "streamckpt.sync": set(streamckpt.sync.__all__),
+        "streamckpt.errors": set(streamckpt.errors.__all__),
+    }
+    modules = sorted((PACKAGE / "cli").glob("*.py"))
+    assert modules
+    for path in modules:
+        tree = ast.parse(path.read_text())
+        for imported, names in _imports(tree, f"streamckpt.cli.{path.stem}"):
+            if not imported.startswith("streamckpt") or imported.startswith("streamckpt.cli"):
+                continue
+            assert imported in public, (path.name, imported)
+            assert set(names) <= public[imported] | {"sync", "errors"}, (path.name, names)
+        private_attributes = [
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ]
+        assert private_attributes == [], path.name
