@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from streamckpt.format.dtypes import DataType
     from streamckpt.manager import CheckpointManager, latest_checkpoint
     from streamckpt.naming import assign_into, flatten, identity_map, lookup_map, unflatten
-    from streamckpt.pipeline.cache import clear_index_cache
+    from streamckpt.pipeline.index import clear_index_cache
     from streamckpt.pipeline.read import CheckpointReader, TensorInfo
     from streamckpt.pipeline.save import SaveInfo
     from streamckpt.pipeline.tensors import Typed

@@ -1,4 +1,4 @@
-"""Turning caller values into payloads ready to stream, and payload bytes back into arrays.
+"""Turning caller values into payloads ready to stream (decoding is format.payload's).
 
 On save a numeric tensor's payload is a view of the caller's (contiguous, little-endian)
 array: nothing is copied unless the layout demands it or the caller asked for a snapshot.
@@ -7,17 +7,15 @@ DT_STRING / DT_VARIANT payloads are encoded up front; they are small next to num
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 
-from streamckpt.errors import ChecksumError, UnsupportedError
-from streamckpt.format.crc import crc32c, mask
+from streamckpt.errors import UnsupportedError
 from streamckpt.format.dtypes import DataType, from_numpy, numpy_dtype
-from streamckpt.format.strings import decode_strings, encode_strings
-from streamckpt.format.variant import decode_variants, encode_variants
+from streamckpt.format.strings import encode_strings
+from streamckpt.format.variant import encode_variants
 from streamckpt.tree import to_numpy
 
 
@@ -86,38 +84,3 @@ def _as_bytes(element: Any) -> bytes:
     if isinstance(element, np.bytes_ | bytearray | memoryview):
         return bytes(element)
     raise UnsupportedError(f"cannot save {type(element).__name__} as a string element")
-
-
-def decode_payload(
-    buffer: bytes | bytearray | memoryview,
-    *,
-    dtype: DataType,
-    shape: tuple[int, ...],
-    big_endian: bool,
-    expected_crc: int,
-) -> np.ndarray[Any, Any]:
-    """An array over ``buffer``, checked against the entry's masked crc32c.
-
-    Little-endian fixed-size data is not copied.
-    """
-    count = math.prod(shape)
-    if dtype == DataType.DT_STRING or dtype == DataType.DT_VARIANT:
-        # Their entry crc covers fixed-width lengths, not the stored varints: the codec checks.
-        if dtype == DataType.DT_STRING:
-            values = decode_strings(
-                memoryview(buffer), count, big_endian=big_endian, expected_crc=expected_crc
-            )
-        else:
-            values = decode_variants(memoryview(buffer), count, expected_crc=expected_crc)
-        out = np.empty(count, dtype=object)
-        out[:] = values
-        return out.reshape(shape)
-    actual = mask(crc32c(buffer))
-    if actual != expected_crc:
-        raise ChecksumError(
-            f"tensor checksum mismatch (stored {expected_crc:#010x}, computed {actual:#010x})"
-        )
-    array = np.frombuffer(buffer, dtype=numpy_dtype(dtype, big_endian=big_endian), count=count)
-    if big_endian and array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return array.reshape(shape)
