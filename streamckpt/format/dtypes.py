@@ -5,14 +5,19 @@ data file (sub-byte and float8 kinds take one byte each, as ml_dtypes stores the
 DT_STRING and DT_VARIANT have no fixed size; they decode to object arrays of ``bytes``.
 The quantized types are stored like plain integers; they read back as those integers, and a
 caller that wants to write them names the dtype explicitly.
+
+``ml_dtypes`` (bfloat16, float8, float4, int4, int2) is imported only when a checkpoint or a
+value has one of its types: its import costs more than a small read (0.6-0.8 s of 0.7's
+extension module on the test machine). A numpy array of one of its types cannot exist before
+it is imported, so a saved value never needs the import to be recognised.
 """
 
 from __future__ import annotations
 
 import enum
+import sys
 from typing import Final
 
-import ml_dtypes
 import numpy as np
 
 from streamckpt.errors import UnsupportedError
@@ -59,7 +64,7 @@ class DataType(enum.IntEnum):
 
 D = DataType
 
-# Little-endian numpy dtype of each fixed-size type.
+# Little-endian numpy dtype of each fixed-size type numpy itself has.
 _NUMPY: Final[dict[DataType, np.dtype[np.generic]]] = {
     D.DT_FLOAT: np.dtype("<f4"),
     D.DT_DOUBLE: np.dtype("<f8"),
@@ -73,7 +78,6 @@ _NUMPY: Final[dict[DataType, np.dtype[np.generic]]] = {
     D.DT_QINT8: np.dtype("i1"),
     D.DT_QUINT8: np.dtype("u1"),
     D.DT_QINT32: np.dtype("<i4"),
-    D.DT_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
     D.DT_QINT16: np.dtype("<i2"),
     D.DT_QUINT16: np.dtype("<u2"),
     D.DT_UINT16: np.dtype("<u2"),
@@ -81,25 +85,40 @@ _NUMPY: Final[dict[DataType, np.dtype[np.generic]]] = {
     D.DT_HALF: np.dtype("<f2"),
     D.DT_UINT32: np.dtype("<u4"),
     D.DT_UINT64: np.dtype("<u8"),
-    D.DT_FLOAT8_E5M2: np.dtype(ml_dtypes.float8_e5m2),
-    D.DT_FLOAT8_E4M3FN: np.dtype(ml_dtypes.float8_e4m3fn),
-    D.DT_FLOAT8_E4M3FNUZ: np.dtype(ml_dtypes.float8_e4m3fnuz),
-    D.DT_FLOAT8_E4M3B11FNUZ: np.dtype(ml_dtypes.float8_e4m3b11fnuz),
-    D.DT_FLOAT8_E5M2FNUZ: np.dtype(ml_dtypes.float8_e5m2fnuz),
-    D.DT_INT4: np.dtype(ml_dtypes.int4),
-    D.DT_UINT4: np.dtype(ml_dtypes.uint4),
-    D.DT_INT2: np.dtype(ml_dtypes.int2),
-    D.DT_UINT2: np.dtype(ml_dtypes.uint2),
-    D.DT_FLOAT4_E2M1FN: np.dtype(ml_dtypes.float4_e2m1fn),
+}
+
+# The types of ml_dtypes, by attribute name, with their bytes per element in a data file.
+_ML_DTYPES: Final[dict[DataType, tuple[str, int]]] = {
+    D.DT_BFLOAT16: ("bfloat16", 2),
+    D.DT_FLOAT8_E5M2: ("float8_e5m2", 1),
+    D.DT_FLOAT8_E4M3FN: ("float8_e4m3fn", 1),
+    D.DT_FLOAT8_E4M3FNUZ: ("float8_e4m3fnuz", 1),
+    D.DT_FLOAT8_E4M3B11FNUZ: ("float8_e4m3b11fnuz", 1),
+    D.DT_FLOAT8_E5M2FNUZ: ("float8_e5m2fnuz", 1),
+    D.DT_INT4: ("int4", 1),
+    D.DT_UINT4: ("uint4", 1),
+    D.DT_INT2: ("int2", 1),
+    D.DT_UINT2: ("uint2", 1),
+    D.DT_FLOAT4_E2M1FN: ("float4_e2m1fn", 1),
 }
 
 VARIABLE_SIZE: Final = frozenset({D.DT_STRING, D.DT_VARIANT})
 
 # numpy -> TensorFlow; the quantized types are never inferred (they share numpy types).
+_QUANTIZED: Final = frozenset({D.DT_QINT8, D.DT_QUINT8, D.DT_QINT32, D.DT_QINT16, D.DT_QUINT16})
 _FROM_NUMPY: Final[dict[np.dtype[np.generic], DataType]] = {}
 for _dt, _np in _NUMPY.items():
-    if _dt not in (D.DT_QINT8, D.DT_QUINT8, D.DT_QINT32, D.DT_QINT16, D.DT_QUINT16):
+    if _dt not in _QUANTIZED:
         _FROM_NUMPY.setdefault(_np, _dt)
+_FROM_ML_DTYPES: dict[np.dtype[np.generic], DataType] = {}  # filled once ml_dtypes is loaded
+
+
+def _ml_dtype(dtype: DataType) -> np.dtype[np.generic]:
+    """The ml_dtypes type of ``dtype``, importing ml_dtypes on first use."""
+    import ml_dtypes
+
+    found: np.dtype[np.generic] = np.dtype(getattr(ml_dtypes, _ML_DTYPES[dtype][0]))
+    return found
 
 
 def to_datatype(value: int) -> DataType:
@@ -121,16 +140,20 @@ def numpy_dtype(dtype: DataType, *, big_endian: bool = False) -> np.dtype[np.gen
     """The numpy dtype that views a fixed-size payload; ``object`` for strings and variants."""
     if dtype in VARIABLE_SIZE:
         return np.dtype(object)
-    try:
-        np_dtype = _NUMPY[dtype]
-    except KeyError:
-        raise UnsupportedError(f"dtype {dtype.name} has no numpy counterpart") from None
+    np_dtype = _NUMPY.get(dtype)
+    if np_dtype is None:
+        if dtype not in _ML_DTYPES:
+            raise UnsupportedError(f"dtype {dtype.name} has no numpy counterpart")
+        np_dtype = _ml_dtype(dtype)
     return np_dtype.newbyteorder(">") if big_endian and np_dtype.itemsize > 1 else np_dtype
 
 
 def itemsize(dtype: DataType) -> int:
     """Bytes per element in a data file; 0 for variable-size types."""
-    return 0 if dtype in VARIABLE_SIZE else _NUMPY[dtype].itemsize
+    if dtype in VARIABLE_SIZE:
+        return 0
+    extended = _ML_DTYPES.get(dtype)
+    return extended[1] if extended is not None else _NUMPY[dtype].itemsize
 
 
 def from_numpy(np_dtype: np.dtype[np.generic]) -> DataType:
@@ -141,7 +164,11 @@ def from_numpy(np_dtype: np.dtype[np.generic]) -> DataType:
     if np_dtype.kind in ("O", "S"):
         return D.DT_STRING
     native = np_dtype.newbyteorder("<") if np_dtype.byteorder == ">" else np_dtype
-    try:
-        return _FROM_NUMPY[native]
-    except KeyError:
-        raise UnsupportedError(f"numpy dtype {np_dtype} has no TensorFlow counterpart") from None
+    found = _FROM_NUMPY.get(native)
+    if found is None and "ml_dtypes" in sys.modules:  # only then can it be one of its types
+        if not _FROM_ML_DTYPES:
+            _FROM_ML_DTYPES.update({_ml_dtype(dt): dt for dt in _ML_DTYPES})
+        found = _FROM_ML_DTYPES.get(native)
+    if found is None:
+        raise UnsupportedError(f"numpy dtype {np_dtype} has no TensorFlow counterpart")
+    return found

@@ -9,6 +9,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from support import TF_FIXTURES
 
 import streamckpt
 import streamckpt.sync
@@ -223,3 +224,17 @@ async def test_memory_filesystem(tmp_path: Path) -> None:
     assert np.array_equal((await streamckpt.load("memory://bucket/run/ckpt-1"))["a"], a)
     part = await streamckpt.read_tensor("memory://bucket/run/ckpt-1", "a", index=np.s_[10:20])
     assert part.tolist() == list(range(10, 20))
+
+
+def test_ml_dtypes_is_imported_only_for_its_types(tmp_path: Path) -> None:
+    """Its import costs more than a small read; a float32 checkpoint never needs it."""
+    code = (
+        "import sys, numpy as np, streamckpt.sync as sc\n"
+        f"sc.save({str(tmp_path / 'f')!r}, {{'x': np.arange(4.0)}})\n"
+        f"assert sc.read_tensor({str(tmp_path / 'f')!r}, 'x').tolist() == [0, 1, 2, 3]\n"
+        "assert 'ml_dtypes' not in sys.modules, 'float32 pulled in ml_dtypes'\n"
+        f"sc.load({str(TF_FIXTURES / 'dtypes' / 'ckpt')!r})\n"
+        "assert 'ml_dtypes' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
