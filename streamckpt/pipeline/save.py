@@ -45,7 +45,7 @@ from streamckpt.pipeline.cache import INDEX_CACHE
 from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
-from streamckpt.storage.base import ShardWriter
+from streamckpt.storage.base import ShardWriter, wait_from_thread
 from streamckpt.storage.claim import Claim, claim_filename
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class _WriterSlot:
 
     def take(self) -> None:  # from the writer's thread
         if not self._held:
-            anyio.from_thread.run(self.acquire)
+            wait_from_thread(self.acquire)
 
     def give_back(self) -> None:  # from the writer's thread
         if self._held:
@@ -268,7 +268,7 @@ async def _write_claimed(
         data_filename(prefix_path, shard_id, plan.num_shards) for shard_id in range(plan.num_shards)
     ]
     suffix = f".tmp-{secrets.token_hex(6)}"
-    shard_paths = [p + suffix for p in final_paths] if staged else final_paths
+    shard_paths = [p + suffix for p in final_paths] if staged else list(final_paths)
     committed = False
     try:
         t0 = time.perf_counter()
@@ -292,9 +292,9 @@ async def _write_claimed(
         if staged:
             # the old index goes, then the staged shards take their final names
             await store.delete([index_path])
-            for staged_path, final_path in zip(shard_paths, final_paths, strict=True):
-                await store.rename(staged_path, final_path)
-            shard_paths = final_paths
+            for shard_id, final_path in enumerate(final_paths):
+                await store.rename(shard_paths[shard_id], final_path)
+                shard_paths[shard_id] = final_path  # what a failure from here on removes
         if directory:
             await store.sync_dir(directory)  # shard names durable before the index appears
         await claim.confirm()

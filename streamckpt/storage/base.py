@@ -16,11 +16,12 @@ import copy
 import errno
 import mmap
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import anyio
+import anyio.from_thread
 
 from streamckpt.errors import (
     CheckpointExistsError,
@@ -108,6 +109,33 @@ class WriterSlot(Protocol):
     def take(self) -> None: ...
 
     def give_back(self) -> None: ...
+
+
+#: How often a worker thread waiting on the event loop looks for a cancellation.
+WAIT_POLL_S = 0.1
+
+
+def wait_from_thread(acquire: Callable[[], Awaitable[object]]) -> None:
+    """From a worker thread: wait on the event loop for ``acquire()`` (a slot, a token).
+
+    Cancellation of the thread's caller ends the wait, within ``WAIT_POLL_S``. A plain
+    ``anyio.from_thread.run`` can wait for ever there: a task it starts in a cancel scope whose
+    cancellation was already delivered is never cancelled (anyio's checkpoint then spins in
+    ``sleep(0)``), so a shard's thread waiting for its slot after another shard failed hung the
+    save. Here each wait is bounded by a scope of its own, and the thread looks for the
+    cancellation between waits.
+    """
+
+    async def bounded() -> bool:
+        with anyio.move_on_after(WAIT_POLL_S):
+            await acquire()
+            return True
+        return False
+
+    while True:
+        anyio.from_thread.check_cancelled()
+        if anyio.from_thread.run(bounded):
+            return
 
 
 def stream_into(

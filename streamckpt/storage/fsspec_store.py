@@ -44,6 +44,7 @@ from streamckpt.storage.base import (
     check_length,
     map_errors,
     stream_into,
+    wait_from_thread,
 )
 from streamckpt.storage.gcs_upload import GcsComposeWriter
 from streamckpt.storage.parts import DEFAULT_PARTS_IN_FLIGHT, plan_uploads
@@ -385,7 +386,7 @@ class FsspecStore(Store):
             # The whole upload holds a slot of the adaptive limit, like any other request, so
             # that throttled uploads shrink the concurrency of everything else on this store.
             token = object()
-            anyio.from_thread.run(self.limiter.acquire_on_behalf_of, token)
+            wait_from_thread(functools.partial(self.limiter.acquire_on_behalf_of, token))
             started = time.monotonic()
             self.stats.add(requests=1)
             try:

@@ -259,10 +259,15 @@ class LocalClaim(Claim):
                 if not _same_file(fd, path):
                     _close_quietly(fd)
                     continue
+            except BaseException:
+                _close_quietly(fd)
+                raise
+            try:
                 record = claim_record(secrets.token_hex(16), lease_s=0.0)
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, record, 0)
             except BaseException:
+                _unlink_twice(path)  # ours: it is locked
                 _close_quietly(fd)
                 raise
             return cls(path, fd)

@@ -36,7 +36,7 @@ from typing import Any
 import anyio.from_thread
 
 from streamckpt.errors import RetriesExhaustedError
-from streamckpt.storage.base import ShardWriter, map_errors
+from streamckpt.storage.base import ShardWriter, map_errors, wait_from_thread
 from streamckpt.storage.retry import (
     AdaptiveLimiter,
     RetryPolicy,
@@ -234,7 +234,7 @@ class PartsWriter(ShardWriter):
         slot = object()
         while not anyio.from_thread.run_sync(self._limiter.try_acquire_on_behalf_of, slot):
             if not self._pending:  # we hold no slots: others will give theirs back
-                anyio.from_thread.run(self._limiter.acquire_on_behalf_of, slot)
+                wait_from_thread(functools.partial(self._limiter.acquire_on_behalf_of, slot))
                 break
             self._wait(len(self._pending) - 1)
         return slot
