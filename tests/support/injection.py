@@ -114,6 +114,9 @@ class _Counted(collections.abc.Coroutine[Any, Any, Any]):
     def close(self) -> None:
         self._inner.close()
 
+    def __getattr__(self, name: str) -> Any:  # cr_running, cr_frame, ...: anyio inspects them
+        return getattr(self._inner, name)
+
     def __await__(self) -> Generator[Any, None, Any]:
         return self._inner.__await__()  # type: ignore[no-any-return]
 

@@ -95,6 +95,7 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
     total = await count_calls(tmp_path, monkeypatch, overwrite=overwrite)
     assert total >= 20  # opens, writes, fsyncs, closes, the link, the claim: every site
     outcomes: dict[str, int] = {}
+    sites: dict[str, set[str]] = {}  # the calls whose failure ended each way
     for error in ERRNOS:
         for k in range(1, total + 1):
             root = tmp_path / f"{errno.errorcode[error]}-{k}"
@@ -140,6 +141,7 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
                 else:
                     outcome = "failed"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            sites.setdefault(outcome, set()).add(fired.name)
             assert leftovers(root) == [], case
             ours = [
                 n for n in os.listdir(root) if n.startswith("ckpt-2.data-") and "-of-00002" in n
@@ -150,7 +152,7 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
                 assert ours == [], (case, ours)
             assert open_fds() == fds, case
             await assert_exact(earlier, tensors(1))
-    print(f"{5 * total} faults ({total} calls x {len(ERRNOS)} errnos): {outcomes}")
+    print(f"{5 * total} faults ({total} calls x {len(ERRNOS)} errnos): {outcomes} {sites}")
     assert outcomes.get("failed", 0) > 0
 
 
