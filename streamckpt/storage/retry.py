@@ -62,7 +62,7 @@ def _status_of(exc: BaseException) -> tuple[int | None, str | None]:
         error = response.get("Error", {})
         status = meta.get("HTTPStatusCode")
         return (int(status) if status else None), error.get("Code")
-    for attr in ("code", "status"):
+    for attr in ("status", "code"):  # aiohttp deprecates `code`: reading it warns
         value = getattr(exc, attr, None)
         if isinstance(value, int) and 100 <= value < 600:
             return value, None
