@@ -317,6 +317,9 @@ async def _write_claimed(
             # A save that lost its claim deletes nothing: those names are the new holder's.
             if not committed and not claim.lost:
                 await _delete_quietly(store, shard_paths)
+                await store.drain()
+                # what the writers' own clean-up could not reach (an upload whose abort failed)
+                await _reclaim_quietly(store, index_path, directory, name)
             await store.drain()
     if replacing:
         try:
@@ -450,6 +453,21 @@ def _committed_but(exc: Exception, index_uri: str) -> StorageError:
     )
     error.errno = exc.errno if isinstance(exc, OSError) else None
     return error
+
+
+async def _reclaim_quietly(store: Store, index_path: str, directory: str, name: str) -> None:
+    """A failed save's second sweep: what its writers' own clean-up could not reach.
+
+    Data files stay wherever an index is there (an old checkpoint this save did not get to
+    replace): only staged and temporary names go then.
+    """
+    try:
+        indexed = await store.exists(index_path)
+        await store.reclaim(directory, name, committed=indexed)
+    except StreamCkptError as exc:
+        logger.warning(
+            "a failed save could not reclaim its leftovers (the next save will): %s", exc
+        )
 
 
 async def _delete_quietly(store: Store, paths: Sequence[str]) -> None:

@@ -459,6 +459,29 @@ class FsspecStore(Store):
                 for path in paths:
                     tg.start_soon(remove, path)
 
+    async def reclaim(self, directory: str, name: str, *, committed: bool) -> None:
+        """Also abort the S3 multipart uploads left open under the name's data files.
+
+        An upload is left open when the answer to its creation was lost (its id unknown) or
+        its abort failed (a frozen server); under the prefix's claim, any open upload of
+        these names is a failed or crashed save's.
+        """
+        await super().reclaim(directory, name, committed=committed)
+        if type(self.fs).__name__ == "S3FileSystem":
+            shards = self.join(directory, f"{name}.data-") if directory else f"{name}.data-"
+            await self._call(shards, self._abort_uploads, shards)
+
+    def _abort_uploads(self, key_prefix: str) -> None:
+        bucket, prefix, _ = self.fs.split_path(key_prefix)
+        answer = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        for upload in answer.get("Uploads", []):
+            self.fs.call_s3(
+                "abort_multipart_upload",
+                Bucket=bucket,
+                Key=upload["Key"],
+                UploadId=upload["UploadId"],
+            )
+
     async def list_dir(self, path: str) -> list[str]:
         own = path.rstrip("/")
 
