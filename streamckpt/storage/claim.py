@@ -159,8 +159,8 @@ class StoreClaim(Claim):
             self.lost = True
             what = describe_holder(held) if held else "it is gone"
             raise SaveInProgressError(
-                f"this save's claim on the prefix was taken over ({what}); "
-                "it wrote nothing that another save's index points to, and deletes nothing",
+                f"this save's claim on the prefix was taken over ({what}): it stops, and "
+                "deletes nothing (the names under the prefix are the new holder's)",
                 uri=self.uri,
             )
 

@@ -193,3 +193,27 @@ async def test_a_symlink_at_a_checkpoint_name_is_never_followed(tmp_path: Path) 
         LocalStore().open_writer(str(directory / "planted.data-00000-of-00001"))
     assert outside.read_bytes() == b"not a checkpoint's"
     assert not (directory / "other.index").exists()
+
+
+async def test_an_object_store_claim_is_renewed_and_a_takeover_is_seen() -> None:
+    """keep_alive rewrites the lease while the save runs; a claim taken over stops the save."""
+    from streamckpt.errors import unwrap_task_group
+    from streamckpt.storage.claim import StoreClaim, parse_claim
+
+    target, path = resolve(f"memory://claims-{os.getpid()}/ckpt.claim")
+    claim = StoreClaim(target, path, lease_s=0.2)
+    await claim.take()
+    first = parse_claim(await target.read_all(path))["renewed_at"]
+    with pytest.raises(SaveInProgressError, match="taken over"), unwrap_task_group():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim.keep_alive)
+            await anyio.sleep(0.15)
+            renewed = parse_claim(await target.read_all(path))
+            assert renewed["renewed_at"] > first and renewed["token"] == claim._token
+            other = dict(renewed, token="another save", renewed_at=time.time())
+            await target.write_atomic(path, json.dumps(other).encode(), exclusive=False)
+            await anyio.sleep(1)
+    assert claim.lost
+    await claim.release()  # not ours any more: left in place
+    assert parse_claim(await target.read_all(path))["token"] == "another save"
+    await target.delete([path])
