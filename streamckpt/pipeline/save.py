@@ -436,6 +436,8 @@ async def _index_is_ours(store: Store, index_path: str, index_bytes: bytes) -> b
     reclaimed by the next save of the prefix, shards deleted under a visible index are lost.
     """
     try:
+        if not await store.exists(index_path):
+            return False
         return await store.read_all(index_path) == index_bytes
     except CheckpointNotFoundError:
         return False

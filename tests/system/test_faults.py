@@ -54,12 +54,14 @@ from streamckpt.errors import (
     ChecksumError,
     CorruptCheckpointError,
     PermissionDeniedError,
+    SaveInProgressError,
     StorageError,
 )
 from streamckpt.pipeline.read import open_reader
 from streamckpt.pipeline.save import SaveInfo, prepare_all, save_tensors
 from streamckpt.storage import FsspecStore, RetryPolicy, Store, resolve
 from streamckpt.storage.base import ByteBudget
+from streamckpt.storage.claim import CLAIM_LEASE_S
 from streamckpt.storage.retry import AdaptiveLimiter
 from streamckpt.testing.faultproxy import FaultProxy, FaultRule
 from streamckpt.testing.servers import ObjectStoreServer
@@ -174,6 +176,10 @@ def site(request: pytest.FixtureRequest, servers: Any) -> Iterator[Site]:
         yield opened
 
 
+#: What a small object write looks like on GCS (the object's name is in the body).
+GCS_SMALL_WRITE: dict[str, Any] = {"method": "POST", "path_contains": "uploadType=multipart"}
+
+
 @dataclass
 class Env:
     """One test's directory on a site, and ways to reach it with and without faults."""
@@ -213,8 +219,8 @@ class Env:
         return {"method": self.upload_method, "path_contains": f"{name}.data-"}
 
     def index_write(self, name: str) -> dict[str, Any]:
-        if self.site.gcs:  # the only "multipart" upload (the name is in its body)
-            return {"method": "POST", "path_contains": "uploadType=multipart"}
+        if self.site.gcs:  # "multipart" uploads: the save's claim, then its index (see env_on)
+            return dict(GCS_SMALL_WRITE)
         return {"method": "PUT", "path_contains": f"/{name}.index"}
 
     def shard_read(self, name: str, shard: int, of: int = SHARDS) -> dict[str, Any]:
@@ -224,12 +230,16 @@ class Env:
         return {"method": "GET", "path_contains": f"{name}.index"}
 
     def sent(self, where: dict[str, Any]) -> list[int]:
-        """Statuses of the requests the proxy saw that `where` matches (0: no answer)."""
-        return [
+        """Statuses of the requests the proxy saw that `where` matches (0: no answer).
+
+        On GCS the first small write through the proxy is the save's claim, not its index.
+        """
+        statuses = [
             status
             for method, target, status in self.proxy.stats().log
             if method == where["method"] and where["path_contains"] in target
         ]
+        return statuses[1:] if self.site.gcs and where == GCS_SMALL_WRITE else statuses
 
     async def save_clean(self, name: str, tensors: Tensors, num_shards: int = SHARDS) -> SaveInfo:
         return await streamckpt.save(
@@ -248,6 +258,11 @@ def env_on(site: Site) -> Iterator[Env]:
     """A fresh directory and a proxy with no faults and zeroed counters."""
     site.proxy.clear()
     site.proxy.reset_stats()
+    if site.gcs:
+        # A save's claim and its index are both small "multipart" uploads, told apart only by
+        # their bodies: this rule lets the first one (the claim) through, so that a fault
+        # aimed at `index_write` reaches the index.
+        site.proxy.delay(0.0, times=1, **GCS_SMALL_WRITE)
     directory = f"{BUCKET}/faults-{uuid.uuid4().hex[:12]}"
     try:
         yield Env(site, directory)
@@ -888,6 +903,8 @@ async def test_cancelled_save_loses_nothing(env: Env, trigger: str, at: float) -
     saved = not scope.cancelled_caught
     if trigger == "bytes" and threshold <= data_bytes:
         assert not saved  # cancelled before every shard was up: there is no index to write
+    if not saved and "ckpt-2.index" in env.objects():
+        saved = True  # cancelled after its commit point: the checkpoint is whole, it must load
     await assert_nothing_lost(env, saved=saved, ckpt1=ckpt1, ckpt1_files=ckpt1_files, ckpt2=ckpt2)
 
 
@@ -935,10 +952,26 @@ async def test_sigkilled_save_leaves_no_index(env: Env, tmp_path: Path) -> None:
         ckpt2=make_tensors(2),
         orphans_allowed=True,
     )
-    # Orphans from the dead save do not stand in the way of the next one.
+    # The dead save's claim holds the prefix until its lease runs out: a save meanwhile is
+    # refused and touches nothing.
     again = make_tensors(3)
+    before = env.objects()
+    assert "ckpt-2.claim" in before
+    with pytest.raises(SaveInProgressError, match="renewed"):
+        await env.save_clean("ckpt-2", again)
+    assert env.objects() == before
+    # Once the lease ran out (aged here, as two minutes would), the next save breaks the claim
+    # and reclaims what the dead save left.
+    claim_path = f"{env.directory}/ckpt-2.claim"
+    record = json.loads(env.site.admin.cat_file(claim_path))
+    record["renewed_at"] -= CLAIM_LEASE_S + 1
+    env.site.admin.pipe_file(claim_path, json.dumps(record).encode())
     await env.save_clean("ckpt-2", again)
     assert_bit_exact(await env.load_clean("ckpt-2"), again)
+    assert ckpt_files(env.objects(), "ckpt-2") == {
+        *(f"ckpt-2.data-{i:05d}-of-{SHARDS:05d}" for i in range(SHARDS)),
+        "ckpt-2.index",
+    }
 
 
 # -- B. reads never return wrong bytes -------------------------------------------------------
