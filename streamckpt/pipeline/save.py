@@ -1,11 +1,17 @@
-"""Save: prepare -> plan -> stream every shard concurrently -> commit the index.
+"""Save: prepare -> plan -> claim -> stream every shard concurrently -> check -> commit.
 
 Invariants:
-- the index is written only after every shard write has been committed (fsync'd / uploaded),
-  in one atomic step, create-only unless ``overwrite``; a reader that finds an index finds
-  complete data;
-- a save that fails or is cancelled removes every data file it created (cleanup is shielded
-  from cancellation) and never touches another prefix's files;
+- one writer per prefix: a save claims its prefix before it writes anything
+  (``storage.claim``); a second save of it fails fast with SaveInProgressError and never
+  touches the first one's files; leftovers of crashed saves are reclaimed under the claim;
+- the index is written only after every shard write has been committed (fsync'd / uploaded)
+  and every shard was found again with the size written (one metadata request each, right
+  before the commit), in one atomic step, create-only unless ``overwrite``; a reader that
+  finds an index finds complete data;
+- a save that fails or is cancelled before its commit point removes every data file it
+  created (cleanup is shielded from cancellation) and never touches another prefix's files;
+  a failure after it (the index is visible) removes nothing, and its error says the
+  checkpoint is committed and whole; a save that lost its claim removes nothing;
 - a tensor's bytes are never copied whole: each shard task streams views of the caller's
   arrays in chunks of ``chunk_bytes``, extending the tensor's crc32c as it goes.
 """
