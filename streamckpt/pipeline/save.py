@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -50,7 +51,7 @@ from streamckpt.format.crc import crc32c, mask
 from streamckpt.pipeline.cache import INDEX_CACHE
 from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
-from streamckpt.storage import Store
+from streamckpt.storage import Store, StoreStats
 from streamckpt.storage.base import ShardWriter, wait_from_thread
 from streamckpt.storage.claim import Claim, claim_filename
 
@@ -332,6 +333,14 @@ async def _write_claimed(
             await _remove_other_shard_counts(store, prefix_path, plan.num_shards)
         except StreamCkptError as exc:
             raise _committed_but(exc, index_uri) from exc
+    stats = store.stats.snapshot()
+    if stats["retries"] or stats["failures"]:
+        # A request that failed or was sent again may have left what no writer knows of (an
+        # S3 upload whose creation's answer was lost): swept while the claim is still held,
+        # by a copy of the store whose requests do not count as the save's.
+        unaccounted = copy.copy(store)
+        unaccounted.stats = StoreStats()
+        await _reclaim_quietly(unaccounted, index_path, directory, name)
     return SaveInfo(
         prefix=store.uri(prefix_path),
         num_shards=plan.num_shards,
@@ -341,7 +350,7 @@ async def _write_claimed(
         files=(*(store.uri(p) for p in shard_paths), index_uri),
         seconds=0.0,
         seconds_by_phase=phases,
-        stats=store.stats.snapshot(),
+        stats=stats,
     )
 
 
