@@ -48,7 +48,7 @@ from streamckpt.format.bundle import (
     name_to_key,
 )
 from streamckpt.format.crc import crc32c, mask
-from streamckpt.pipeline.cache import INDEX_CACHE
+from streamckpt.pipeline.index import INDEX_CACHE
 from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store, StoreStats

@@ -209,7 +209,7 @@ async def test_statistics_and_progress(store: StoreUnderTest) -> None:
 
 @pytest.mark.anyio
 async def test_index_cache_makes_repeated_reads_one_request(store: StoreUnderTest) -> None:
-    from streamckpt.pipeline.cache import INDEX_CACHE
+    from streamckpt.pipeline.index import INDEX_CACHE
 
     prefix = store.prefix("cached")
     values = {f"t{i:03d}": np.full(8, i, dtype=np.int32) for i in range(50)}
@@ -238,7 +238,7 @@ async def test_index_cache_makes_repeated_reads_one_request(store: StoreUnderTes
 async def test_stale_cached_index_is_detected(store: StoreUnderTest) -> None:
     """Another writer replaced the checkpoint behind the cache's back: a whole-tensor read
     fails its crc32c on the stale index, and the read is retried on a fresh one."""
-    from streamckpt.pipeline.cache import INDEX_CACHE
+    from streamckpt.pipeline.index import INDEX_CACHE
 
     first, second = store.prefix("a"), store.prefix("b")
     await streamckpt.save(first, {"x": np.arange(4.0)}, storage_options=store.storage_options)
