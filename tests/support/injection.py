@@ -90,7 +90,11 @@ class SyscallFaults:
 
 
 def open_fds() -> set[int]:
-    """This process's open file descriptors."""
+    """This process's open file descriptors.
+
+    Compare with ``<=``: no descriptor may be added by the case under test, but unrelated ones
+    (an earlier test's client collected meanwhile) may close during it.
+    """
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 

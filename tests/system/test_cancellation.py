@@ -116,7 +116,7 @@ async def test_save_cancelled_at_every_checkpoint(tmp_path: Path, kind: str) -> 
             outcomes["cancelled, nothing left"] += 1
         assert await exact(earlier, tensors(1)), k
         if kind == "local":
-            assert open_fds() == fds, k
+            assert open_fds() <= fds, k
     print(f"{kind}: {total} checkpoints, {total + 5} cancellations: {outcomes}")
     assert outcomes["cancelled, nothing left"] > total // 2
 
@@ -132,5 +132,5 @@ async def test_load_cancelled_at_every_checkpoint(tmp_path: Path, kind: str) -> 
         fds = open_fds()
         await run_counted(lambda: streamckpt.load(prefix), k)
         if kind == "local":
-            assert open_fds() == fds, k
+            assert open_fds() <= fds, k
     assert await exact(prefix, tensors(3))

@@ -150,7 +150,7 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
                 # A failed save removes its shards. (A failed overwrite may leave the data
                 # files of the checkpoint it had unpublished: the next save reclaims them.)
                 assert ours == [], (case, ours)
-            assert open_fds() == fds, case
+            assert open_fds() <= fds, case
             await assert_exact(earlier, tensors(1))
     print(f"{5 * total} faults ({total} calls x {len(ERRNOS)} errnos): {outcomes} {sites}")
     assert outcomes.get("failed", 0) > 0
@@ -184,4 +184,4 @@ async def test_a_failing_system_call_fails_the_load_cleanly(
                 assert all(loaded[n].tobytes() == v.tobytes() for n, v in tensors(4).items())
             finally:
                 monkeypatch.setattr(streamckpt.storage.local, "os", os)
-            assert open_fds() == fds, case
+            assert open_fds() <= fds, case
