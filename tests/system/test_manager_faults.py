@@ -113,7 +113,7 @@ async def test_every_system_call_of_a_manager_save_failing(tmp_path: Path) -> No
             names = sorted(os.listdir(directory))
             assert "checkpoint.deleting.json" not in names
             assert [n for n in names if n.endswith(".index")] == ["ckpt-3.index"], names
-    assert outcomes["failed"] > 0 and outcomes["saved"] >= 0
+    assert outcomes["failed"] > 0  # the campaign did reach failures, not only harmless calls
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
