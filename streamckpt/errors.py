@@ -16,7 +16,9 @@ StreamCkptError
 ├── StorageError                 (also OSError)            the backend failed
 │   ├── PermissionDeniedError    (also PermissionError)    HTTP 401/403, EACCES, EPERM
 │   └── RetriesExhaustedError                              transient failures outlasted retries
-└── SaveInProgressError          (also RuntimeError)       a second save while one runs
+├── SaveInProgressError          (also RuntimeError)       a second save while one runs
+└── CoordinationError            (also RuntimeError)       processes of one save disagree or
+                                                           a peer failed, died or timed out
 ```
 
 Every message names what it can of: the URI, the tensor, the shard and the byte offset. The
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ChecksumError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "NameMismatchError",
     "NamingError",
@@ -209,6 +212,29 @@ class RetriesExhaustedError(StorageError):
 
 class SaveInProgressError(StreamCkptError, RuntimeError):
     """A save was started while another one of the same object is still running."""
+
+
+class CoordinationError(StreamCkptError, RuntimeError):
+    """The processes of one distributed save or restore could not finish it together.
+
+    A peer failed (its own error is in the message), was cancelled, died, or did not answer
+    within the coordinator's timeout; or the processes disagree about the checkpoint (a tensor
+    given with two dtypes, slices that do not tile their tensor). ``ranks`` names the
+    processes at fault where that is known, empty where it is not.
+    """
+
+    def __init__(self, message: str, *, ranks: Iterable[int] = (), uri: str | None = None):
+        self.ranks = tuple(sorted(set(ranks)))
+        super().__init__(message, uri=uri)
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable, to travel between processes
+        return (_rebuild_coordination_error, (self.message, self.ranks, self.uri))
+
+
+def _rebuild_coordination_error(
+    message: str, ranks: tuple[int, ...], uri: str | None
+) -> CoordinationError:
+    return CoordinationError(message, ranks=ranks, uri=uri)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ def test_public_names_are_pinned() -> None:
         "CheckpointNotFoundError",
         "CheckpointReader",
         "ChecksumError",
+        "CoordinationError",
         "CorruptCheckpointError",
         "DataType",
         "NameMismatchError",
