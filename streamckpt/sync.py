@@ -115,6 +115,7 @@ class SyncCheckpointReader(BlockingTwin):
     info = blocking_method(CheckpointReader.info)
     read = blocking_method(CheckpointReader.read)
     read_many = blocking_method(CheckpointReader.read_many)
+    read_boxes = blocking_method(CheckpointReader.read_boxes)
 
 
 def _blocking_open(

@@ -8,17 +8,22 @@ Opening costs one suffix read of the .index file, which usually holds the footer
 block and, for small checkpoints, every data block too. Looking up one tensor in a huge index
 then costs one more read (its data block); ``load_index`` fetches all data blocks at once.
 
-Invariants: every whole-tensor read verifies the entry's crc32c before a value is returned;
-nothing is allocated from a size an entry claims before the bytes are known to exist (large
-claims are checked against the shard's real size first); errors name URI, tensor, shard and
-offset.
+A box or a basic index of a tensor reads only the bytes it needs: of a plain tensor, of the
+pieces of a partitioned one that it meets (``read_boxes``, planned by
+:mod:`streamckpt.pipeline.region`).
+
+Invariants: every whole-entry read (a whole tensor, or a whole piece of one) verifies the
+entry's crc32c before a value is returned (a read of part of an entry cannot: the checksum
+covers whole entries only); nothing is allocated from a size an entry claims before the
+bytes are known to exist (large claims are checked against the shard's real size first);
+errors name URI, tensor, shard and offset.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from streamckpt.errors import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     StreamCkptError,
     TensorNotFoundError,
     unwrap_task_group,
@@ -48,7 +54,7 @@ from streamckpt.format.bundle import (
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
 from streamckpt.format.partitioned import check_piece, check_tiling, piece_keys, tensor_keys
 from streamckpt.format.payload import check_payload_size, decode_tensor
-from streamckpt.format.slices import TensorSlice
+from streamckpt.format.slices import TensorSlice, encode_slice_key_tail, slice_key_head
 from streamckpt.format.table import (
     FOOTER_SIZE,
     BlockHandle,
@@ -62,7 +68,14 @@ from streamckpt.format.table import (
 )
 from streamckpt.pipeline.index import INDEX_CACHE, IndexState
 from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
-from streamckpt.pipeline.region import Region, plan_region
+from streamckpt.pipeline.region import (
+    PieceRead,
+    Region,
+    plan_box,
+    plan_piece_reads,
+    plan_region,
+)
+from streamckpt.sharding import Box, box_shape, full_box
 from streamckpt.storage import ByteRange, Store
 
 # First read of an index: enough for footer + index block of any realistic checkpoint, and the
@@ -75,6 +88,8 @@ DEFAULT_MAX_GROUP_BYTES = 64 << 20
 # is allocated for them (a hostile index must not make us allocate what it merely claims).
 _SIZE_CHECK_THRESHOLD = 16 << 20
 DEFAULT_MAX_CONCURRENT_READS = 16
+# A box read of one stored entry is at most this many requests: past it, gaps are read too.
+DEFAULT_MAX_RUNS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +147,10 @@ class CheckpointReader:
         #: True when the index came from the cache (a stale one is retried by the API)
         self.from_cache = False
         self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
+        #: ranges of one shard this close are fetched in one request (the gap is read too)
+        self.max_gap = DEFAULT_MAX_GAP
+        #: a box read of one stored entry makes at most this many requests (then reads gaps)
+        self.max_runs = DEFAULT_MAX_RUNS
         self.seconds_by_phase: dict[str, float] = {}
         # ``entries`` built once per decoded entries dict (checked by identity: the shared
         # state may load its entries after this reader was made)
@@ -311,12 +330,24 @@ class CheckpointReader:
     async def _fetch_groups(
         self, groups: Sequence[ReadGroup], plain: Mapping[bytes, BundleEntry]
     ) -> dict[bytes, np.ndarray[Any, Any]]:
-        """Fetch merged ranges concurrently; verify and decode each batch as it arrives.
-
-        Decoding works on views of the fetched buffers (no copy), in a worker thread per
-        batch, so that checking one batch overlaps with fetching the next.
-        """
+        """Fetch merged ranges of whole tensors; verify and decode each as it arrives."""
         results: dict[bytes, np.ndarray[Any, Any]] = {}
+
+        def consume(p: Placement, payload: memoryview) -> None:
+            results[p.key] = self._verify_and_decode(p.key, plain[p.key], payload)
+
+        await self._fetch_ranges(groups, consume)
+        return results
+
+    async def _fetch_ranges(
+        self, groups: Sequence[ReadGroup], consume: Callable[[Placement, memoryview], None]
+    ) -> None:
+        """Fetch merged ranges concurrently; hand every member's bytes to ``consume``.
+
+        ``consume`` runs on views of the fetched buffers (no copy), in a worker thread per
+        batch, so that checking one batch overlaps with fetching the next; a batch's buffers
+        are let go once it is consumed.
+        """
         limiter = anyio.CapacityLimiter(self.max_concurrent_reads)
 
         async def fetch_shard(shard_id: int, shard_groups: list[ReadGroup]) -> None:
@@ -337,14 +368,13 @@ class CheckpointReader:
                         else None,
                     ) from None
 
-            def decode_batch() -> None:
+            def consume_batch() -> None:
                 for group, buffer in zip(shard_groups, buffers, strict=True):
                     view = memoryview(buffer)
                     for p in group.members:
-                        payload = view[p.offset - group.start : p.offset - group.start + p.size]
-                        results[p.key] = self._verify_and_decode(p.key, plain[p.key], payload)
+                        consume(p, view[p.offset - group.start : p.offset - group.start + p.size])
 
-            await anyio.to_thread.run_sync(decode_batch)
+            await anyio.to_thread.run_sync(consume_batch)
 
         by_shard: dict[int, list[ReadGroup]] = {}
         for g in groups:
@@ -355,11 +385,11 @@ class CheckpointReader:
                     # split the shard's groups into batches so several requests overlap
                     for i in range(0, len(shard_groups), 2):
                         tg.start_soon(fetch_shard, shard_id, shard_groups[i : i + 2])
-        return results
 
     def _verify_and_decode(
-        self, key: bytes, entry: BundleEntry, payload: memoryview
+        self, key: bytes, entry: BundleEntry, payload: memoryview, *, tensor: bytes | None = None
     ) -> np.ndarray[Any, Any]:
+        """Entry ``key`` checked by its crc32c; errors name ``tensor`` (a piece's tensor)."""
         buffer = payload if payload.readonly is False else bytearray(payload)
         try:
             return decode_tensor(
@@ -374,7 +404,7 @@ class CheckpointReader:
             inside, exc.offset = exc.offset, None
             raise exc.with_context(
                 uri=self.store.uri(self.shard_path(entry.shard_id)),
-                tensor=key_to_name(key),
+                tensor=key_to_name(key if tensor is None else tensor),
                 shard=entry.shard_id,
                 offset=entry.offset + (inside or 0),
             ) from None
@@ -400,17 +430,22 @@ class CheckpointReader:
                 continue  # nothing to copy: its pieces are not even looked up
             await self._load_index_for(len(entry.slices))
             for piece, piece_key in piece_keys(key, entry):
-                try:
-                    found: BundleEntry | None = await self.entry(piece_key)
-                except TensorNotFoundError:
-                    found = None
-                try:
-                    piece_entry = check_piece(entry, piece, found)
-                except StreamCkptError as exc:
-                    raise exc.with_context(uri=self.uri, tensor=key_to_name(key)) from None
-                plain[piece_key] = piece_entry
+                plain[piece_key] = await self._piece_entry(key, entry, piece, piece_key)
                 pieces[key].append((piece, piece_key))
         return plain, pieces
+
+    async def _piece_entry(
+        self, key: bytes, entry: BundleEntry, piece: TensorSlice, piece_key: bytes
+    ) -> BundleEntry:
+        """The checked entry of one piece of partitioned tensor ``key``; errors name it."""
+        try:
+            found: BundleEntry | None = await self.entry(piece_key)
+        except TensorNotFoundError:
+            found = None
+        try:
+            return check_piece(entry, piece, found)
+        except StreamCkptError as exc:
+            raise exc.with_context(uri=self.uri, tensor=key_to_name(key)) from None
 
     async def _load_index_for(self, lookups: int) -> None:
         """Load the whole index when that is cheaper than ``lookups`` lookups.
@@ -428,7 +463,7 @@ class CheckpointReader:
         placements = [Placement(k, e.shard_id, e.offset, e.size) for k, e in plain.items()]
         await self._check_fits(placements)
         groups = plan_reads(
-            placements, max_gap=DEFAULT_MAX_GAP, max_group_bytes=DEFAULT_MAX_GROUP_BYTES
+            placements, max_gap=self.max_gap, max_group_bytes=DEFAULT_MAX_GROUP_BYTES
         )
         t0 = time.perf_counter()
         arrays = await self._fetch_groups(groups, plain)
@@ -464,18 +499,208 @@ class CheckpointReader:
         return full
 
     async def read(self, name: str | bytes, index: Any = None) -> np.ndarray[Any, Any]:
-        """One tensor, or with ``index`` (basic numpy indexing) only the bytes it needs."""
+        """One tensor, or with ``index`` (basic numpy indexing) only the bytes it needs.
+
+        Of a partitioned tensor that is the index's bounding box (a step reads its span),
+        from the pieces it meets; see :meth:`read_boxes`.
+        """
         key = name_to_key(name)
         if index is None:
             return (await self.read_many([key]))[key_to_name(key)]
         entry = await self.entry(key)
-        region = None
-        if not entry.slices and is_fixed_size(entry.dtype):
+        if is_fixed_size(entry.dtype) and not entry.slices:
             region = plan_region(entry.shape, itemsize(entry.dtype), index)
-        if region is None:
-            whole = (await self.read_many([key]))[key_to_name(key)]
-            return np.array(whole[index], copy=True)
-        return await self._read_region(key, entry, region)
+            if region is not None:
+                return await self._read_region(key, entry, region)
+        elif is_fixed_size(entry.dtype):
+            # a partitioned tensor: the index's bounding box, from the pieces it meets
+            plan = plan_box(entry.shape, index)
+            if plan is not None:
+                if plan.is_empty:
+                    return np.empty(plan.result_shape, dtype=numpy_dtype(entry.dtype))
+                (boxed,) = await self.read_boxes([(key, plan.box)])
+                if plan.picks_whole_box:
+                    return boxed
+                return np.array(boxed[plan.inner_index], copy=True)
+        whole = (await self.read_many([key]))[key_to_name(key)]
+        return np.array(whole[index], copy=True)
+
+    async def read_boxes(
+        self, requests: Sequence[tuple[str | bytes, Box]]
+    ) -> list[np.ndarray[Any, Any]]:
+        """For every ``(name, box)``, that box of the tensor, fetching only what it needs.
+
+        A box is per axis a half-open ``(start, stop)`` inside the tensor's shape (see
+        :mod:`streamckpt.sharding`); results come in request order, each a new array of the
+        box's shape. Everything is planned before anything is fetched: for a partitioned
+        tensor, the pieces the box meets (the others cost nothing) and per piece the byte
+        runs it needs (:func:`~streamckpt.pipeline.region.plan_piece_reads`); then all runs
+        of all requests are fetched at once, bounded by :attr:`max_concurrent_reads`, runs
+        of one shard closer than :attr:`max_gap` in one request, a run several requests need
+        once. An entry the box covers (a whole plain tensor, a whole piece) is read whole
+        and verified by its crc32c; runs of an entry are not (the checksum covers whole
+        entries only), as for ``read(name, index=...)``. Strings and variants have no byte
+        position per element: they are read whole, verified, and cut.
+        """
+        t0 = time.perf_counter()
+        keys = [name_to_key(name) for name, _ in requests]
+        await self._load_index_for(len(keys))
+        entries = [await self.entry(key) for key in keys]
+        boxes = [
+            _checked_box(key, box, entry.shape)
+            for key, (_, box), entry in zip(keys, requests, entries, strict=True)
+        ]
+        results: list[np.ndarray[Any, Any] | None] = [None] * len(requests)
+        whole_reads: list[int] = []  # variable-size dtypes
+        wanted: dict[Placement, list[tuple[_Copy, tuple[int, ...]]]] = {}
+        direct: set[int] = set()  # requests whose result is one entry decoded as is
+        for number, (key, entry, box) in enumerate(zip(keys, entries, boxes, strict=True)):
+            if not is_fixed_size(entry.dtype):
+                whole_reads.append(number)
+                continue
+            copies = await self._box_copies(number, key, entry, box)
+            if (
+                len(copies) == 1
+                and copies[0].read.whole
+                and copies[0].entry.shape == box_shape(box)
+            ):
+                direct.add(number)
+            else:
+                results[number] = np.empty(box_shape(box), dtype=numpy_dtype(entry.dtype))
+            for copy in copies:
+                for placement, position in _placements(copy):
+                    wanted.setdefault(placement, []).append((copy, position))
+        # hostile sizes are checked before anything is allocated for them
+        await self._check_fits(wanted)
+        groups = plan_reads(wanted, max_gap=self.max_gap, max_group_bytes=DEFAULT_MAX_GROUP_BYTES)
+
+        def consume(placement: Placement, payload: memoryview) -> None:
+            decoded: dict[bytes, np.ndarray[Any, Any]] = {}
+            for copy, position in wanted[placement]:
+                if copy.read.runs is not None:
+                    out = results[copy.request]
+                    assert out is not None
+                    self._copy_run(out, copy, position, payload)
+                    continue
+                array = decoded.get(copy.key)
+                fresh = array is None
+                if array is None:
+                    array = decoded[copy.key] = self._verify_whole(copy, payload)
+                if copy.request in direct:
+                    results[copy.request] = array if fresh else array.copy()
+                else:
+                    out = results[copy.request]
+                    assert out is not None
+                    out[copy.read.target] = array
+
+        async def read_whole() -> None:
+            names = [keys[number] for number in whole_reads]
+            arrays = await self.read_many(names)
+            for number in whole_reads:
+                index = tuple(slice(lo, hi) for lo, hi in boxes[number])
+                results[number] = np.array(arrays[key_to_name(keys[number])][index], copy=True)
+
+        with unwrap_task_group():
+            async with anyio.create_task_group() as tg:
+                if groups:
+                    tg.start_soon(self._fetch_ranges, groups, consume)
+                if whole_reads:
+                    tg.start_soon(read_whole)
+        self._timed("read_boxes", time.perf_counter() - t0)
+        out: list[np.ndarray[Any, Any]] = []
+        for result in results:
+            assert result is not None
+            out.append(result)
+        return out
+
+    async def _box_copies(
+        self, request: int, key: bytes, entry: BundleEntry, box: Box
+    ) -> list[_Copy]:
+        """What to fetch of ``box`` of one tensor: its stored entries that meet it, and how.
+
+        A plain tensor is one piece, the whole tensor. A partitioned one must be tiled by its
+        pieces (checked, linear in their number); only the pieces the box meets are looked
+        up and checked against the full entry. An entry read in runs must hold exactly its
+        shape's bytes: a run is placed by the entry's shape, and a shorter entry would hand
+        out bytes of whatever follows it.
+        """
+        size = itemsize(entry.dtype)
+        limits = {"max_gap": self.max_gap, "max_runs": self.max_runs}
+        if not entry.slices:
+            reads = plan_piece_reads(box, [full_box(entry.shape)], size, **limits)
+            copies = [_Copy(request, key, key, entry, read) for read in reads]
+        else:
+            try:
+                check_tiling(entry.shape, entry.slices)
+                pieces = [
+                    tuple((s.start, s.stop) for s in piece.index_in(entry.shape))
+                    for piece in entry.slices
+                ]
+            except StreamCkptError as exc:
+                raise exc.with_context(uri=self.uri, tensor=key_to_name(key)) from None
+            reads = plan_piece_reads(box, pieces, size, **limits)
+            await self._load_index_for(len(reads))
+            head = slice_key_head(key)
+            copies = []
+            for read in reads:
+                piece = entry.slices[read.piece]
+                piece_key = head + encode_slice_key_tail(piece)
+                piece_entry = await self._piece_entry(key, entry, piece, piece_key)
+                copies.append(_Copy(request, key, piece_key, piece_entry, read))
+        for copy in copies:
+            if copy.read.runs is not None:
+                self._check_entry_size(key, copy.entry)
+        return copies
+
+    def _check_entry_size(self, key: bytes, entry: BundleEntry) -> None:
+        expected = math.prod(entry.shape) * itemsize(entry.dtype)
+        if entry.size != expected:
+            raise CorruptCheckpointError(
+                f"entry of {entry.size} bytes for a {entry.dtype.name} tensor of shape "
+                f"{entry.shape} ({expected} bytes)",
+                uri=self.store.uri(self.shard_path(entry.shard_id)),
+                tensor=key_to_name(key),
+                shard=entry.shard_id,
+                offset=entry.offset,
+            )
+
+    def _verify_whole(self, copy: _Copy, payload: memoryview) -> np.ndarray[Any, Any]:
+        """A whole entry checked by its crc32c; errors name the tensor, not the piece key."""
+        return self._verify_and_decode(copy.key, copy.entry, payload, tensor=copy.tensor)
+
+    def _copy_run(
+        self,
+        out: np.ndarray[Any, Any],
+        copy: _Copy,
+        position: tuple[int, ...],
+        payload: memoryview,
+    ) -> None:
+        """Place one fetched run (its elements at ``position`` of the outer axes) in ``out``.
+
+        Strided as raw bytes: as_strided loses dtypes whose typestr numpy cannot parse
+        (ml_dtypes' float8_e5m2 is "<f1"), so elements move as opaque items of their size.
+        """
+        runs = copy.read.runs
+        assert runs is not None
+        check_payload_size(payload.nbytes, runs.length)
+        raw = np.dtype((np.void, out.dtype.itemsize))
+        source = np.lib.stride_tricks.as_strided(
+            np.frombuffer(payload, dtype=raw),
+            shape=runs.inner_shape,
+            strides=runs.inner_strides,
+            writeable=False,
+        )
+        outer = len(position)
+        target = copy.read.target
+        where = (
+            *(target[axis].start + at for axis, at in enumerate(position)),
+            *target[outer:],
+        )
+        if self.header.big_endian and out.dtype.itemsize > 1:
+            stored = numpy_dtype(copy.entry.dtype, big_endian=True)
+            out[where] = np.array(source, copy=True).view(stored).astype(out.dtype)
+        else:
+            out.view(raw)[where] = source
 
     async def _read_region(
         self, key: bytes, entry: BundleEntry, region: Region
@@ -522,6 +747,43 @@ class CheckpointReader:
     async def __aexit__(self, *exc_info: object) -> None:
         self._s.blocks.clear()
         self._s.block_records.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """Bytes of one stored entry that go into one box read's result (see ``read_boxes``)."""
+
+    request: int
+    tensor: bytes  # the tensor asked for (errors name it)
+    key: bytes  # the stored entry: the tensor's own, or a piece's slice key
+    entry: BundleEntry
+    read: PieceRead
+
+
+def _placements(copy: _Copy) -> Iterable[tuple[Placement, tuple[int, ...]]]:
+    """The ranges ``copy`` needs, each with its run's position (none for a whole entry)."""
+    entry, runs = copy.entry, copy.read.runs
+    if runs is None:
+        yield Placement(copy.tensor, entry.shard_id, entry.offset, entry.size), ()
+        return
+    for position, start in runs.positions():
+        yield Placement(copy.tensor, entry.shard_id, entry.offset + start, runs.length), position
+
+
+def _checked_box(key: bytes, box: Any, shape: tuple[int, ...]) -> Box:
+    """``box`` as a Box, refused unless it is a (start, stop) per axis inside ``shape``."""
+    try:
+        normal = tuple((int(start), int(stop)) for start, stop in box)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"tensor {key_to_name(key)!r}: a box is a (start, stop) pair per axis, not {box!r}"
+        ) from None
+    inside = len(normal) == len(shape) and all(
+        0 <= start <= stop <= size for (start, stop), size in zip(normal, shape, strict=False)
+    )
+    if not inside:
+        raise ValueError(f"box {normal} is not inside tensor {key_to_name(key)!r} of shape {shape}")
+    return normal
 
 
 async def open_reader(
