@@ -87,8 +87,9 @@ def fill(target: Any, pieces: Sequence[np.ndarray[Any, Any]]) -> Any:
 
     ``Slice`` (numpy or torch value) and ``DTensor`` targets are written in place and
     returned; a ``jax.Array`` is immutable, so a new array of the target's sharding and dtype
-    is built and returned. A piece whose dtype does not cast to the target's within its kind
-    (numpy's ``same_kind``), or whose shape is not its box's, raises :class:`NamingError`.
+    is built and returned (a ``Slice`` holding one gets the new array as its value). A piece
+    whose dtype does not cast to the target's within its kind (numpy's ``same_kind``), or
+    whose shape is not its box's, raises :class:`NamingError`.
     """
     boxes = local_boxes(target)
     if boxes is None:
