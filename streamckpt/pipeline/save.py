@@ -1,5 +1,8 @@
 """Save: prepare -> plan -> claim -> stream every shard concurrently -> check -> commit.
 
+The claim and the commit are :mod:`streamckpt.pipeline.commit`'s, shared with the
+multi-process save.
+
 Invariants:
 - one writer per prefix: a save claims its prefix before it writes anything
   (``storage.claim``); a second save of it fails fast with SaveInProgressError and never
@@ -18,11 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
-import logging
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,30 +31,14 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from streamckpt.errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    StorageError,
-    StreamCkptError,
-    unwrap_task_group,
-)
-from streamckpt.format.bundle import (
-    BundleEntry,
-    BundleHeader,
-    data_filename,
-    encode_index,
-    index_filename,
-    name_to_key,
-)
+from streamckpt.errors import StreamCkptError, unwrap_task_group
+from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index, name_to_key
 from streamckpt.format.crc import crc32c, mask
-from streamckpt.pipeline.index import INDEX_CACHE
+from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
 from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
-from streamckpt.storage import Store, StoreStats
+from streamckpt.storage import Store
 from streamckpt.storage.base import ShardWriter, wait_from_thread
-from streamckpt.storage.claim import Claim, claim_filename
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Payloads up to this size are copied into a shared write buffer instead of written alone.
@@ -214,156 +197,53 @@ async def write_bundle(
     started = time.perf_counter()
     if progress is not None:
         store.stats.on_bytes = progress  # byte counts as they reach the store
-    if not overwrite:
-        await _refuse_existing(
-            store, prefix_path
-        )  # before touching anything; again under the claim
-    directory = store.dirname(prefix_path)
-    if directory:
-        await store.make_dirs(directory)
-    claim = await store.claim(claim_filename(prefix_path))
-    try:
-        with unwrap_task_group():
-            async with anyio.create_task_group() as guard:
-                guard.start_soon(claim.keep_alive)
-                info = await _write_claimed(
-                    store,
-                    prefix_path,
-                    prepared,
-                    plan,
-                    claim,
-                    overwrite=overwrite,
-                    chunk_bytes=chunk_bytes,
-                    max_concurrent_shards=max_concurrent_shards,
-                )
-                guard.cancel_scope.cancel()
-    finally:
-        await claim.release()  # shielded; never raises
-    return dataclasses.replace(info, seconds=time.perf_counter() - started)
-
-
-async def _write_claimed(
-    store: Store,
-    prefix_path: str,
-    prepared: Mapping[bytes, PreparedTensor],
-    plan: SavePlan,
-    claim: Claim,
-    *,
-    overwrite: bool,
-    chunk_bytes: int,
-    max_concurrent_shards: int,
-) -> SaveInfo:
-    """The save itself, its prefix claimed: shards, their check, the commit, the clean-up."""
     phases: dict[str, float] = {}
-    index_path = index_filename(prefix_path)
-    index_uri = store.uri(index_path)
-    directory = store.dirname(prefix_path)
-    # checked under the claim: a save that committed just before we claimed is seen here
-    replacing = await store.exists(index_path)
-    if replacing and not overwrite:
-        await _refuse_existing(store, prefix_path)
-    name = prefix_path.replace("\\", "/").rsplit("/", 1)[-1]
-    await store.reclaim(directory, name, committed=replacing)
-    # Replacing a checkpoint: where the store can rename, the new shards are staged under
-    # temporary names, so that a failed save leaves the old checkpoint whole. Elsewhere the old
-    # index goes first (its data files are about to be rewritten in place): a failed save then
-    # leaves no checkpoint at this prefix, never a mix of old and new.
-    staged = replacing and store.supports_rename
-    if replacing and not staged:
-        await store.delete([index_path])
-    final_paths = [
-        data_filename(prefix_path, shard_id, plan.num_shards) for shard_id in range(plan.num_shards)
-    ]
-    suffix = f".tmp-{secrets.token_hex(6)}"
-    shard_paths = [p + suffix for p in final_paths] if staged else list(final_paths)
-    committed = False
-    try:
-        t0 = time.perf_counter()
-        results = await _write_shards(
-            store,
-            shard_paths,
-            prepared,
-            plan,
-            chunk_bytes=chunk_bytes,
-            max_concurrent_shards=max_concurrent_shards,
-        )
-        phases["write_shards"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        # Every shard still there, whole, right before the commit (a store that restarted and
-        # lost them must fail the save, not acknowledge an index without data): one metadata
-        # request per shard, all at once.
-        await _verify_shards(store, shard_paths, results)
-        crcs = {key: crc for result in results for key, crc in result.tensor_crcs.items()}
-        index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
-        if staged:
-            # the old index goes, then the staged shards take their final names
-            await store.delete([index_path])
-            for shard_id, final_path in enumerate(final_paths):
-                await store.rename(shard_paths[shard_id], final_path)
-                shard_paths[shard_id] = final_path  # what a failure from here on removes
-        if directory:
-            await store.sync_dir(directory)  # shard names durable before the index appears
-        await claim.confirm()
+    async with claimed(store, prefix_path, overwrite=overwrite) as claim:
+        session = await begin(store, prefix_path, overwrite=overwrite)
+        paths = [session.write_path(i, plan.num_shards) for i in range(plan.num_shards)]
+        outcome = Outcome()
         try:
-            await store.write_atomic(index_path, index_bytes, exclusive=not overwrite)
-        except BaseException as exc:
-            # A failure may come after the commit point (the index linked, then the
-            # directory's fsync failed), or the store may have lost its answer. An index that
-            # is there and ours points at our shards: they stay, and the error says so.
-            with anyio.CancelScope(shield=True):
-                committed = await _index_is_ours(store, index_path, index_bytes)
-            if committed and isinstance(exc, Exception):
-                raise _committed_but(exc, index_uri) from exc
-            raise
-        committed = True
-        INDEX_CACHE.invalidate_uri(index_uri)  # a cached index of an overwritten checkpoint
-        phases["commit_index"] = time.perf_counter() - t0
-    finally:
-        with anyio.CancelScope(shield=True):
-            # A save that lost its claim deletes nothing: those names are the new holder's.
-            if not committed and not claim.lost:
-                await _delete_quietly(store, shard_paths)
-                await store.drain()
-                # what the writers' own clean-up could not reach (an upload whose abort failed)
-                await _reclaim_quietly(store, index_path, directory, name)
-            await store.drain()
-    if replacing:
-        try:
-            await _remove_other_shard_counts(store, prefix_path, plan.num_shards)
-        except StreamCkptError as exc:
-            raise _committed_but(exc, index_uri) from exc
-    stats = store.stats.snapshot()
-    if stats["retries"] or stats["failures"]:
-        # A request that failed or was sent again may have left what no writer knows of (an
-        # S3 upload whose creation's answer was lost): swept while the claim is still held,
-        # by a copy of the store whose requests do not count as the save's.
-        unaccounted = copy.copy(store)
-        unaccounted.stats = StoreStats()
-        await _reclaim_quietly(unaccounted, index_path, directory, name)
+            t0 = time.perf_counter()
+            results = await write_shards(
+                store,
+                paths,
+                prepared,
+                plan,
+                chunk_bytes=chunk_bytes,
+                max_concurrent_shards=max_concurrent_shards,
+            )
+            phases["write_shards"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            # Every shard still there, whole, right before the commit (a store that restarted
+            # and lost them must fail the save, not acknowledge an index without data): one
+            # metadata request per shard, all at once.
+            await verify_shards(store, paths, results)
+            crcs = {key: crc for result in results for key, crc in result.tensor_crcs.items()}
+            index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
+            await commit(store, session, claim, index_bytes, outcome, paths, overwrite=overwrite)
+            phases["commit_index"] = time.perf_counter() - t0
+        finally:
+            if not outcome.committed:
+                await abandon(store, session, claim, paths)
+            else:
+                with anyio.CancelScope(shield=True):
+                    await store.drain()
+        await tidy(store, session, num_shards=plan.num_shards)
+        stats = store.stats.snapshot()
     return SaveInfo(
         prefix=store.uri(prefix_path),
         num_shards=plan.num_shards,
         num_tensors=len(prepared),
         bytes_written=sum(t.size for t in prepared.values()),
         index_bytes=len(index_bytes),
-        files=(*(store.uri(p) for p in shard_paths), index_uri),
-        seconds=0.0,
+        files=(*(store.uri(p) for p in paths), store.uri(session.index_path)),
+        seconds=time.perf_counter() - started,
         seconds_by_phase=phases,
         stats=stats,
     )
 
 
-async def _refuse_existing(store: Store, prefix_path: str) -> None:
-    index_path = index_filename(prefix_path)
-    if await store.exists(index_path):
-        raise CheckpointExistsError(
-            "a checkpoint already exists at this prefix (pass overwrite=True)",
-            uri=store.uri(index_path),
-        )
-
-
-async def _write_shards(
+async def write_shards(
     store: Store,
     shard_paths: Sequence[str],
     prepared: Mapping[bytes, PreparedTensor],
@@ -408,7 +288,7 @@ async def _write_shards(
     return [result for result in results if result is not None]
 
 
-async def _verify_shards(
+async def verify_shards(
     store: Store, shard_paths: Sequence[str], results: Sequence[ShardResult]
 ) -> None:
     async def verify(shard_id: int) -> None:
@@ -442,76 +322,6 @@ def _encode_index(
         )
         entries.append((key, entry))
     return encode_index(BundleHeader(num_shards=plan.num_shards), entries)
-
-
-async def _index_is_ours(store: Store, index_path: str, index_bytes: bytes) -> bool:
-    """After a failed index write: whether the index is there with our bytes (committed).
-
-    When the store cannot say, the answer is yes: shards kept that no index points to are
-    reclaimed by the next save of the prefix, shards deleted under a visible index are lost.
-    """
-    try:
-        if not await store.exists(index_path):
-            return False
-        return await store.read_all(index_path) == index_bytes
-    except CheckpointNotFoundError:
-        return False
-    except StreamCkptError:
-        return True
-
-
-def _committed_but(exc: Exception, index_uri: str) -> StorageError:
-    """The error of a save that failed after its commit point: the checkpoint stays whole."""
-    message = exc.message if isinstance(exc, StreamCkptError) else repr(exc)
-    error = StorageError(
-        f"the checkpoint is committed and whole (its index and every shard are in place), "
-        f"but the save failed after its commit point: {message}",
-        uri=index_uri,
-    )
-    error.errno = exc.errno if isinstance(exc, OSError) else None
-    return error
-
-
-async def _reclaim_quietly(store: Store, index_path: str, directory: str, name: str) -> None:
-    """A failed save's second sweep: what its writers' own clean-up could not reach.
-
-    Data files stay wherever an index is there (an old checkpoint this save did not get to
-    replace): only staged and temporary names go then.
-    """
-    try:
-        indexed = await store.exists(index_path)
-        await store.reclaim(directory, name, committed=indexed)
-    except StreamCkptError as exc:
-        logger.warning(
-            "a failed save could not reclaim its leftovers (the next save will): %s", exc
-        )
-
-
-async def _delete_quietly(store: Store, paths: Sequence[str]) -> None:
-    """A failed save's clean-up: its own error is the one to report, not the clean-up's."""
-    try:
-        await store.delete(paths)
-    except StreamCkptError as exc:
-        logger.warning("a failed save could not remove its files (the next save will): %s", exc)
-
-
-async def _remove_other_shard_counts(store: Store, prefix_path: str, num_shards: int) -> None:
-    """After replacing a checkpoint, data files of other shard counts are garbage.
-
-    So are any staged shards or temporary parts left by crashed saves: under the claim, every
-    data file of the prefix that the new index does not name is one.
-    """
-    directory = store.dirname(prefix_path)
-    base = prefix_path.rsplit("/", 1)[-1] + ".data-"
-    keep = f"-of-{num_shards:05d}"
-    stale = [
-        p
-        for p in await store.list_dir(directory or ".")
-        if (name := p.replace("\\", "/").rsplit("/", 1)[-1]).startswith(base)
-        and not name.endswith(keep)
-    ]
-    if stale:
-        await store.delete(stale)
 
 
 async def save_tensors(
