@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from streamckpt.pipeline.read import CheckpointReader, TensorInfo
     from streamckpt.pipeline.save import SaveInfo
     from streamckpt.pipeline.tensors import Typed
+    from streamckpt.sharding import Slice
 
 # The I/O layers load on first use, so that ``import streamckpt.format`` (pure, no I/O)
 # pulls in neither anyio nor fsspec.
@@ -58,6 +59,7 @@ _LAZY = {
     "TensorInfo": "streamckpt.pipeline.read",
     "SaveInfo": "streamckpt.pipeline.save",
     "Typed": "streamckpt.pipeline.tensors",
+    "Slice": "streamckpt.sharding",
     "Checkpoint": "streamckpt.checkpoint",
     "RestoreStatus": "streamckpt.checkpoint",
     "SaveHandle": "streamckpt.checkpoint",
@@ -105,6 +107,7 @@ __all__ = [
     "SaveHandle",
     "SaveInProgressError",
     "SaveInfo",
+    "Slice",
     "StorageError",
     "StreamCkptError",
     "TensorInfo",

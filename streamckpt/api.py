@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from streamckpt.distributed import Coordinator
+from streamckpt.distributed.save import save_distributed
 from streamckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from streamckpt.pipeline.read import CheckpointReader, open_reader
 from streamckpt.pipeline.save import (
@@ -32,6 +34,7 @@ async def save(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_inflight_bytes: int | None = None,
     progress: ProgressCallback | None = None,
+    coordinator: Coordinator | None = None,
 ) -> SaveInfo:
     """Save ``{name: array}`` as ``PREFIX.index`` + ``PREFIX.data-*-of-N``.
 
@@ -44,6 +47,13 @@ async def save(
     Values may be numpy arrays and scalars, Python numbers, ``bytes``/``str`` (DT_STRING),
     object arrays of bytes, anything with ``__array__`` or DLPack, or
     :class:`streamckpt.Typed` for an explicit dtype.
+
+    With a ``coordinator`` (:mod:`streamckpt.distributed`) every process of the job calls
+    ``save`` with its own values and one checkpoint comes out: a value may then also be a
+    :class:`streamckpt.Slice` (or a list of them), a torch ``DTensor`` or a multi-device
+    ``jax.Array``; pieces become TensorFlow slices, values given by several processes are
+    written once. ``num_shards`` is then per process. Every process gets the same
+    :class:`SaveInfo`, after the commit.
     """
     store, path = resolve(
         prefix,
@@ -51,6 +61,17 @@ async def save(
         filesystem=filesystem,
         max_inflight_bytes=max_inflight_bytes,
     )
+    if coordinator is not None:
+        return await save_distributed(
+            store,
+            path,
+            tensors,
+            coordinator,
+            num_shards=num_shards,
+            overwrite=overwrite,
+            chunk_bytes=chunk_bytes,
+            progress=progress,
+        )
     return await save_tensors(
         store,
         path,

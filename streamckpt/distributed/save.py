@@ -1,0 +1,438 @@
+"""A save by many processes: plan together, write side by side, the primary commits.
+
+Every process runs :func:`save_distributed` with its own values and the same coordinator.
+The collectives, in order (each carries a success or the process's error, so that one
+process's failure reaches all of them at the next step instead of a timeout):
+
+1. ``plan``: every process's fingerprint of its items (names, dtypes, shapes, boxes, sizes)
+   and the digest of the plan it used last; when all of them used this very plan last, that
+   is all (a repeated save of one structure); else ``plan-items`` gathers the items
+   themselves, and every process computes the same :class:`~.plan.GlobalPlan`;
+2. ``session``: the primary has claimed the prefix (``pipeline.commit``: one writer per
+   prefix) and decided how shards are named; everyone learns it, or the primary's error;
+3. every process streams its own range of data shards through the single-process pipeline
+   (concurrent shards, crc32c on the way, the store's byte budget) and checks them;
+4. ``written``: every process's index entries (where each value landed, its crc32c);
+5. the primary merges them (``plan.merge_entries``) and writes the index create-only, only
+   when every process succeeded; else it removes every shard of the save (also those of a
+   process that died) and leftover uploads;
+6. ``outcome``: the primary's :class:`SaveInfo`, or its error, on every process.
+
+A process that fails, is cancelled or dies never leaves an index: the primary commits only
+after step 4 brought every process's success. A process that does not arrive makes the
+others' collective time out (the coordinator's ``timeout``) with a
+:class:`~streamckpt.errors.CoordinationError` naming it where the engine can tell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from streamckpt.distributed._protocol import Coordinator
+from streamckpt.distributed.leaves import local_slices
+from streamckpt.distributed.plan import (
+    GlobalPlan,
+    LocalItem,
+    StoredAt,
+    fingerprint,
+    merge_entries,
+    plan_global,
+)
+from streamckpt.errors import CoordinationError, StreamCkptError
+from streamckpt.format.bundle import BundleHeader, encode_index, key_to_name, name_to_key
+from streamckpt.pipeline.commit import (
+    Outcome,
+    Session,
+    abandon,
+    begin,
+    claimed,
+    commit,
+    delete_quietly,
+    tidy,
+)
+from streamckpt.pipeline.save import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_CONCURRENT_SHARDS,
+    ProgressCallback,
+    SaveInfo,
+    Tensors,
+    verify_shards,
+    write_shards,
+)
+from streamckpt.pipeline.tensors import PreparedTensor, prepare
+from streamckpt.sharding import Slice, box_size
+from streamckpt.storage import Store
+
+__all__ = ["last_coordination", "prepare_local", "save_distributed"]
+
+PRIMARY = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """What a process says at one step: its value, or why it cannot go on."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _PlanCache:
+    """The plan a coordinator's processes used last, and the digest that names it."""
+
+    digest: bytes = b""
+    plan: GlobalPlan | None = None
+    #: seconds of the last save's planning collectives, and whether the plan was reused
+    seconds: float = 0.0
+    reused: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+# One per coordinator the caller holds (a bound storage coordinator is a new object per save).
+_CACHES: weakref.WeakKeyDictionary[Any, _PlanCache] = weakref.WeakKeyDictionary()
+
+
+def _cache(coordinator: Coordinator) -> _PlanCache:
+    try:
+        return _CACHES.setdefault(coordinator, _PlanCache())
+    except TypeError:  # not weakly referenceable: no reuse, every save plans afresh
+        return _PlanCache()
+
+
+def last_coordination(coordinator: Coordinator) -> Mapping[str, float]:
+    """Seconds the last save with ``coordinator`` spent planning, and whether it reused."""
+    cache = _cache(coordinator)
+    return {"plan_seconds": cache.seconds, "plan_reused": float(cache.reused)}
+
+
+def prepare_local(tensors: Tensors, *, copy: bool) -> tuple[list[LocalItem], dict[bytes, Any]]:
+    """The items and payloads of this process, keyed by the index key each will be stored under.
+
+    A value may be a :class:`Slice`, a list of them, a sharded framework leaf (``DTensor``,
+    multi-device ``jax.Array``) or anything the single-process save takes (a whole value).
+    A piece with no elements is left out (it holds nothing and TensorFlow's slices are never
+    empty), unless the whole tensor has none: that is then a whole (empty) value.
+    """
+    items: list[LocalItem] = []
+    prepared: dict[bytes, PreparedTensor] = {}
+    for name, value in tensors.items():
+        key = name_to_key(name)
+        if not key:
+            raise ValueError("a tensor name must not be empty (it is the header's key)")
+        pieces = _pieces(value)
+        try:
+            if pieces is None:
+                tensor = prepare(key, value, copy=copy)
+                _add(items, prepared, LocalItem(key, tensor.dtype, tensor.shape, None, 0), tensor)
+                continue
+            for piece in pieces:
+                whole = piece.is_whole or math.prod(piece.full_shape) == 0
+                if not whole and box_size(piece.box) == 0:
+                    continue
+                box = None if whole else piece.box
+                tensor = prepare(key, piece.value, copy=copy)
+                item = LocalItem(key, tensor.dtype, piece.full_shape, box, 0)
+                _add(items, prepared, item, tensor)
+        except StreamCkptError as exc:
+            raise exc.with_context(tensor=key_to_name(key)) from None
+    items.sort(key=lambda item: item.key)
+    return items, prepared
+
+
+def _pieces(value: Any) -> list[Slice] | None:
+    if isinstance(value, Slice):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, Slice) for v in value):
+        return list(value)
+    return local_slices(value)
+
+
+def _add(
+    items: list[LocalItem],
+    prepared: dict[bytes, PreparedTensor],
+    item: LocalItem,
+    tensor: PreparedTensor,
+) -> None:
+    item = LocalItem(item.name, item.dtype, item.full_shape, item.box, tensor.size)
+    key = item.key
+    if key in prepared:
+        raise ValueError(f"{key_to_name(item.name)!r} is given twice with the same box")
+    prepared[key] = tensor
+    items.append(item)
+
+
+def _raise_first(reports: Sequence[_Report], coordinator: Coordinator, step: str) -> None:
+    """Raise if any process reported an error: its own, or one naming the others at fault."""
+    failed = [rank for rank, report in enumerate(reports) if report.error is not None]
+    if not failed:
+        return
+    own = reports[coordinator.rank].error
+    if own is not None:
+        raise own
+    first = reports[failed[0]].error
+    raise CoordinationError(
+        f"the save failed on rank{'s' if len(failed) > 1 else ''} "
+        f"{', '.join(map(str, failed))} at step {step!r}: {first!r}",
+        ranks=failed,
+    )
+
+
+async def _gather(coordinator: Coordinator, report: _Report, step: str) -> list[_Report]:
+    values = await coordinator.all_gather(report, name=step)
+    return [v if isinstance(v, _Report) else _Report(error=TypeError(repr(v))) for v in values]
+
+
+async def save_distributed(
+    store: Store,
+    prefix_path: str,
+    tensors: Tensors,
+    coordinator: Coordinator,
+    *,
+    num_shards: int | None,
+    overwrite: bool,
+    copy: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: ProgressCallback | None = None,
+) -> SaveInfo:
+    """Save this process's part of one checkpoint; every process gets the same SaveInfo.
+
+    ``num_shards`` is per process (each process that writes anything writes that many
+    data shards); None lets each choose by its own bytes, as a single-process save does.
+    """
+    started = time.perf_counter()
+    cache = _cache(coordinator)
+    bound = coordinator.bind(store, store.dirname(prefix_path))
+    rank = bound.rank
+    if progress is not None:
+        store.stats.on_bytes = progress
+    async with contextlib.AsyncExitStack() as stack:
+        # 1. the plan
+        t0 = time.perf_counter()
+        report = _Report()
+        items: list[LocalItem] = []
+        prepared: dict[bytes, PreparedTensor] = {}
+        try:
+            items, prepared = await anyio.to_thread.run_sync(
+                lambda: prepare_local(tensors, copy=copy)
+            )
+        except Exception as exc:
+            report = _Report(error=exc)
+        digest = fingerprint(items)
+        reports = await _gather(bound, _Report((digest, cache.digest), report.error), "plan")
+        _raise_first(reports, bound, "plan")
+        params = repr((bound.world_size, store.shard_bytes, num_shards)).encode()
+        plan_digest = fingerprint([r.value[0] for r in reports] + [params])
+        if cache.plan is not None and all(r.value[1] == plan_digest for r in reports):
+            plan = cache.plan
+            cache.reused = True
+        else:
+            gathered = await _gather(bound, _Report(items), "plan-items")
+            _raise_first(gathered, bound, "plan-items")
+
+            def make_plan() -> GlobalPlan:
+                return plan_global(
+                    [r.value for r in gathered],
+                    shard_bytes=store.shard_bytes,
+                    num_shards=num_shards,
+                )
+
+            plan = await anyio.to_thread.run_sync(make_plan)
+            cache.plan, cache.digest, cache.reused = plan, plan_digest, False
+        cache.seconds = time.perf_counter() - t0
+
+        # 2. the session: the primary claims the prefix and decides the shards' names
+        claim = None
+        session_report = _Report()
+        if rank == PRIMARY:
+            try:
+                claim = await stack.enter_async_context(
+                    claimed(store, prefix_path, overwrite=overwrite)
+                )
+                session_report = _Report(await begin(store, prefix_path, overwrite=overwrite))
+            except Exception as exc:
+                session_report = _Report(error=exc)
+        got = await bound.broadcast(session_report, name="session", root=PRIMARY)
+        if not isinstance(got, _Report) or got.error is not None:
+            error = got.error if isinstance(got, _Report) else None
+            if rank == PRIMARY and error is not None:
+                raise error
+            raise CoordinationError(
+                f"the primary could not start the save: {error!r}", ranks=[PRIMARY]
+            )
+        session: Session = got.value
+
+        # 3. this process's shards
+        phases: dict[str, float] = {"plan": cache.seconds}
+        first, count = plan.shard_ranges[rank]
+        paths = [session.write_path(first + i, plan.num_shards) for i in range(count)]
+        t0 = time.perf_counter()
+        written = await _write_own(store, paths, plan, rank, prepared, chunk_bytes)
+        phases["write_shards"] = time.perf_counter() - t0
+
+        # 4. what every process wrote; 5. the commit; 6. the outcome
+        with anyio.CancelScope(shield=True):
+            finish = _finish(
+                store,
+                bound,
+                plan,
+                session,
+                claim,
+                written,
+                paths,
+                overwrite=overwrite,
+                phases=phases,
+                started=started,
+            )
+            try:
+                info = await finish
+            except _Cancelled:
+                cancelled = True
+            else:
+                cancelled = False
+        if cancelled:
+            await anyio.lowlevel.checkpoint()  # the pending cancellation, now delivered
+            raise CoordinationError(f"rank {rank} was cancelled", ranks=[rank])
+    return info
+
+
+class _Cancelled(CoordinationError):
+    """The save of this process was cancelled.
+
+    The others get a CoordinationError; this one re-raises the cancellation once the save's
+    last step is done.
+    """
+
+
+async def _write_own(
+    store: Store,
+    paths: list[str],
+    plan: GlobalPlan,
+    rank: int,
+    prepared: Mapping[bytes, PreparedTensor],
+    chunk_bytes: int,
+) -> _Report:
+    """Write and check this process's shards; on failure remove them and report why.
+
+    A cancellation is reported too (and re-raised after the save's last step by the
+    caller's shielded finish): the others learn it at the next collective, not by timeout.
+    """
+    local = plan.local_plan(rank)
+    try:
+        results = await write_shards(
+            store,
+            paths,
+            prepared,
+            local,
+            chunk_bytes=chunk_bytes,
+            max_concurrent_shards=DEFAULT_MAX_CONCURRENT_SHARDS,
+        )
+        await verify_shards(store, paths, results)
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await delete_quietly(store, paths)
+            await store.drain()
+        if isinstance(exc, Exception):
+            return _Report(error=exc)
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return _Report(error=_Cancelled(f"rank {rank} was cancelled", ranks=[rank]))
+        raise
+    stored: dict[bytes, StoredAt] = {}
+    for shard, result in zip(local.shards, results, strict=True):
+        for placement in shard:
+            stored[placement.key] = StoredAt(
+                placement.shard_id,
+                placement.offset,
+                placement.size,
+                result.tensor_crcs[placement.key],
+            )
+    return _Report((stored, store.stats.snapshot()))
+
+
+def _sum_stats(by_rank: Sequence[Mapping[str, int]], primary: Mapping[str, int]) -> dict[str, int]:
+    """The store counters of every process's writes, plus the primary's commit requests."""
+    total = dict(primary)
+    for stats in by_rank[1:]:
+        for key, count in stats.items():
+            total[key] = total.get(key, 0) + count
+    return total
+
+
+async def _finish(
+    store: Store,
+    coordinator: Coordinator,
+    plan: GlobalPlan,
+    session: Session,
+    claim: Any,
+    written: _Report,
+    own_paths: list[str],
+    *,
+    overwrite: bool,
+    phases: dict[str, float],
+    started: float,
+) -> SaveInfo:
+    rank = coordinator.rank
+    all_paths = [session.write_path(i, plan.num_shards) for i in range(plan.num_shards)]
+    try:
+        reports = await _gather(coordinator, written, "written")
+    except BaseException:
+        # a peer that never reported: nothing commits; the primary removes every shard
+        if rank == PRIMARY:
+            await abandon(store, session, claim, all_paths)
+        elif written.error is None:
+            await delete_quietly(store, own_paths)
+        raise
+    failed = any(r.error is not None for r in reports)
+    outcome_report: _Report = _Report()
+    if rank == PRIMARY:
+        t0 = time.perf_counter()
+        outcome = Outcome()
+        try:
+            if failed:
+                _raise_first(reports, coordinator, "written")
+            entries = merge_entries(plan, [r.value[0] for r in reports])
+            index_bytes = encode_index(BundleHeader(num_shards=plan.num_shards), entries)
+            await commit(
+                store, session, claim, index_bytes, outcome, all_paths, overwrite=overwrite
+            )
+            phases["commit_index"] = time.perf_counter() - t0
+            await tidy(store, session, num_shards=plan.num_shards)
+            outcome_report = _Report(
+                SaveInfo(
+                    prefix=store.uri(session.prefix_path),
+                    num_shards=plan.num_shards,
+                    num_tensors=len(plan.tensors),
+                    bytes_written=sum(plan.sizes.values()),
+                    index_bytes=len(index_bytes),
+                    files=(*(store.uri(p) for p in all_paths), store.uri(session.index_path)),
+                    seconds=time.perf_counter() - started,
+                    seconds_by_phase=dict(phases),
+                    stats=_sum_stats([r.value[1] for r in reports], store.stats.snapshot()),
+                )
+            )
+        except Exception as exc:
+            outcome_report = _Report(error=exc)
+        finally:
+            if not outcome.committed:
+                await abandon(store, session, claim, all_paths)
+    elif failed and written.error is None:
+        await delete_quietly(store, own_paths)  # the primary removes them too; sooner here
+    got = await coordinator.broadcast(outcome_report, name="outcome", root=PRIMARY)
+    if rank != PRIMARY and failed:
+        _raise_first(reports, coordinator, "written")
+    if not isinstance(got, _Report) or got.error is not None:
+        error = got.error if isinstance(got, _Report) else None
+        if rank == PRIMARY and error is not None:
+            raise error
+        raise CoordinationError(f"the primary could not commit the save: {error!r}", ranks=[0])
+    info: SaveInfo = got.value
+    return info
