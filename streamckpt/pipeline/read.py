@@ -32,7 +32,6 @@ import numpy as np
 
 from streamckpt.errors import (
     CheckpointNotFoundError,
-    CorruptCheckpointError,
     StreamCkptError,
     TensorNotFoundError,
     unwrap_task_group,
@@ -565,13 +564,15 @@ class CheckpointReader:
                 and copies[0].entry.shape == box_shape(box)
             ):
                 direct.add(number)
-            else:
-                results[number] = np.empty(box_shape(box), dtype=numpy_dtype(entry.dtype))
             for copy in copies:
                 for placement, position in _placements(copy):
                     wanted.setdefault(placement, []).append((copy, position))
-        # hostile sizes are checked before anything is allocated for them
+        # large ranges a hostile index claims are checked against the shards' real sizes
+        # before any result is allocated (a box is tiled by the ranges of its pieces)
         await self._check_fits(wanted)
+        for number, (entry, box) in enumerate(zip(entries, boxes, strict=True)):
+            if is_fixed_size(entry.dtype) and number not in direct:
+                results[number] = np.empty(box_shape(box), dtype=numpy_dtype(entry.dtype))
         groups = plan_reads(wanted, max_gap=self.max_gap, max_group_bytes=DEFAULT_MAX_GROUP_BYTES)
 
         def consume(placement: Placement, payload: memoryview) -> None:
@@ -620,9 +621,8 @@ class CheckpointReader:
 
         A plain tensor is one piece, the whole tensor. A partitioned one must be tiled by its
         pieces (checked, linear in their number); only the pieces the box meets are looked
-        up and checked against the full entry. An entry read in runs must hold exactly its
-        shape's bytes: a run is placed by the entry's shape, and a shorter entry would hand
-        out bytes of whatever follows it.
+        up and checked against the full entry. Runs are placed by an entry's shape: that its
+        size is exactly its shape's bytes was checked when the entry was decoded.
         """
         size = itemsize(entry.dtype)
         limits = {"max_gap": self.max_gap, "max_runs": self.max_runs}
@@ -647,22 +647,7 @@ class CheckpointReader:
                 piece_key = head + encode_slice_key_tail(piece)
                 piece_entry = await self._piece_entry(key, entry, piece, piece_key)
                 copies.append(_Copy(request, key, piece_key, piece_entry, read))
-        for copy in copies:
-            if copy.read.runs is not None:
-                self._check_entry_size(key, copy.entry)
         return copies
-
-    def _check_entry_size(self, key: bytes, entry: BundleEntry) -> None:
-        expected = math.prod(entry.shape) * itemsize(entry.dtype)
-        if entry.size != expected:
-            raise CorruptCheckpointError(
-                f"entry of {entry.size} bytes for a {entry.dtype.name} tensor of shape "
-                f"{entry.shape} ({expected} bytes)",
-                uri=self.store.uri(self.shard_path(entry.shard_id)),
-                tensor=key_to_name(key),
-                shard=entry.shard_id,
-                offset=entry.offset,
-            )
 
     def _verify_whole(self, copy: _Copy, payload: memoryview) -> np.ndarray[Any, Any]:
         """A whole entry checked by its crc32c; errors name the tensor, not the piece key."""
