@@ -133,7 +133,8 @@ class StorageCoordinator:
         """A copy keeping its files in ``directory/.streamckpt-coordination`` of ``store``.
 
         The copy starts a run and a sequence of its own (every process binds in the same
-        order, so the copies line up); this coordinator's own state is left as it is.
+        order, so the copies line up); this coordinator's own state is left as it is. One
+        copy at a time per directory: a second one's run would replace the first's.
         """
         bound = object.__new__(StorageCoordinator)
         bound.__dict__.update(self.__dict__)
