@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 
 from streamckpt.distributed._protocol import Coordinator
@@ -280,6 +279,7 @@ async def save_distributed(
         phases["write_shards"] = time.perf_counter() - t0
 
         # 4. what every process wrote; 5. the commit; 6. the outcome
+        original: BaseException | None = None
         with anyio.CancelScope(shield=True):
             finish = _finish(
                 store,
@@ -295,13 +295,10 @@ async def save_distributed(
             )
             try:
                 info = await finish
-            except _Cancelled:
-                cancelled = True
-            else:
-                cancelled = False
-        if cancelled:
-            await anyio.lowlevel.checkpoint()  # the pending cancellation, now delivered
-            raise CoordinationError(f"rank {rank} was cancelled", ranks=[rank])
+            except _Cancelled as exc:
+                original = exc.original
+        if original is not None:
+            raise original  # the cancellation, re-raised once the protocol is done
     return info
 
 
@@ -311,6 +308,8 @@ class _Cancelled(CoordinationError):
     The others get a CoordinationError; this one re-raises the cancellation once the save's
     last step is done.
     """
+
+    original: BaseException | None = None
 
 
 async def _write_own(
@@ -344,7 +343,9 @@ async def _write_own(
         if isinstance(exc, Exception):
             return _Report(error=exc)
         if isinstance(exc, anyio.get_cancelled_exc_class()):
-            return _Report(error=_Cancelled(f"rank {rank} was cancelled", ranks=[rank]))
+            cancelled = _Cancelled(f"rank {rank} was cancelled", ranks=[rank])
+            cancelled.original = exc
+            return _Report(error=cancelled)
         raise
     stored: dict[bytes, StoredAt] = {}
     for shard, result in zip(local.shards, results, strict=True):
@@ -427,6 +428,8 @@ async def _finish(
     elif failed and written.error is None:
         await delete_quietly(store, own_paths)  # the primary removes them too; sooner here
     got = await coordinator.broadcast(outcome_report, name="outcome", root=PRIMARY)
+    if written.error is not None:
+        raise written.error  # this process's own error, not its copy from the collective
     if rank != PRIMARY and failed:
         _raise_first(reports, coordinator, "written")
     if not isinstance(got, _Report) or got.error is not None:
