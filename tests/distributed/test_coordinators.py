@@ -206,7 +206,7 @@ def test_storage_ignores_a_crashed_jobs_leftovers(tmp_path: Path) -> None:
         )
     )
     assert stale[0] == [("old", r) for r in range(WORLD)]
-    assert stale[1:] == [(0,)] * (WORLD - 1)
+    assert stale[1:] == ["gave up"] * (WORLD - 1)
     left = coordination_files(root)
     assert "run" in left and len(left) > WORLD + 1, left  # the old job's messages are there
     # The new job's rank 0 comes late: the others see the old run file first.
@@ -231,17 +231,7 @@ def fresh_moto(servers: Servers) -> Any:
 @pytest.mark.slow
 def test_storage_collectives_s3(servers: Servers) -> None:
     server = fresh_moto(servers)
-    options = server.storage_options()
     base = f"{server.scheme}://{BUCKET}/{uuid.uuid4().hex}"
-    stale = values(
-        run_workers(
-            "workers_coordinators:storage_stale",
-            WORLD,
-            kwargs={"root": f"{base}/coord", "storage_options": options, "tag": "old"},
-            timeout=90,
-        )
-    )
-    assert stale[0] == [("old", r) for r in range(WORLD)]
     results = run_workers(
         "workers_coordinators:storage_job",
         WORLD,
@@ -250,11 +240,33 @@ def test_storage_collectives_s3(servers: Servers) -> None:
             "timeout": 60.0,
             "root": f"{base}/unused",
             "bind": f"{base}/ckpt",
-            "storage_options": options,
+            "storage_options": server.storage_options(),
         },
         timeout=90,
     )
     check_exercise(results)
+    fs = server.filesystem()
+    left = fs.ls(f"{base.split('://', 1)[1]}/ckpt/.streamckpt-coordination")
+    assert len(left) == WORLD + 1, left
+    assert not fs.exists(f"{base.split('://', 1)[1]}/unused")
+
+
+@pytest.mark.cloud
+@pytest.mark.slow
+def test_storage_ignores_a_crashed_jobs_leftovers_s3(servers: Servers) -> None:
+    server = fresh_moto(servers)
+    options = server.storage_options()
+    root = f"{server.scheme}://{BUCKET}/{uuid.uuid4().hex}/coord"
+    stale = values(
+        run_workers(
+            "workers_coordinators:storage_stale",
+            WORLD,
+            kwargs={"root": root, "storage_options": options, "tag": "old"},
+            timeout=90,
+        )
+    )
+    assert stale == [[("old", r) for r in range(WORLD)]] + ["gave up"] * (WORLD - 1)
+    assert len(server.filesystem().ls(root.split("://", 1)[1])) > WORLD + 1
     # the same place again, over the old job's leftovers, rank 0 late
     results = run_workers(
         "workers_coordinators:storage_job",
@@ -262,16 +274,14 @@ def test_storage_collectives_s3(servers: Servers) -> None:
         kwargs={
             "script": "exercise",
             "timeout": 60.0,
-            "root": f"{base}/coord",
+            "root": root,
             "storage_options": options,
             "delay": {0: 1.5},
         },
         timeout=90,
     )
     check_exercise(results)
-    fs = server.filesystem()
-    left = fs.ls(f"{BUCKET}/{base.rsplit('/', 1)[1]}/ckpt/.streamckpt-coordination")
-    assert len(left) == WORLD + 1, left
+    assert len(server.filesystem().ls(root.split("://", 1)[1])) == WORLD + 1
 
 
 @pytest.mark.cloud

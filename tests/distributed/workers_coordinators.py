@@ -67,6 +67,7 @@ def torch_job(rank: int, world_size: int, *, script: str, timeout: float, **kw: 
     from streamckpt.distributed import TorchCoordinator
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.barrier()  # (process starts differ by seconds on a busy machine; timeouts are short)
     coordinator = TorchCoordinator(timeout=timeout)
     assert coordinator.bind(None, "x") is coordinator  # type: ignore[arg-type]
     return _run(script, coordinator, **kw)
@@ -77,6 +78,7 @@ def torch_job(rank: int, world_size: int, *, script: str, timeout: float, **kw: 
 
 def jax_job(rank: int, world_size: int, *, script: str, timeout: float, **kw: Any) -> Any:
     import jax
+    from jax._src.distributed import global_state
 
     from streamckpt.distributed import JaxCoordinator
 
@@ -87,6 +89,7 @@ def jax_job(rank: int, world_size: int, *, script: str, timeout: float, **kw: An
         initialization_timeout=60,
         shutdown_timeout_seconds=30,
     )
+    global_state.client.wait_at_barrier("test-start", 60_000)  # see torch_job
     coordinator = JaxCoordinator(timeout=timeout)
     assert (coordinator.rank, coordinator.world_size) == (rank, world_size)
     result = _run(script, coordinator, **kw)
@@ -137,6 +140,15 @@ def storage_job(
     from streamckpt.storage import resolve
 
     time.sleep((delay or {}).get(rank, 0.0))
+    if script == "absent":  # see torch_job
+        start = StorageCoordinator(
+            rank=rank,
+            world_size=world_size,
+            timeout=60.0,
+            root=f"{root}/start",
+            storage_options=storage_options,
+        )
+        anyio.run(lambda: start.barrier(name="start"))
     coordinator = StorageCoordinator(
         rank=rank,
         world_size=world_size,
@@ -159,22 +171,21 @@ def storage_stale(
     tag: str,
 ) -> Any:
     """A job that leaves files behind: it gathers once, then all but rank 0 post a second
-    gather (of ``(tag, rank)``) that never completes, and give up after a second."""
+    gather (of ``(tag, rank)``) that never completes, and give it up after a second."""
     from streamckpt.distributed import StorageCoordinator
 
     coordinator = StorageCoordinator(
-        rank=rank, world_size=world_size, timeout=1.0, root=root, storage_options=storage_options
+        rank=rank, world_size=world_size, timeout=60.0, root=root, storage_options=storage_options
     )
 
     async def main() -> Any:
         first = await coordinator.all_gather((tag, rank), name="gather")
         if rank == 0:
             return first
-        try:
+        with anyio.move_on_after(1.0):
             await coordinator.all_gather((tag, rank), name="gather")
-        except CoordinationError as exc:
-            return exc.ranks
-        return "completed"
+            return "completed"
+        return "gave up"
 
     return anyio.run(main)
 
