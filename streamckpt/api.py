@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from streamckpt.distributed import Coordinator
-from streamckpt.distributed.save import save_distributed
+from streamckpt.distributed.save import has_pieces, save_distributed
+from streamckpt.distributed.solo import SOLO
 from streamckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from streamckpt.pipeline.read import CheckpointReader, open_reader
 from streamckpt.pipeline.save import (
@@ -53,7 +54,8 @@ async def save(
     :class:`streamckpt.Slice` (or a list of them), a torch ``DTensor`` or a multi-device
     ``jax.Array``; pieces become TensorFlow slices, values given by several processes are
     written once. ``num_shards`` is then per process. Every process gets the same
-    :class:`SaveInfo`, after the commit.
+    :class:`SaveInfo`, after the commit. A single process may save pieces too (all of them,
+    without a coordinator): they are stored as TensorFlow slices.
     """
     store, path = resolve(
         prefix,
@@ -61,6 +63,8 @@ async def save(
         filesystem=filesystem,
         max_inflight_bytes=max_inflight_bytes,
     )
+    if coordinator is None and any(has_pieces(value) for value in tensors.values()):
+        coordinator = SOLO  # one process holding pieces: the same planner and merge
     if coordinator is not None:
         return await save_distributed(
             store,

@@ -31,6 +31,7 @@ from typing import Any, Literal, NamedTuple, TypeAlias
 import numpy as np
 
 from streamckpt.errors import NamingError, UnsupportedError
+from streamckpt.sharding import Slice
 
 __all__ = [
     "Child",
@@ -79,10 +80,14 @@ def is_leaf(x: Any) -> bool:
     Leaves are numpy arrays and scalars, Python ``bool`` / ``int`` / ``float`` / ``complex`` /
     ``str`` / ``bytes``, anything with ``__array__`` or ``__dlpack__`` (torch, jax, tf
     tensors), and anything with both ``shape`` and ``dtype`` attributes, so that a template of
-    shape descriptions (``jax.ShapeDtypeStruct``) can stand in for a model.
+    shape descriptions (``jax.ShapeDtypeStruct``) can stand in for a model. A
+    :class:`~streamckpt.sharding.Slice`, or a non-empty list of them, is one leaf: a process's
+    piece(s) of one tensor.
     """
-    if isinstance(x, (np.ndarray, *_SCALAR_LEAF_TYPES)):
+    if isinstance(x, (np.ndarray, Slice, *_SCALAR_LEAF_TYPES)):
         return True
+    if isinstance(x, list) and x and all(isinstance(item, Slice) for item in x):
+        return True  # one process's pieces of one tensor
     if x is None or isinstance(x, (dict, list, tuple, *_NON_DATA_TYPES)):
         return False
     kind = type(x)

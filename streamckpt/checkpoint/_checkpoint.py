@@ -34,10 +34,13 @@ from streamckpt.checkpoint._background import (
     SnapshotBuffer,
     wait_until_done,
 )
-from streamckpt.checkpoint._restore import RestoreStatus, restore_tree
+from streamckpt.checkpoint._restore import Replicated, RestoreStatus, restore_tree
+from streamckpt.distributed import Coordinator
+from streamckpt.distributed.save import pieces_of
 from streamckpt.errors import NamingError, SaveInProgressError
 from streamckpt.objectgraph import OBJECT_GRAPH_KEY, SAVE_COUNTER, build_object_graph
 from streamckpt.pipeline.save import SaveInfo
+from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike
 
 __all__ = ["AfterCommit", "Checkpoint"]
@@ -83,6 +86,28 @@ class _BridgeHold:
             if self.held:
                 self.held = False
                 self.bridge.release()
+
+
+def _snapshot_pieces(buffer: SnapshotBuffer, tensors: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot where sharded leaves stay pieces: each piece's value copied, its box kept."""
+    flat: dict[str, Any] = {}
+    boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    for name, value in tensors.items():
+        pieces = pieces_of(value)
+        if pieces is None:
+            flat[name] = value
+            continue
+        boxes[name] = [(piece.full_shape, piece.offset) for piece in pieces]
+        for i, piece in enumerate(pieces):
+            flat[f"{name}\x00{i}"] = piece.value
+    copied = buffer.take(flat)
+    snapshot: dict[str, Any] = {name: copied[name] for name in tensors if name not in boxes}
+    for name, shapes in boxes.items():
+        snapshot[name] = [
+            Slice(copied[f"{name}\x00{i}"], full_shape=full_shape, offset=offset)
+            for i, (full_shape, offset) in enumerate(shapes)
+        ]
+    return snapshot
 
 
 class Checkpoint:
@@ -176,6 +201,7 @@ class Checkpoint:
         filesystem: Any = None,
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
+        coordinator: Coordinator | None = None,
     ) -> str:
         """Write ``<file_prefix>-<N>`` with ``save_counter`` N, counted up first; return it.
 
@@ -200,6 +226,7 @@ class Checkpoint:
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
+            coordinator=coordinator,
         )
         if after_commit is not None:
             await after_commit(path)
@@ -215,10 +242,11 @@ class Checkpoint:
         filesystem: Any = None,
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
+        coordinator: Coordinator | None = None,
     ) -> str:
         """Write exactly ``file_prefix``, without ``save_counter``; return it.
 
-        ``on_busy`` and ``after_commit`` are :meth:`save`'s.
+        ``on_busy``, ``after_commit`` and ``coordinator`` are :meth:`save`'s.
         """
         await self._after_background(on_busy)
         path = os.fspath(file_prefix)
@@ -229,6 +257,7 @@ class Checkpoint:
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
+            coordinator=coordinator,
         )
         if after_commit is not None:
             await after_commit(path)
@@ -254,6 +283,7 @@ class Checkpoint:
         filesystem: Any = None,
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
+        coordinator: Coordinator | None = None,
     ) -> SaveHandle:
         """Snapshot the leaves, then :meth:`save` in the background; return a handle at once.
 
@@ -267,7 +297,8 @@ class Checkpoint:
         A plain function, callable from sync and async code alike. While a previous
         background save runs, it first waits for it (blocking, in async code too: ``await``
         the previous handle to avoid that) or raises :class:`SaveInProgressError`, as
-        ``on_busy`` (default: the checkpoint's) says.
+        ``on_busy`` (default: the checkpoint's) says. With a ``coordinator`` it returns once
+        this process's snapshot is taken; the save's collectives run in the background.
         """
         return self._start(
             file_prefix,
@@ -279,6 +310,7 @@ class Checkpoint:
             filesystem=filesystem,
             on_busy=on_busy,
             after_commit=after_commit,
+            coordinator=coordinator,
         )
 
     def write_async(
@@ -291,6 +323,7 @@ class Checkpoint:
         filesystem: Any = None,
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
+        coordinator: Coordinator | None = None,
     ) -> SaveHandle:
         """:meth:`write` in the background, with :meth:`save_async`'s snapshot and policy."""
         return self._start(
@@ -303,6 +336,7 @@ class Checkpoint:
             filesystem=filesystem,
             on_busy=on_busy,
             after_commit=after_commit,
+            coordinator=coordinator,
         )
 
     def _start(
@@ -319,7 +353,11 @@ class Checkpoint:
         with self._start_lock:
             self.wait_for_save(on_busy=on_busy)
             number = self._save_counter + 1 if counted else None
-            snapshot = self._snapshots.take(self._tensors(number))
+            tensors = self._tensors(number)
+            if options.get("coordinator") is not None:
+                snapshot = _snapshot_pieces(self._snapshots, tensors)
+            else:
+                snapshot = self._snapshots.take(tensors)
             base = os.fspath(file_prefix)
             suffix = number if checkpoint_number is None else checkpoint_number
             path = base if number is None else f"{base}-{suffix}"
@@ -360,6 +398,8 @@ class Checkpoint:
         *,
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
+        coordinator: Coordinator | None = None,
+        replicated: Replicated = "read",
     ) -> RestoreStatus:
         """Fill the tree with the values of a checkpoint written by :meth:`save`.
 
@@ -373,8 +413,17 @@ class Checkpoint:
         equal and the dtype must cast safely (float32 into float64 is fine, float64 into
         float32 is not; TensorFlow wants equal dtypes). Any problem raises one
         :class:`ValueMismatchError` naming every bad value, and leaves the tree untouched.
+
+        Resharding: a :class:`streamckpt.Slice`, torch ``DTensor`` or sharded ``jax.Array``
+        leaf gets only its own box of the stored tensor, whatever pieces the checkpoint holds
+        and however many processes wrote it; only those bytes are fetched (a ``jax.Array``
+        is replaced by a new one of its sharding). Whole leaves are read by every process,
+        or, with ``replicated="broadcast"`` and a ``coordinator``, read once by the primary
+        and sent to the others (every process then restores together).
         """
-        return await self._restore(save_path, True, storage_options, filesystem)
+        return await self._restore(
+            save_path, True, storage_options, filesystem, coordinator, replicated
+        )
 
     async def read(
         self,
@@ -382,9 +431,13 @@ class Checkpoint:
         *,
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
+        coordinator: Coordinator | None = None,
+        replicated: Replicated = "read",
     ) -> RestoreStatus:
         """:meth:`restore` for checkpoints from :meth:`write`: ``save_counter`` is optional."""
-        return await self._restore(save_path, False, storage_options, filesystem)
+        return await self._restore(
+            save_path, False, storage_options, filesystem, coordinator, replicated
+        )
 
     async def _restore(
         self,
@@ -392,6 +445,8 @@ class Checkpoint:
         expect_counter: bool,
         storage_options: dict[str, Any] | None,
         filesystem: Any,
+        coordinator: Coordinator | None,
+        replicated: Replicated,
     ) -> RestoreStatus:
         in_flight = self._in_flight
         if in_flight is not None:
@@ -400,7 +455,11 @@ class Checkpoint:
             save_path, storage_options=storage_options, filesystem=filesystem
         ) as reader:
             status, counter = await restore_tree(
-                reader, self._children, expect_counter=expect_counter
+                reader,
+                self._children,
+                expect_counter=expect_counter,
+                coordinator=coordinator,
+                replicated=replicated,
             )
         if counter is not None:
             self._save_counter = counter

@@ -20,12 +20,15 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from streamckpt import api
+from streamckpt.distributed import Coordinator
+from streamckpt.distributed.leaves import fill, local_boxes
 from streamckpt.errors import (
+    CoordinationError,
     CorruptCheckpointError,
     ObjectMatchError,
     UnsupportedError,
@@ -44,6 +47,7 @@ from streamckpt.objectgraph import (
 )
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
 from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
+from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike
 from streamckpt.tree import (
     Child,
@@ -138,8 +142,22 @@ def _match(nodes: Sequence[Node], graph: TrackableObjectGraph) -> _Match:
     return _Match(tuple(bound), tuple(missing), tuple(unexpected))
 
 
+def _sharded_problem(target: Any, info: TensorInfo) -> str | None:
+    """Why a sharded target (Slice, DTensor, sharded jax.Array) cannot take the value."""
+    full_shape = tuple(target.full_shape if isinstance(target, Slice) else target.shape)
+    if full_shape != info.shape:
+        return f"shape {list(info.shape)} in the checkpoint, {list(full_shape)} in the tree"
+    value = target.value if isinstance(target, Slice) else target
+    dtype = np.dtype(value.dtype) if not is_torch_tensor(value) else to_numpy(value).dtype
+    if info.dtype.kind == "O" or not np.can_cast(info.dtype, dtype, casting="safe"):
+        return f"dtype {info.dtype} in the checkpoint does not cast safely to {dtype}"
+    return None
+
+
 def _leaf_problem(node: Node, info: TensorInfo) -> str | None:
     """Why the stored value cannot go into this leaf, or None if it can."""
+    if local_boxes(node.value) is not None:
+        return _sharded_problem(node.value, info)
     if node.value is _COUNTER:
         if info.shape != () or info.dtype.kind not in "iu":
             return f"save_counter must be an integer scalar, found {info.dtype}{list(info.shape)}"
@@ -283,13 +301,53 @@ def check_keys_present(entries: Mapping[str, TensorInfo], keys: Iterable[str], *
         )
 
 
+Replicated = Literal["read", "broadcast"]
+
+
+async def _read_whole(
+    reader: CheckpointReader,
+    keys: list[str],
+    coordinator: Coordinator | None,
+    replicated: Replicated,
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Whole values: read here, or read by the primary and sent to every process."""
+    if coordinator is None or replicated == "read":
+        return await reader.read_many(keys)
+    values: dict[str, np.ndarray[Any, Any]] | BaseException
+    if coordinator.rank == 0:
+        try:
+            values = await reader.read_many(keys)
+        except Exception as exc:
+            values = exc
+    else:
+        values = {}
+    got = await coordinator.broadcast(values, name="restore-values", root=0)
+    if isinstance(got, BaseException):
+        if coordinator.rank == 0:
+            raise got
+        raise CoordinationError(f"the primary could not read the values: {got!r}", ranks=[0])
+    assert isinstance(got, dict)
+    return got
+
+
 async def restore_tree(
-    reader: CheckpointReader, root: Mapping[str, Any], *, expect_counter: bool
+    reader: CheckpointReader,
+    root: Mapping[str, Any],
+    *,
+    expect_counter: bool,
+    coordinator: Coordinator | None = None,
+    replicated: Replicated = "read",
 ) -> tuple[RestoreStatus, int | None]:
     """Fill ``root``'s tree from the open checkpoint; return the status and ``save_counter``.
 
     ``save_counter`` is None when the checkpoint has none and ``expect_counter`` is false.
+    Sharded leaves (``Slice``, ``DTensor``, sharded ``jax.Array``) read only their boxes;
+    whole leaves are read by every process, or with ``replicated="broadcast"`` by the
+    primary only and sent to the others through ``coordinator`` (every process must then
+    restore together).
     """
+    if replicated not in ("read", "broadcast"):
+        raise ValueError(f"replicated must be 'read' or 'broadcast', not {replicated!r}")
     graph_bytes = await read_object_graph(reader)
     parse_object_graph(graph_bytes)  # checks references, escapes and duplicate keys
     proto = TrackableObjectGraph()
@@ -312,13 +370,24 @@ async def restore_tree(
             mismatched=[key for key, _ in problems],
             uri=reader.uri,
         )
-    values = await reader.read_many([key for _, key in match.bound])
+    sharded = [(node, key) for node, key in match.bound if local_boxes(node.value) is not None]
+    whole = [(node, key) for node, key in match.bound if local_boxes(node.value) is None]
+    values = await _read_whole(reader, [key for _, key in whole], coordinator, replicated)
+    boxes = [(node, key, local_boxes(node.value) or []) for node, key in sharded]
+    pieces = await reader.read_boxes([(key, box) for _, key, bs in boxes for box in bs])
     counter: int | None = None
-    for node, key in match.bound:
+    for node, key in whole:
         if node.value is _COUNTER:
             counter = int(values[key][()])
         else:
             _write_leaf(node, values[key])
+    start = 0
+    for node, _, node_boxes in boxes:
+        filled = fill(node.value, pieces[start : start + len(node_boxes)])
+        start += len(node_boxes)
+        if filled is not node.value:  # an immutable jax.Array: a new one takes its place
+            for site in node.sites:
+                replace_leaf(site, filled)
     status = RestoreStatus(
         reader.uri, [key for _, key in match.bound], match.missing, match.unexpected
     )

@@ -14,6 +14,7 @@ from typing import Any, Literal, overload
 from streamckpt.bridge import BlockingTwin, blocking_method
 from streamckpt.checkpoint._background import OnBusy, SaveHandle
 from streamckpt.checkpoint._checkpoint import AfterCommit, Checkpoint
+from streamckpt.distributed import Coordinator
 from streamckpt.storage import PathLike
 
 __all__ = ["SyncCheckpoint"]
@@ -78,6 +79,7 @@ class SyncCheckpoint(BlockingTwin):
         filesystem: Any = ...,
         on_busy: OnBusy | None = ...,
         after_commit: AfterCommit | None = ...,
+        coordinator: Coordinator | None = ...,
     ) -> str: ...
     @overload
     def save(
@@ -92,6 +94,7 @@ class SyncCheckpoint(BlockingTwin):
         filesystem: Any = ...,
         on_busy: OnBusy | None = ...,
         after_commit: AfterCommit | None = ...,
+        coordinator: Coordinator | None = ...,
     ) -> SaveHandle: ...
     def save(
         self,
@@ -105,6 +108,7 @@ class SyncCheckpoint(BlockingTwin):
         filesystem: Any = None,
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
+        coordinator: Coordinator | None = None,
     ) -> str | SaveHandle:
         """Blocking :meth:`Checkpoint.save`; ``blocking=False`` is :meth:`save_async`."""
         return self._store(
@@ -118,6 +122,7 @@ class SyncCheckpoint(BlockingTwin):
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
+            coordinator=coordinator,
         )
 
     @overload
@@ -132,6 +137,7 @@ class SyncCheckpoint(BlockingTwin):
         filesystem: Any = ...,
         on_busy: OnBusy | None = ...,
         after_commit: AfterCommit | None = ...,
+        coordinator: Coordinator | None = ...,
     ) -> str: ...
     @overload
     def write(
@@ -145,6 +151,7 @@ class SyncCheckpoint(BlockingTwin):
         filesystem: Any = ...,
         on_busy: OnBusy | None = ...,
         after_commit: AfterCommit | None = ...,
+        coordinator: Coordinator | None = ...,
     ) -> SaveHandle: ...
     def write(
         self,
@@ -157,6 +164,7 @@ class SyncCheckpoint(BlockingTwin):
         filesystem: Any = None,
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
+        coordinator: Coordinator | None = None,
     ) -> str | SaveHandle:
         """Blocking :meth:`Checkpoint.write`; ``blocking=False`` is :meth:`write_async`."""
         return self._store(
@@ -169,6 +177,7 @@ class SyncCheckpoint(BlockingTwin):
             overwrite=overwrite,
             storage_options=storage_options,
             filesystem=filesystem,
+            coordinator=coordinator,
         )
 
     def _store(

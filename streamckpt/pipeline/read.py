@@ -147,7 +147,7 @@ class CheckpointReader:
         self.from_cache = False
         self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
         #: ranges of one shard this close are fetched in one request (the gap is read too)
-        self.max_gap = DEFAULT_MAX_GAP
+        self.max_gap = getattr(store, "read_gap", DEFAULT_MAX_GAP)
         #: a box read of one stored entry makes at most this many requests (then reads gaps)
         self.max_runs = DEFAULT_MAX_RUNS
         self.seconds_by_phase: dict[str, float] = {}

@@ -209,6 +209,10 @@ class Store(abc.ABC):
     #: The size of shard a save aims at when the caller gives no shard count
     #: (``pipeline.plan.auto_num_shards``); ``None``: one shard, where more objects gain nothing.
     shard_bytes: int | None = None
+    #: Bytes between two wanted ranges of one file that are cheaper to read through than to
+    #: ask for in a second request: a round trip's worth on an object store; none on local
+    #: disk, where a request is a system call and a box read fetches only its own bytes.
+    read_gap: int = 256 << 10
 
     async def rename(self, source: str, target: str) -> None:
         raise NotImplementedError("this store cannot rename")

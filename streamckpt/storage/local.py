@@ -314,6 +314,7 @@ class LocalStore(Store):
         return path
 
     supports_rename = True
+    read_gap = 0
 
     async def rename(self, source: str, target: str) -> None:
         with map_errors(target):

@@ -73,8 +73,7 @@ class LocalCoordinator:
         if not slot.done.is_set():
             missing = sorted(set(range(self.world_size)) - set(slot.values))
             raise CoordinationError(
-                f"collective {name!r} timed out after {self.timeout} s waiting for ranks "
-                f"{missing}",
+                f"collective {name!r} timed out after {self.timeout} s waiting for ranks {missing}",
                 ranks=missing,
             )
         return slot.values
