@@ -23,7 +23,13 @@ from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt
 
 from streamckpt.bridge import default_bridge
 from streamckpt.checkpoint import Checkpoint, SaveHandle, SyncCheckpoint
-from streamckpt.errors import CorruptCheckpointError, SaveInProgressError, StorageError
+from streamckpt.distributed import Coordinator
+from streamckpt.errors import (
+    CoordinationError,
+    CorruptCheckpointError,
+    SaveInProgressError,
+    StorageError,
+)
 from streamckpt.format.state import (
     CheckpointState,
     decode_metrics,
@@ -110,6 +116,12 @@ class CheckpointManager:
     (``mode`` "min" or "max"), which stay listed and are never deleted. ``clock`` returns
     seconds since the epoch (tests inject one); ``init_fn`` (sync or async) runs when
     :meth:`restore_or_initialize` finds nothing to restore.
+
+    With a ``coordinator`` (:mod:`streamckpt.distributed`) every process of the job makes
+    the manager and calls it together: saves are one checkpoint from all of them; only the
+    primary writes the state file and deletes old checkpoints, after the commit (the others
+    keep the same view); :meth:`restore_or_initialize` restores the checkpoint the primary
+    chose on every process.
     """
 
     def __init__(
@@ -129,6 +141,7 @@ class CheckpointManager:
         clock: Callable[[], float] = time.time,
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if max_to_keep is not None and max_to_keep <= 0:
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep}")
@@ -155,6 +168,7 @@ class CheckpointManager:
         self._clock = clock
         self._storage_options = storage_options
         self._filesystem = filesystem
+        self._coordinator = coordinator
         self._store, self._dir_path = resolve(
             self._directory, storage_options=storage_options, filesystem=filesystem
         )
@@ -283,6 +297,11 @@ class CheckpointManager:
         )
         await self._store.write_atomic(self._state_path, encode_state(state), exclusive=False)
 
+    @property
+    def _primary(self) -> bool:
+        """Whether this process writes the manager's files (always, without a coordinator)."""
+        return self._coordinator is None or self._coordinator.rank == 0
+
     def _contained(self, path: str) -> bool:
         """Whether a state-file path names a checkpoint in this manager's own directory."""
         return is_contained(self._dir_path, self._store_path(path))
@@ -368,6 +387,7 @@ class CheckpointManager:
             storage_options=self._storage_options,
             filesystem=self._filesystem,
             after_commit=record,
+            coordinator=self._coordinator,
         )
         self._in_flight = handle
         return handle
@@ -407,7 +427,8 @@ class CheckpointManager:
 
     async def _clear_broken(self, path: str) -> None:
         if path in self._broken:
-            await self._delete([path])
+            if self._primary:
+                await self._delete([path])
             self._broken.discard(path)
 
     async def _save(
@@ -420,11 +441,13 @@ class CheckpointManager:
         values = None if metrics is None else {str(k): float(v) for k, v in metrics.items()}
         path = self._next_path(step)
         await self._clear_broken(path)
+        together = {} if self._coordinator is None else {"coordinator": self._coordinator}
         saved = await self._checkpoint.save(
             self._user_path(self._name),
             checkpoint_number=None if step is None else int(step),
             storage_options=self._storage_options,
             filesystem=self._filesystem,
+            **together,
         )
         await self._record(path, current_step, values)
         return saved
@@ -445,6 +468,13 @@ class CheckpointManager:
             last_preserved_timestamp=self._last_preserved,
             protected=protected,
         )
+        if not self._primary:
+            # the primary publishes and deletes; the others keep the same view, no I/O
+            self._last_preserved = plan.last_preserved_timestamp
+            self._entries = list(plan.kept)
+            self._latest = path
+            self._last_step = current_step
+            return
         deleted = set(plan.deleted)
         listed = {e.path for e in plan.kept}
         # What an earlier sweep did not finish deleting goes now, unless listed again; so do,
@@ -514,18 +544,8 @@ class CheckpointManager:
             filesystem=self._filesystem,
         )
 
-    async def restore_or_initialize(self) -> str | None:
-        """Restore the newest checkpoint that verifies; else run ``init_fn`` and return None.
-
-        Candidates are the state file's checkpoints, newest first. Each must pass
-        :meth:`_verify` and then restore without a checksum or missing-file error; the ones
-        that fail, and newer unpublished ones found by listing the directory, are recorded in
-        :attr:`skipped`, logged as warnings, and dropped from the view (their files are left
-        for inspection; a later save that reuses such a name removes them first). Storage
-        errors are raised, not skipped: a flaky network must not silently roll training back.
-        """
-        await self._background_done()
-        await self.reload()
+    async def _choose_and_restore(self) -> str | None:
+        """The newest checkpoint that verifies and restores here; the others are skipped."""
         skipped = await self._unpublished()
         candidates = [self._latest] if self._latest is not None else []
         candidates += [e.path for e in reversed(self._entries) if e.path != self._latest]
@@ -554,6 +574,73 @@ class CheckpointManager:
             logger.warning("skipped checkpoint %s: %s", item.path, item.reason)
         self._entries = [e for e in self._entries if e.path not in self._broken]
         self._latest = restored
+        return restored
+
+    async def _restore_together(self, coordinator: Coordinator) -> str | None:
+        """The primary chooses (and restores its own part); everyone restores that one.
+
+        Every process ends with the same checkpoint or the same failure: the outcomes are
+        gathered after the restores, so one process's failure fails all of them.
+        """
+        chosen: object = None
+        if coordinator.rank == 0:
+            try:
+                chosen = (await self._choose_and_restore(), sorted(self._broken), self.skipped)
+            except Exception as exc:
+                chosen = exc
+        got = await coordinator.broadcast(chosen, name="manager-choose", root=0)
+        if isinstance(got, BaseException):
+            if coordinator.rank == 0:
+                raise got
+            raise CoordinationError(
+                f"the primary could not choose a checkpoint: {got!r}", ranks=[0]
+            )
+        assert isinstance(got, tuple)
+        restored, broken, skipped = got
+        failure: Exception | None = None
+        if coordinator.rank != 0:
+            self._broken.update(broken)
+            self.skipped = list(skipped)
+            self._entries = [e for e in self._entries if e.path not in self._broken]
+            self._latest = restored
+            if restored is not None:
+                try:
+                    await self._checkpoint.restore(
+                        self._user_path(restored),
+                        storage_options=self._storage_options,
+                        filesystem=self._filesystem,
+                    )
+                except Exception as exc:
+                    failure = exc
+        outcomes = await coordinator.all_gather(
+            None if failure is None else repr(failure), name="manager-restored"
+        )
+        failed = [rank for rank, outcome in enumerate(outcomes) if outcome is not None]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CoordinationError(
+                f"restoring {restored!r} failed on rank(s) {failed}: {outcomes[failed[0]]}",
+                ranks=failed,
+            )
+        return restored  # type: ignore[no-any-return]
+
+    async def restore_or_initialize(self) -> str | None:
+        """Restore the newest checkpoint that verifies; else run ``init_fn`` and return None.
+
+        Candidates are the state file's checkpoints, newest first. Each must pass
+        :meth:`_verify` and then restore without a checksum or missing-file error; the ones
+        that fail, and newer unpublished ones found by listing the directory, are recorded in
+        :attr:`skipped`, logged as warnings, and dropped from the view (their files are left
+        for inspection; a later save that reuses such a name removes them first). Storage
+        errors are raised, not skipped: a flaky network must not silently roll training back.
+        """
+        await self._background_done()
+        await self.reload()
+        if self._coordinator is not None and self._coordinator.world_size > 1:
+            restored = await self._restore_together(self._coordinator)
+        else:
+            restored = await self._choose_and_restore()
         if restored is None:
             if self._init_fn is not None:
                 result = self._init_fn()

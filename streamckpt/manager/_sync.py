@@ -12,6 +12,7 @@ from typing import Any, Literal, SupportsFloat, SupportsInt, overload
 
 from streamckpt.bridge import BlockingTwin, blocking_method
 from streamckpt.checkpoint import SaveHandle, SyncCheckpoint
+from streamckpt.distributed import Coordinator
 from streamckpt.manager._files import SkippedCheckpoint
 from streamckpt.manager._manager import CheckpointManager, ManagedCheckpoint
 from streamckpt.storage import PathLike
@@ -44,6 +45,7 @@ class SyncCheckpointManager(BlockingTwin):
         clock: Callable[[], float] = time.time,
         storage_options: dict[str, Any] | None = None,
         filesystem: Any = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.manager = CheckpointManager(
             checkpoint,
@@ -60,6 +62,7 @@ class SyncCheckpointManager(BlockingTwin):
             clock=clock,
             storage_options=storage_options,
             filesystem=filesystem,
+            coordinator=coordinator,
         )
         self.reload()
 
