@@ -234,6 +234,15 @@ def plan_global(
                 continue
             if holders[key][-1] == rank:
                 raise _fail(f"rank {rank} gives the same value twice", [rank], item.name)
+            if (seen.dtype, seen.full_shape) != (item.dtype, item.full_shape):
+                first = holders[key][0]
+                raise _fail(
+                    f"processes disagree about a tensor: rank {first} has dtype "
+                    f"{_dtype_name(seen.dtype)} shape {list(seen.full_shape)}, rank {rank} has "
+                    f"dtype {_dtype_name(item.dtype)} shape {list(item.full_shape)}",
+                    [first, rank],
+                    item.name,
+                )
             if seen.nbytes != item.nbytes:
                 raise _fail(
                     f"replicas of one value differ in size: rank {holders[key][0]} has "

@@ -357,11 +357,6 @@ def test_refuses_pieces_of_two_full_shapes() -> None:
     assert error.ranks == (0, 1) and error.tensor == "w"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan_global compares dtype and shape only for a key it has not seen: replicas of "
-    "one name with equal byte sizes but another dtype or shape are taken as one value",
-)
 @pytest.mark.parametrize(
     ("other", "why"),
     [
