@@ -56,8 +56,8 @@ FULL_PIECES = {"emb": 4, "grid": 4, "half": 3, "pairs": 8}
 
 def bits(array: Any) -> np.ndarray[Any, Any]:
     """The raw bytes of an array, to compare bit for bit (NaN payloads, -0.0, bfloat16)."""
-    array = np.ascontiguousarray(array)
-    return array.reshape(-1).view(np.uint8)
+    flat: np.ndarray[Any, Any] = np.ascontiguousarray(array).reshape(-1)
+    return flat.view(np.uint8)
 
 
 def assert_bit_exact(got: Any, want: np.ndarray[Any, Any], name: str) -> None:
@@ -94,14 +94,16 @@ def check_checkpoint(
     *,
     storage_options: dict[str, Any] | None = None,
     pieces: Mapping[str, int] | None = None,
+    writers: int = WORLD,
 ) -> dict[str, bytes]:
-    """One checkpoint ``name`` (its files in ``listing``): four data files and an index, no
-    claim or temp file; ``want`` loads back bit-exact; every value is stored exactly once."""
+    """One checkpoint ``name`` (its files in ``listing``): a data file per rank that wrote
+    and an index, no claim or temp file; ``want`` loads back bit-exact; every value is
+    stored exactly once; ``pieces``: the tensors stored in pieces, and how many."""
     own = files_of(listing, name)
     data = sorted(k for k in own if ".data-" in k)
     assert sorted(own) == sorted([f"{name}.index", *data]), sorted(own)  # no claim, no temp
-    assert data == [f"{name}.data-{i:05d}-of-{WORLD:05d}" for i in range(WORLD)], data
-    assert info.num_shards == WORLD and info.num_tensors == len(want)
+    assert data == [f"{name}.data-{i:05d}-of-{writers:05d}" for i in range(writers)], data
+    assert info.num_shards == writers and info.num_tensors == len(want)
     assert [f.rsplit("/", 1)[-1] for f in info.files] == [*data, f"{name}.index"]
     # replicas once, pieces once: the data files hold exactly the distinct bytes
     distinct = sum(v.nbytes for v in want.values())
@@ -151,7 +153,7 @@ def torch_local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[di
         WORLD,
         kwargs={
             "base": str(base),
-            "scenarios": ["slices", "dtensor", "bad_dtype", "bad_shape"],
+            "scenarios": ["slices", "dtensor", "reuse", "idle", "bad_dtype", "bad_shape"],
             "timeout": 60.0,
         },
         timeout=JOB_TIMEOUT,
@@ -162,6 +164,42 @@ def torch_local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[di
 def test_torch_slices_make_one_checkpoint(torch_local: tuple[Path, list[dict[str, Any]]]) -> None:
     base, reports = torch_local
     check_standard(reports, "slices", "slices", local_listing(base), str(base / "slices"))
+
+
+def test_a_repeated_structure_reuses_the_plan(
+    torch_local: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """``reuse`` has the structure of ``slices``, but the ``dtensor`` save came between: its
+    first save plans afresh, the overwrite with other values skips the plan exchange, and
+    the overwrite's values are what is stored."""
+    base, reports = torch_local
+    first = [r["reuse"][0] for r in reports]
+    second = [r["reuse"][1] for r in reports]
+    assert [r["reused"] for r in first + second] == [0.0] * WORLD + [1.0] * WORLD
+    assert infos([{"x": r} for r in first], "x").bytes_written == sum(
+        v.nbytes for v in FULL.values()
+    )
+    info = infos([{"x": r} for r in second], "x")
+    want = ws.full_tensors(variant=1)
+    assert not np.array_equal(bits(want["emb"]), bits(FULL["emb"]))
+    check_checkpoint(
+        "reuse", info, local_listing(base), str(base / "reuse"), want, pieces=FULL_PIECES
+    )
+
+
+def test_a_rank_with_nothing_to_write(torch_local: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Rank 3 gives only an empty piece: three data files, ``-of-3``."""
+    base, reports = torch_local
+    info = infos(reports, "idle")
+    check_checkpoint(
+        "idle",
+        info,
+        local_listing(base),
+        str(base / "idle"),
+        ws.idle_full(),
+        pieces={"w": 3},
+        writers=3,
+    )
 
 
 def dtensor_expected() -> dict[str, np.ndarray[Any, Any]]:
@@ -324,14 +362,20 @@ def digest(listing: Mapping[str, bytes]) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in listing.items()}
 
 
-def test_a_rank_killed_while_writing(tmp_path: Path) -> None:
-    """Rank 2 stops at the first byte of its shard of ``failed`` (its progress callback
-    sleeps there, after writing a marker) and is SIGKILLed: the survivors fail with a
-    CoordinationError naming rank 2 within the timeout, no index appears, every shard of
-    ``failed`` is removed (the dead rank's partial one by the primary), and the checkpoint
-    saved just before in the same directory is untouched."""
+@pytest.mark.parametrize("victim", [2, 0])
+def test_a_rank_killed_while_writing(tmp_path: Path, victim: int) -> None:
+    """The victim stops at the first byte of its shard of ``failed`` (its progress callback
+    sleeps there, after writing a marker) and is SIGKILLed; the survivors fail with a
+    CoordinationError within the timeout, no index appears, and the checkpoint saved just
+    before in the same directory is untouched.
+
+    Rank 2: the survivors name it, and every shard of ``failed`` goes (the dead rank's
+    partial one removed by the primary). Rank 0, the primary and the c10d store's host: the
+    survivors cannot tell who (no rank named) and remove their own shards; the primary's
+    partial shard and its claim stay, and the next save of the prefix is not blocked by them
+    and reclaims them.
+    """
     pytest.importorskip("torch.distributed")
-    victim = 2
     marker = tmp_path / "victim-is-writing"
     base = tmp_path / "ckpt"
     base.mkdir()
@@ -355,8 +399,8 @@ def test_a_rank_killed_while_writing(tmp_path: Path) -> None:
         results = collect(procs, timeout=JOB_TIMEOUT)
     ended = time.monotonic() - killed_at
 
-    # the victim's shard existed when it died: somebody else had to remove it
-    assert f"failed.data-{victim:05d}-of-{WORLD:05d}" in partial, partial
+    victim_shard = f"failed.data-{victim:05d}-of-{WORLD:05d}"
+    assert victim_shard in partial, partial  # it existed when its writer died
     assert results[victim].returncode == -9
     for result in results:
         if result.rank == victim:
@@ -365,14 +409,25 @@ def test_a_rank_killed_while_writing(tmp_path: Path) -> None:
         assert "info" in result.value["before"], result.value
         failed = result.value["failed"]
         assert failed.get("error") == "CoordinationError", (result.rank, failed)
-        assert failed["ranks"] == (victim,), (result.rank, failed)
+        assert failed["ranks"] == ((victim,) if victim else ()), (result.rank, failed)
     assert ended < TIMEOUT + MARGIN, ended
 
     listing = local_listing(base)
-    assert not files_of(listing, "failed"), sorted(listing)  # no index, no shard, no claim
     assert digest(files_of(listing, "before")) == before
     survivors = [r.value for r in results if r.rank != victim]
     check_standard(survivors, "before", "before", listing, str(base / "before"))
+    left = sorted(files_of(listing, "failed"))
+    if victim:
+        assert left == [], left  # no index, no shard, no claim
+        return
+    assert left == sorted(["failed.claim", victim_shard]), left  # nobody left to remove them
+    # the dead primary's claim is no lock any more: a new save takes the prefix and its
+    # leftovers go (a single process, one shard: every -of-4 name would be garbage)
+    streamckpt.sync.save(str(base / "failed"), {"x": FULL["bias"]})
+    assert sorted(files_of(local_listing(base), "failed")) == [
+        "failed.data-00000-of-00001",
+        "failed.index",
+    ]
 
 
 # -- jax.distributed: multi-controller arrays ----------------------------------------------

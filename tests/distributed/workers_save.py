@@ -29,6 +29,7 @@ import numpy as np
 import streamckpt
 import streamckpt.sync
 from streamckpt import Slice
+from streamckpt.distributed.save import last_coordination
 
 WORLD = 4
 EMB_ROWS = 250
@@ -53,11 +54,13 @@ JAX_CASES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def full_tensors(world_size: int = WORLD) -> dict[str, np.ndarray[Any, Any]]:
-    """The checkpoint every job writes in pieces, assembled."""
+def full_tensors(world_size: int = WORLD, *, variant: int = 0) -> dict[str, np.ndarray[Any, Any]]:
+    """The checkpoint every job writes in pieces, assembled (``variant``: other ``emb``
+    values, the same structure)."""
     rng = np.random.default_rng(20240611)
     emb = rng.standard_normal((1000, 48), dtype=np.float32)
     emb[0, :3] = [np.nan, -0.0, np.inf]
+    emb += np.float32(variant)
     out: dict[str, np.ndarray[Any, Any]] = {
         "emb": emb,
         "grid": rng.standard_normal((7, 5), dtype=np.float32),
@@ -79,9 +82,9 @@ def jax_full(shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
     return np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) * -0.25 + 3
 
 
-def pieces(rank: int, *, as_torch: bool = False) -> dict[str, Any]:
+def pieces(rank: int, *, as_torch: bool = False, variant: int = 0) -> dict[str, Any]:
     """What rank ``rank`` gives: Slices (torch tensors or numpy arrays), replicas, its own."""
-    full = full_tensors()
+    full = full_tensors(variant=variant)
 
     def value(array: np.ndarray[Any, Any]) -> Any:
         if not as_torch:
@@ -112,6 +115,23 @@ def pieces(rank: int, *, as_torch: bool = False) -> dict[str, Any]:
         ],
         f"rank{rank}/rng": full[f"rank{rank}/rng"],
     }
+
+
+IDLE_ROWS = ((0, 2), (2, 4), (4, 6), (6, 6))
+
+
+def idle_full() -> dict[str, np.ndarray[Any, Any]]:
+    return {"w": np.arange(24, dtype=np.float32).reshape(6, 4) / 3, "b": np.ones(4, np.int16)}
+
+
+def idle_pieces(rank: int) -> dict[str, Any]:
+    """Rows of ``w`` and replicas of ``b`` from ranks 0 to 2; rank 3 only an empty piece."""
+    full = idle_full()
+    lo, hi = IDLE_ROWS[rank]
+    out: dict[str, Any] = {"w": Slice(full["w"][lo:hi], full_shape=(6, 4), offset=(lo, 0))}
+    if rank != 3:
+        out["b"] = full["b"]
+    return out
 
 
 def outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -151,7 +171,8 @@ def _torch_init(rank: int, world_size: int, timeout: float) -> Any:
 
 def _dtensors(rank: int) -> dict[str, Any]:
     import torch
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     meshes = {shape: init_device_mesh("cpu", shape) for shape in [(4,), (2, 2)]}
     out = {}
@@ -175,6 +196,9 @@ def torch_job(
 
     * ``slices``: :func:`pieces` (torch tensors) through ``await streamckpt.save``;
     * ``dtensor``: the :data:`DTENSOR_CASES` as DTensors, through ``streamckpt.sync.save``;
+    * ``reuse``: :func:`pieces` twice, the second time other values over the first
+      (``overwrite``): both saves reuse the plan of ``slices`` (one structure);
+    * ``idle``: rank 3 gives only an empty piece, so it has nothing to write;
     * ``bad_dtype``: rank 1 also gives a datetime64 value (no TensorFlow dtype);
     * ``bad_shape``: rank 3 gives its ``emb`` rows as a piece of a (1001, 48) tensor.
     """
@@ -190,6 +214,20 @@ def torch_job(
                 coordinator=coordinator,
                 storage_options=storage_options,
             )
+            continue
+        if scenario == "reuse":
+            reports = []
+            for variant in (0, 1):
+                tensors = pieces(rank, as_torch=True, variant=variant)
+                report = outcome(
+                    _save, prefix, tensors, coordinator, storage_options, overwrite=bool(variant)
+                )
+                report["reused"] = last_coordination(coordinator)["plan_reused"]
+                reports.append(report)
+            out[scenario] = reports
+            continue
+        if scenario == "idle":
+            out[scenario] = outcome(_save, prefix, idle_pieces(rank), coordinator, storage_options)
             continue
         tensors = pieces(rank, as_torch=True)
         if scenario == "bad_dtype" and rank == 1:
@@ -274,9 +312,13 @@ def jax_job(rank: int, world_size: int, *, base: str, timeout: float) -> dict[st
     addressable = {}
     for name, (shape, spec) in JAX_CASES.items():
         full = jax_full(shape)
-        array = jax.make_array_from_callback(
-            shape, NamedSharding(mesh, PartitionSpec(*spec)), lambda index, f=full: f[index]
-        )
+
+        def part(index: Any, full: np.ndarray[Any, Any] = full) -> np.ndarray[Any, Any]:
+            block: np.ndarray[Any, Any] = full[index]
+            return block
+
+        sharding = NamedSharding(mesh, PartitionSpec(*spec))  # type: ignore[no-untyped-call]
+        array = jax.make_array_from_callback(shape, sharding, part)
         addressable[name] = array.is_fully_addressable
         tensors[name] = array
     out = {
@@ -284,5 +326,5 @@ def jax_job(rank: int, world_size: int, *, base: str, timeout: float) -> dict[st
         "fully_addressable": addressable,
         "save": outcome(_save, f"{base}/jax", tensors, coordinator, None),
     }
-    jax.distributed.shutdown()  # a barrier: rank 0's process hosts the service
+    jax.distributed.shutdown()  # type: ignore[no-untyped-call]  # a barrier: rank 0's process hosts the service
     return out
