@@ -274,14 +274,18 @@ def storage_job(
     prefixes: list[str],
     storage_options: dict[str, Any] | None = None,
     timeout: float = 60.0,
+    num_shards: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Save :func:`pieces` (numpy) at each prefix in turn, coordinated through the store only."""
+    """Save :func:`pieces` (numpy) at each prefix in turn, coordinated through the store only
+    (``num_shards``: what some ranks pass as ``num_shards``; the others pass None)."""
     from streamckpt.distributed import StorageCoordinator
 
     coordinator = StorageCoordinator(rank=rank, world_size=world_size, timeout=timeout)
     tensors = pieces(rank)
+    shards = (num_shards or {}).get(rank)
     out: dict[str, Any] = {
-        prefix: outcome(_save, prefix, tensors, coordinator, storage_options) for prefix in prefixes
+        prefix: outcome(_save, prefix, tensors, coordinator, storage_options, num_shards=shards)
+        for prefix in prefixes
     }
     out["engines"] = sorted(m for m in ("torch", "jax", "tensorflow") if m in sys.modules)
     return out
