@@ -3,10 +3,10 @@
 Every collective has two steps:
 
 1. **arrival**: the process sets a key of its own (``<seq>/<rank>``) in the c10d store of
-   the group, then waits for every rank's key with the coordinator's timeout. A wait that
-   runs out looks up which keys are missing: those are the ranks that never arrived, and
-   the error names them. Gloo alone cannot tell (its timeout names no peer), and
-   ``monitored_barrier`` tells only rank 0.
+   the group, then polls (``check``) for every rank's key until the coordinator's timeout.
+   The keys still missing then are the ranks that never arrived, and the error names them.
+   Gloo alone cannot tell (its timeout names no peer), and ``monitored_barrier`` tells only
+   rank 0.
 2. **exchange**: the values go through gloo (``all_gather_object`` /
    ``broadcast_object_list``) over a group made for this coordinator. Every rank is known to
    be there, so this only fails when a peer dies in between (gloo then reports the closed
@@ -24,13 +24,15 @@ has passed the arrival of ``k + 1``, so none still waits on keys of ``k``. The s
 the last two collectives' keys, a few bytes per rank.
 
 The store is the one ``init_process_group`` made (its host, rank 0 under ``env://``, or the
-launcher's agent under torchrun): when it is gone no key can be read, and the error then
-names no rank, as it cannot tell which one was its host.
+launcher's agent under torchrun). When it goes away during an arrival wait (rank 0 gave up
+on the same absent ranks and exited first), the error names the ranks still missing at the
+last look; gone before any look, it names none: it cannot tell which rank was its host.
 """
 
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["TorchCoordinator"]
 
 _PREFIX = "streamckpt/"
+# The arrival wait polls the store: from a millisecond, doubling, up to a tenth of a second.
+_FIRST_PAUSE = 0.001
+_LONGEST_PAUSE = 0.1
 T = TypeVar("T")
 
 
@@ -154,26 +159,39 @@ class TorchCoordinator:
 
     def _arrive(self, seq: int, name: str) -> None:
         store = self._store
+        deadline = time.monotonic() + self._timeout
+        pause = _FIRST_PAUSE
+        what = f"collective {name!r} (#{seq})"
+        waiting: list[str] | None = None  # keys not seen at the last look
         try:
             store.set(f"{seq}/{self._rank}", name)
             if seq >= 2:
                 store.delete_key(f"{seq - 2}/{self._rank}")
             keys = [f"{seq}/{rank}" for rank in range(self._world_size)]
-            try:
-                store.wait(keys, timedelta(seconds=self._timeout))
-                return
-            except dist.DistStoreError:
-                pass  # a timeout (a closed connection is a DistNetworkError)
-            missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
-        except RuntimeError as exc:
+            # Polled, not ``store.wait``: a wait that times out tells nothing of which keys
+            # are missing, and a look after it may find the store gone (below).
+            while True:
+                waiting = [key for key in waiting or keys if not store.check([key])]
+                remaining = deadline - time.monotonic()
+                if not waiting or remaining <= 0:
+                    break
+                time.sleep(min(pause, remaining))
+                pause = min(pause * 2, _LONGEST_PAUSE)
+        except RuntimeError as exc:  # torch's DistError family
+            # The store's host (rank 0 under env://) may have given up on the same absent
+            # ranks and exited: those are still the ones at fault.
+            missing = _ranks(waiting or [])
             raise CoordinationError(
-                f"collective {name!r} (#{seq}): the c10d store is unreachable ({exc})"
+                f"{what}: the c10d store became unreachable ({exc})"
+                + (f"; rank(s) {missing} had not arrived by then" if missing else ""),
+                ranks=missing,
             ) from exc
-        raise CoordinationError(
-            f"collective {name!r} (#{seq}): rank(s) {missing} did not arrive within "
-            f"{self._timeout:g} s",
-            ranks=missing,
-        )
+        if waiting:
+            missing = _ranks(waiting)
+            raise CoordinationError(
+                f"{what}: rank(s) {missing} did not arrive within {self._timeout:g} s",
+                ranks=missing,
+            )
 
     def _check_name(self, name: str, other: str, rank: int) -> None:
         if other != name:
@@ -182,3 +200,7 @@ class TorchCoordinator:
                 f"{name!r}: the processes call different collectives",
                 ranks=[rank],
             )
+
+
+def _ranks(keys: list[str]) -> list[int]:
+    return [int(key.rsplit("/", 1)[1]) for key in keys]

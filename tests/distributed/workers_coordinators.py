@@ -45,7 +45,8 @@ async def absent(coordinator: Coordinator, *, missing: int, mode: str) -> dict[s
     try:
         got = await coordinator.all_gather(rank, name="second")
     except CoordinationError as exc:
-        return {"rank": rank, "ranks": exc.ranks, "elapsed": time.monotonic() - started}
+        elapsed = time.monotonic() - started
+        return {"rank": rank, "ranks": exc.ranks, "elapsed": elapsed, "message": str(exc)}
     return {"rank": rank, "unexpected": got}
 
 
