@@ -1,4 +1,4 @@
-"""``python -m benchmarks local|objectstore|async-save|all [--quick] [options]``."""
+"""``python -m benchmarks local|objectstore|async-save|plan|all [--quick] [options]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from benchmarks import harness
 from benchmarks.report import loadavg, machine_info, print_machine
 
 #: mode -> module of this package with ``add_arguments(parser)`` and ``main(args) -> dict``
-MODES = {"local": "local", "async-save": "async_save", "objectstore": "objectstore"}
+MODES = {
+    "local": "local",
+    "async-save": "async_save",
+    "objectstore": "objectstore",
+    "plan": "distributed_plan",
+    "distributed": "distributed_save",
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -40,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
         )
         _common(sp)
         module.add_arguments(sp)
-    _common(sub.add_parser("all", help="local, async-save and objectstore, each with defaults"))
+    _common(sub.add_parser("all", help="every mode above, each with defaults"))
     return p
 
 

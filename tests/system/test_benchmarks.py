@@ -25,6 +25,7 @@ TABLES = (
     "Part 1, link check",
     "Part 2: read_tensor round trips",
     "Part 3: peak RSS",
+    "Global plan of a multi-process save",  # plan
 )
 
 
