@@ -25,6 +25,7 @@ import anyio.to_thread
 import numpy as np
 
 from streamckpt.bridge import Job
+from streamckpt.device import HostTransfer, is_device_array, start_transfer
 from streamckpt.errors import StreamCkptError, UnsupportedError
 from streamckpt.format.dtypes import from_numpy
 from streamckpt.pipeline.save import SaveInfo
@@ -157,6 +158,10 @@ class SnapshotBuffer:
     def take(self, values: Mapping[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
         """Copy every leaf once into the buffer (grown if too small); return views of it.
 
+        A device array (CUDA tensor, jax array) is not copied here: its transfer to host
+        memory of its own is started (:mod:`streamckpt.device`) and the save waits for it
+        when it streams that tensor, so the snapshot returns once the copies are enqueued.
+
         Object arrays (strings) are converted to ``bytes`` elements on their own. Nothing is
         copied until every leaf is known to be savable, so a bad leaf costs no copy.
         """
@@ -164,6 +169,11 @@ class SnapshotBuffer:
         snapshot: dict[str, np.ndarray[Any, Any]] = {}
         total = 0
         for key, leaf in values.items():
+            if is_device_array(leaf) or isinstance(leaf, HostTransfer):
+                # its own host memory (pinned), filled by a copy enqueued now: the snapshot
+                started = leaf if isinstance(leaf, HostTransfer) else start_transfer(leaf)
+                snapshot[key] = started  # type: ignore[assignment]
+                continue
             try:
                 array = to_numpy(leaf)
                 from_numpy(array.dtype)

@@ -37,6 +37,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from streamckpt.device import is_device_array, start_transfer, start_transfers
 from streamckpt.distributed._protocol import Coordinator
 from streamckpt.distributed.leaves import local_slices
 from streamckpt.distributed.plan import (
@@ -124,11 +125,24 @@ def prepare_local(tensors: Tensors, *, copy: bool) -> tuple[list[LocalItem], dic
     """
     items: list[LocalItem] = []
     prepared: dict[bytes, PreparedTensor] = {}
-    for name, value in tensors.items():
+    # every device array's transfer to the host is started before the first is waited for
+    given = {name: _pieces(value) for name, value in tensors.items()}
+    for pieces in given.values():
+        if pieces is None:
+            continue
+        for i, piece in enumerate(pieces):
+            if is_device_array(piece.value):
+                pieces[i] = Slice(
+                    start_transfer(piece.value), full_shape=piece.full_shape, offset=piece.offset
+                )
+    tensors = start_transfers(
+        {name: value for name, value in tensors.items() if given[name] is None}
+    )
+    for name, pieces in given.items():
+        value = tensors.get(name)
         key = name_to_key(name)
         if not key:
             raise ValueError("a tensor name must not be empty (it is the header's key)")
-        pieces = _pieces(value)
         try:
             if pieces is None:
                 tensor = prepare(key, value, copy=copy)
@@ -164,6 +178,7 @@ def has_pieces(value: Any) -> bool:
 
 
 def _pieces(value: Any) -> list[Slice] | None:
+    """A new list of the pieces a value stands for (None: a whole value)."""
     if isinstance(value, Slice):
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, Slice) for v in value):

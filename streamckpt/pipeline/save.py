@@ -31,6 +31,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
+from streamckpt.device import start_transfers
 from streamckpt.errors import StreamCkptError, unwrap_task_group
 from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index, name_to_key
 from streamckpt.format.crc import crc32c, mask
@@ -69,10 +70,14 @@ class SaveInfo:
 
 async def prepare_all(tensors: Tensors, *, copy: bool) -> dict[bytes, PreparedTensor]:
     """Payloads for every tensor, in one worker thread (string encoding and copies are CPU)."""
+    # every device array's copy is under way before the first is waited for
+    started: dict[str | bytes, Any] = start_transfers(
+        {name: value for name, value in tensors.items()}
+    )
 
     def work() -> dict[bytes, PreparedTensor]:
         prepared: dict[bytes, PreparedTensor] = {}
-        for name, value in tensors.items():
+        for name, value in started.items():
             key = name_to_key(name)
             if not key:
                 raise ValueError("a tensor name must not be empty (it is the header's key)")
@@ -130,7 +135,7 @@ def _stream_shard(
 
     for placement in placements:
         tensor = prepared[placement.key]
-        view = tensor.payload
+        view = tensor.data()  # a device array's: once its transfer is done
         if len(view) <= small:
             crc = crc32c(view) if tensor.crc32c is None else 0
             pending += view

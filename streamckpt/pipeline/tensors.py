@@ -12,8 +12,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from streamckpt.device import HostTransfer
 from streamckpt.errors import UnsupportedError
-from streamckpt.format.dtypes import DataType, from_numpy, numpy_dtype
+from streamckpt.format.dtypes import DataType, from_numpy, is_fixed_size, numpy_dtype
 from streamckpt.format.strings import encode_strings
 from streamckpt.format.variant import encode_variants
 from streamckpt.tree import to_numpy
@@ -33,17 +34,29 @@ class Typed:
 
 @dataclass(frozen=True, slots=True)
 class PreparedTensor:
-    """A tensor ready to stream: its payload bytes and what the entry will say about them."""
+    """A tensor ready to stream: its payload bytes and what the entry will say about them.
+
+    A device array's bytes may still be on their way (``transfer``): the save plans it by its
+    size and waits for the bytes only when it streams them (:meth:`data`).
+    """
 
     key: bytes
     dtype: DataType
     shape: tuple[int, ...]
     payload: memoryview
     crc32c: int | None  # masked; known up front for encoded payloads, else computed while writing
+    transfer: HostTransfer | None = None
 
     @property
     def size(self) -> int:
-        return self.payload.nbytes
+        return self.payload.nbytes if self.transfer is None else self.transfer.nbytes
+
+    def data(self) -> memoryview:
+        """The payload; for a device array, once its transfer to the host is complete."""
+        if self.transfer is None:
+            return self.payload
+        flat = np.ascontiguousarray(self.transfer.result()).reshape(-1)
+        return memoryview(cast(Any, flat.view(np.uint8)))
 
 
 def as_array(value: Any) -> np.ndarray[Any, Any]:
@@ -58,6 +71,10 @@ def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:
     forced: DataType | None = None
     if isinstance(value, Typed):
         forced, value = value.dtype, value.value
+    if isinstance(value, HostTransfer) and forced is None:
+        dtype = from_numpy(value.dtype)
+        if value.dtype.byteorder != ">" and is_fixed_size(dtype):
+            return PreparedTensor(key, dtype, value.shape, memoryview(b""), None, value)
     array = as_array(value)
     dtype = forced if forced is not None else from_numpy(array.dtype)
     shape = tuple(int(d) for d in array.shape)
