@@ -216,6 +216,24 @@ def _raise_first(reports: Sequence[_Report], coordinator: Coordinator, step: str
     )
 
 
+def _check_same_params(reports: Sequence[_Report], uri: str) -> None:
+    """Refuse a save whose processes were called with different settings.
+
+    Each would plan other shard counts and names: the index would point at files that were
+    never written (a process that passed another ``num_shards``, or a store of another kind).
+    """
+    first = reports[0].value[2]
+    differ = [rank for rank, report in enumerate(reports) if report.value[2] != first]
+    if differ:
+        raise CoordinationError(
+            "processes called save with different settings (num_shards, overwrite, the kind "
+            f"of store or the number of processes): rank 0 has {first.decode()}, rank "
+            f"{differ[0]} has {reports[differ[0]].value[2].decode()}",
+            ranks=differ,
+            uri=uri,
+        )
+
+
 async def _gather(coordinator: Coordinator, report: _Report, step: str) -> list[_Report]:
     values = await coordinator.all_gather(report, name=step)
     return [v if isinstance(v, _Report) else _Report(error=TypeError(repr(v))) for v in values]
@@ -257,9 +275,12 @@ async def save_distributed(
         except Exception as exc:
             report = _Report(error=exc)
         digest = fingerprint(items)
-        reports = await _gather(bound, _Report((digest, cache.digest), report.error), "plan")
+        # what the plan depends on besides the items: every process must pass the same
+        params = repr((bound.world_size, store.shard_bytes, num_shards, overwrite)).encode()
+        mine = _Report((digest, cache.digest, params), report.error)
+        reports = await _gather(bound, mine, "plan")
         _raise_first(reports, bound, "plan")
-        params = repr((bound.world_size, store.shard_bytes, num_shards)).encode()
+        _check_same_params(reports, store.uri(prefix_path))
         plan_digest = fingerprint([r.value[0] for r in reports] + [params])
         if cache.plan is not None and all(r.value[1] == plan_digest for r in reports):
             plan = cache.plan
@@ -305,7 +326,7 @@ async def save_distributed(
         first, count = plan.shard_ranges[rank]
         paths = [session.write_path(first + i, plan.num_shards) for i in range(count)]
         t0 = time.perf_counter()
-        written = await _write_own(store, paths, plan, rank, prepared, chunk_bytes)
+        written = await _write_own(store, paths, plan, rank, prepared, chunk_bytes, plan_digest)
         phases["write_shards"] = time.perf_counter() - t0
 
         # 4. what every process wrote; 5. the commit; 6. the outcome
@@ -349,6 +370,7 @@ async def _write_own(
     rank: int,
     prepared: Mapping[bytes, PreparedTensor],
     chunk_bytes: int,
+    plan_digest: bytes,
 ) -> _Report:
     """Write and check this process's shards; on failure remove them and report why.
 
@@ -386,7 +408,7 @@ async def _write_own(
                 placement.size,
                 result.tensor_crcs[placement.key],
             )
-    return _Report((stored, store.stats.snapshot()))
+    return _Report((stored, store.stats.snapshot(), plan_digest))
 
 
 def _sum_stats(by_rank: Sequence[Mapping[str, int]], primary: Mapping[str, int]) -> dict[str, int]:
@@ -430,6 +452,13 @@ async def _finish(
         try:
             if failed:
                 _raise_first(reports, coordinator, "written")
+            # the same plan everywhere, or the index would name another layout's files
+            digests = [r.value[2] for r in reports]
+            if any(d != digests[0] for d in digests):
+                raise CoordinationError(
+                    "processes wrote by different plans; nothing is committed",
+                    ranks=[rank for rank, d in enumerate(digests) if d != digests[0]],
+                )
             entries = merge_entries(plan, [r.value[0] for r in reports])
             index_bytes = encode_index(BundleHeader(num_shards=plan.num_shards), entries)
             await commit(

@@ -338,13 +338,6 @@ def test_storage_coordinator_on_local_disk(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save.py never compares the plan parameters (num_shards, the store's shard_bytes) "
-    "across ranks: each rank plans with its own, ranks write different shard ranges and "
-    "-of-N names, and the primary commits an index of its own plan: every rank reports "
-    "success, the checkpoint does not load",
-)
 def test_ranks_that_disagree_about_num_shards(tmp_path: Path) -> None:
     """Rank 1 passes ``num_shards=2``, the others None: the save must be refused (no index)
     or agree on one plan; never commit a checkpoint that does not load."""
