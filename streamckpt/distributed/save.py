@@ -27,10 +27,11 @@ others' collective time out (the coordinator's ``timeout``) with a
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ from streamckpt.distributed.plan import (
     merge_entries,
     plan_global,
 )
-from streamckpt.errors import CoordinationError, StreamCkptError
+from streamckpt.errors import CoordinationError, StreamCkptError, unwrap_task_group
 from streamckpt.format.bundle import BundleHeader, encode_index, key_to_name, name_to_key
 from streamckpt.pipeline.commit import (
     Outcome,
@@ -326,11 +327,24 @@ async def save_distributed(
         first, count = plan.shard_ranges[rank]
         paths = [session.write_path(first + i, plan.num_shards) for i in range(count)]
         t0 = time.perf_counter()
-        written = await _write_own(store, paths, plan, rank, prepared, chunk_bytes, plan_digest)
+        write = functools.partial(
+            _write_own, store, paths, plan, rank, prepared, chunk_bytes, plan_digest
+        )
+        all_paths = [session.write_path(i, plan.num_shards) for i in range(plan.num_shards)]
+        original: BaseException | None = None
+        try:
+            written, reports = await _write_together(bound, write)
+        except BaseException:
+            # a peer that stopped answering: nothing commits; the primary removes every shard
+            with anyio.CancelScope(shield=True):
+                if claim is not None:  # the primary
+                    await abandon(store, session, claim, all_paths)
+                else:
+                    await delete_quietly(store, paths)
+            raise
         phases["write_shards"] = time.perf_counter() - t0
 
-        # 4. what every process wrote; 5. the commit; 6. the outcome
-        original: BaseException | None = None
+        # 5. the commit; 6. the outcome
         with anyio.CancelScope(shield=True):
             finish = _finish(
                 store,
@@ -339,6 +353,7 @@ async def save_distributed(
                 session,
                 claim,
                 written,
+                reports,
                 paths,
                 overwrite=overwrite,
                 phases=phases,
@@ -351,6 +366,82 @@ async def save_distributed(
         if original is not None:
             raise original  # the cancellation, re-raised once the protocol is done
     return info
+
+
+#: While any process still writes, all of them exchange a heartbeat this often (at most):
+#: a process that dies is found within the coordinator's timeout, however long the writes
+#: of the others take, and a failure stops the others' writes at the next beat.
+HEARTBEAT_SECONDS = 5.0
+
+
+async def _write_together(
+    coordinator: Coordinator, write: Callable[[], Awaitable[_Report]]
+) -> tuple[_Report, list[_Report]]:
+    """Run this process's writes while beating with the others; every process's report.
+
+    A collective waits at most the coordinator's timeout, which is about a peer that is
+    gone, not about one that is slow: while anyone writes, every process posts ``writing``
+    or its final report every :data:`HEARTBEAT_SECONDS` (or a quarter of the timeout), so
+    a straggler writing for an hour is waited for and a dead process is named within the
+    timeout. When a report carries an error, the processes still writing stop (their
+    shards removed) and report that. The last beat, where every process is done, holds
+    every process's report: it is the ``written`` step.
+    """
+    own: list[_Report] = []
+    finished = anyio.Event()
+    write_scope = anyio.CancelScope()
+    stopped_by: list[int] = []
+
+    async def run() -> None:
+        try:
+            with write_scope:
+                own.append(await write())
+        finally:
+            if write_scope.cancel_called and stopped_by:
+                # stopped because a peer failed: that is this process's report, not a
+                # cancellation of its own
+                own[:] = [
+                    _Report(
+                        error=CoordinationError(
+                            f"stopped: rank(s) {stopped_by} failed", ranks=stopped_by
+                        )
+                    )
+                ]
+            finished.set()
+
+    interval = max(0.01, min(HEARTBEAT_SECONDS, coordinator.timeout / 4))
+    reports: list[_Report] = []
+    with unwrap_task_group():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await _beat(coordinator, interval, own, finished, write_scope, stopped_by, reports)
+    return own[0], reports
+
+
+async def _beat(
+    coordinator: Coordinator,
+    interval: float,
+    own: list[_Report],
+    finished: anyio.Event,
+    write_scope: anyio.CancelScope,
+    stopped_by: list[int],
+    reports: list[_Report],
+) -> None:
+    """The heartbeat loop of :func:`_write_together` (shielded: it ends the protocol)."""
+    with anyio.CancelScope(shield=True):
+        while True:
+            with anyio.move_on_after(interval):
+                await finished.wait()
+            mine = own[0] if finished.is_set() and own else None
+            beats = await coordinator.all_gather(mine, name="written")
+            done = [b for b in beats if isinstance(b, _Report)]
+            if len(done) == len(beats):
+                reports[:] = done
+                return
+            failing = [r for r, b in enumerate(beats) if isinstance(b, _Report) and b.error]
+            if failing and not finished.is_set():
+                stopped_by[:] = failing
+                write_scope.cancel()
 
 
 class _Cancelled(CoordinationError):
@@ -427,6 +518,7 @@ async def _finish(
     session: Session,
     claim: Any,
     written: _Report,
+    reports: list[_Report],
     own_paths: list[str],
     *,
     overwrite: bool,
@@ -435,15 +527,6 @@ async def _finish(
 ) -> SaveInfo:
     rank = coordinator.rank
     all_paths = [session.write_path(i, plan.num_shards) for i in range(plan.num_shards)]
-    try:
-        reports = await _gather(coordinator, written, "written")
-    except BaseException:
-        # a peer that never reported: nothing commits; the primary removes every shard
-        if rank == PRIMARY:
-            await abandon(store, session, claim, all_paths)
-        elif written.error is None:
-            await delete_quietly(store, own_paths)
-        raise
     failed = any(r.error is not None for r in reports)
     outcome_report: _Report = _Report()
     if rank == PRIMARY:

@@ -9,6 +9,7 @@ reused when the structure changed), replicas written twice. Real processes and e
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,7 @@ async def test_a_process_that_dies_after_writing_leaves_nothing(tmp_path: Path) 
             return await save_distributed(
                 store, path, values_of(rank), coordinator, num_shards=None, overwrite=False
             )
-        except _Died:
+        except (_Died, BaseExceptionGroup):  # its own end, however it travels
             return "died"
 
     with anyio.fail_after(30):
@@ -329,3 +330,64 @@ async def test_overwrite_replaces_with_a_new_layout(tmp_path: Path) -> None:
         "ckpt.data-00000-of-00002",
         "ckpt.data-00001-of-00002",
     ]
+
+
+class _SlowWrites:
+    """A real store whose shard writes take ``seconds`` longer (a straggler's disk)."""
+
+    def __init__(self, store: Any, seconds: float) -> None:
+        self._store = store
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write_object(self, path: str, stream: Any, **kwargs: Any) -> Any:
+        def slow(writer: Any) -> Any:
+            deadline = time.monotonic() + self._seconds
+            while time.monotonic() < deadline:
+                anyio.from_thread.check_cancelled()  # as every real write is
+                time.sleep(0.02)
+            return stream(writer)
+
+        return self._store.write_object(path, slow, **kwargs)
+
+
+async def test_a_straggler_slower_than_the_timeout_is_waited_for(tmp_path: Path) -> None:
+    """Collectives time out after 0.5 s; rank 2 writes for 3 s: heartbeats keep it alive."""
+    group = LocalGroup(4, timeout=0.5)
+    prefix = str(tmp_path / "ckpt")
+
+    async def work(rank: int, coordinator: Any) -> Any:
+        store, path = resolve(prefix)
+        if rank == 2:
+            store = _SlowWrites(store, 3.0)
+        return await save_distributed(
+            store, path, values_of(rank), coordinator, num_shards=None, overwrite=False
+        )
+
+    results = await run_ranks(group, work)
+    assert all(isinstance(r, streamckpt.SaveInfo) for r in results), results
+    assert np.array_equal((await streamckpt.load(prefix))["emb"], FULL)
+    beats = [name for rank, name in group.calls if rank == 0 and name == "written"]
+    assert len(beats) > 2  # it beat while rank 2 wrote
+
+
+async def test_a_failure_stops_the_others_writes(tmp_path: Path) -> None:
+    """Rank 0's disk fails at once; ranks 1-3 would write for 30 s: they stop at a beat."""
+    group = LocalGroup(4, timeout=2.0)
+    prefix = str(tmp_path / "ckpt")
+
+    async def work(rank: int, coordinator: Any) -> Any:
+        store, path = resolve(prefix)
+        store = _FailingWrites(store) if rank == 0 else _SlowWrites(store, 30.0)
+        return await save_distributed(
+            store, path, values_of(rank), coordinator, num_shards=None, overwrite=False
+        )
+
+    with anyio.fail_after(25):  # far less than the 30 s the slow writes would take
+        results = await run_ranks(group, work)
+    assert isinstance(results[0], StorageError)
+    for rank in (1, 2, 3):
+        assert isinstance(results[rank], CoordinationError) and results[rank].ranks == (0,)
+    assert files(tmp_path) == []
