@@ -126,8 +126,53 @@ def _can_drop_caches() -> bool:
         return False
 
 
+def _disk_limit(size: int, workdir: str) -> float | None:
+    """One writer's sequential write of ``size`` bytes + fsync here (``harness.limits``)."""
+    got = harness.run_child(
+        "harness.limits", {"size": size, "repeats": 1, "dir": workdir}, workdir=workdir,
+        label="limits",
+    )  # fmt: skip
+    seconds = got.get("seconds", {}).get("disk_write") if got.get("ok") else None
+    if not seconds:
+        return None
+    rate = size / seconds[0] / 1e9
+    print(f"disk sequential write (one writer, 8 MiB os.write + fsync): {rate:.2f} GB/s")
+    return rate
+
+
 def checkpoint_bytes(args: argparse.Namespace) -> int:
     return args.total_mib * MIB + args.tensors * args.cols * 4 + 8
+
+
+# -- the machine's CPU -------------------------------------------------------------------------
+
+
+def _cpu_sample(root_pid: int) -> tuple[float, float, float]:
+    """(now, CPU seconds of the whole machine, of ``root_pid`` and its descendants: this
+    benchmark, its job and its server)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    machine = 0.0
+    with contextlib.suppress(OSError, ValueError), open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+        machine = (user + nice + system + irq + softirq) / tick
+    parents, used = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+            parents[int(entry)], used[int(entry)] = int(rest[1]), int(rest[11]) + int(rest[12])
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    return time.monotonic(), machine, sum(used.get(pid, 0) for pid in tree) / tick
+
+
+def _background(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Cores that work outside this benchmark kept busy between two samples ("bg")."""
+    seconds = after[0] - before[0]
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / seconds)
 
 
 # -- one process of the job ---------------------------------------------------------------------
@@ -236,20 +281,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         drop = spec["drop_caches"]
 
-        def timed(fn: Callable[[], Any], takes_part: bool = True) -> dict[str, Any] | None:
+        def timed(fn: Callable[[], Any], takes_part: bool = True) -> dict[str, Any]:
+            """``fn`` between two barriers; rank 0 also samples the machine's CPU around it."""
             if local:
                 os.sync()
             if drop and rank == 0:
                 with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
                     f.write("3")
+            sample = _cpu_sample(spec["root_pid"]) if rank == 0 else None
             dist.barrier()
-            out = None
-            if takes_part:
-                c0, t0 = time.process_time(), time.monotonic()
-                value = fn()
-                t1, c1 = time.monotonic(), time.process_time()
-                out = {"start": t0, "end": t1, "cpu": c1 - c0, "value": value}
+            c0, t0 = time.process_time(), time.monotonic()
+            value = fn() if takes_part else None
+            t1, c1 = time.monotonic(), time.process_time()
             dist.barrier()
+            out = {"start": t0, "end": t1, "cpu": c1 - c0, "value": value}
+            if sample is not None:
+                out["bg"] = _background(sample, _cpu_sample(spec["root_pid"]))
             return out
 
         # warm-up: a tiny checkpoint of another structure with each tool, untimed
@@ -305,17 +352,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             if spec["single"]:
                 name = f"sc1-{i}"
                 got = timed(lambda name=name: sc1(name, whole), rank == 0)
-                if got is not None:
+                if rank == 0:
                     info = got.pop("value")
                     got |= {"tool": TOOLS[1], "round": i, "bytes": info.bytes_written}
                     got |= {"num_shards": info.num_shards, "phases": dict(info.seconds_by_phase)}
                     saves.append(got)
                     remove(url(name))
+                else:  # what waiting in gloo's barrier costs the others
+                    saves.append({"tool": "waiting", "round": i, "cpu": got["cpu"]})
 
             if spec["dcp"]:
                 name = f"dcp-{i}"
                 got = timed(lambda name=name: save_dcp(name, dcp_values))
-                assert got is not None
                 got.pop("value")
                 got |= {"tool": TOOLS[2], "round": i}
                 saves.append(got)
@@ -436,7 +484,16 @@ def summarize(results: list[dict[str, Any]], nbytes: int, repeats: int) -> dict[
             if mine:
                 wall = max(s["end"] for s in mine) - min(s["start"] for s in mine)
                 cpu = sum(s["cpu"] for s in mine)
-                runs.append({"seconds": wall, "cpu": cpu, "processes": len(mine)})
+                bg = [s["bg"] for s in mine if "bg" in s]
+                run = {"seconds": wall, "cpu": cpu, "processes": len(mine), "bg": bg[0]}
+                if tool == TOOLS[1]:
+                    run["others_waiting_cpu"] = sum(
+                        s["cpu"]
+                        for r in results
+                        for s in r["saves"]
+                        if s["tool"] == "waiting" and s["round"] == i
+                    )
+                runs.append(run)
         if runs:
             seconds = median(r["seconds"] for r in runs)
             assert seconds is not None
@@ -445,6 +502,7 @@ def summarize(results: list[dict[str, Any]], nbytes: int, repeats: int) -> dict[
                 "seconds": seconds,
                 "gb_per_s": nbytes / seconds / 1e9,
                 "cpu": median(r["cpu"] for r in runs),
+                "bg": median(r["bg"] for r in runs),
             }
     coordination = []
     for i in range(repeats):
@@ -476,9 +534,19 @@ def print_store(title: str, summary: dict[str, Any]) -> None:
             continue
         vs = Times(got["gb_per_s"] / dcp) if dcp else None
         each = " ".join(f"{r['seconds']:.2f}" for r in got["runs"])
-        rows.append([tool, got["seconds"], got["gb_per_s"], vs, got["cpu"], each])
-    header = ["tool", "seconds", "GB/s", "vs DCP", "CPU s", "rounds (s)"]
+        rows.append([tool, got["seconds"], got["gb_per_s"], vs, got["cpu"], got["bg"], each])
+    header = ["tool", "seconds", "GB/s", "vs DCP", "CPU s", "bg", "rounds (s)"]
     print_table(title + " (median of rounds; vs DCP > 1: faster than DCP)", header, rows)
+    waiting = [r.get("others_waiting_cpu") for r in tools.get(TOOLS[1], {}).get("runs", [])]
+    print(
+        "CPU s: CPU time of the processes taking part; bg: cores busy outside this benchmark "
+        "(other work on the machine) meanwhile"
+        + (
+            f"; the other ranks, waiting in a barrier: {median(waiting):.2f} CPU s"
+            if waiting
+            else ""
+        )
+    )
     coord_rows = [
         [
             f"save {c['round']}",
@@ -524,7 +592,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     spec = {
         "tensors": args.tensors, "rows": args.rows, "cols": args.cols, "repeats": args.repeats,
         "dcp": not args.no_dcp, "single": True, "procs": args.procs, "drop_caches": drop,
-        "timeout": args.timeout,
+        "timeout": args.timeout, "root_pid": os.getpid(),
     }  # fmt: skip
     out: dict[str, Any] = {"ok": True, "bytes": nbytes, "procs": args.procs, "stores": {}}
     try:
@@ -533,6 +601,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if store == "local":
                     root = os.path.join(workdir, "ckpt")
                     os.makedirs(root)
+                    if not args.quick:
+                        out["disk_write_gb_per_s"] = _disk_limit(args.total_mib * MIB, workdir)
                     store_spec = spec | {"store": "local", "root": root, "options": None}
                     title = "distributed save, local disk"
                 else:
