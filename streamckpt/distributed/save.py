@@ -227,8 +227,8 @@ def _check_same_params(reports: Sequence[_Report], uri: str) -> None:
     differ = [rank for rank, report in enumerate(reports) if report.value[2] != first]
     if differ:
         raise CoordinationError(
-            "processes called save with different settings (num_shards, overwrite, the kind "
-            f"of store or the number of processes): rank 0 has {first.decode()}, rank "
+            "processes called save with different settings (num_shards, the kind of store "
+            f"or the number of processes): rank 0 has {first.decode()}, rank "
             f"{differ[0]} has {reports[differ[0]].value[2].decode()}",
             ranks=differ,
             uri=uri,
@@ -277,7 +277,8 @@ async def save_distributed(
             report = _Report(error=exc)
         digest = fingerprint(items)
         # what the plan depends on besides the items: every process must pass the same
-        params = repr((bound.world_size, store.shard_bytes, num_shards, overwrite)).encode()
+        # (``overwrite`` is the primary's alone: it claims, replaces and commits)
+        params = repr((bound.world_size, store.shard_bytes, num_shards)).encode()
         mine = _Report((digest, cache.digest, params), report.error)
         reports = await _gather(bound, mine, "plan")
         _raise_first(reports, bound, "plan")
