@@ -6,8 +6,8 @@ and gets the same :class:`GlobalPlan`, so no plan needs to be sent back:
 
 * a piece held by one process is written by it; a piece (or a whole tensor) held by several
   is a replica, written once, by the holder with the fewest bytes so far (largest replicas
-  first, ties to the lower rank: deterministic, and within 4/3 of the best balance of what
-  is free to move);
+  first, ties to the lower rank: deterministic; when every replica is held by every
+  process, the classic greedy within 4/3 of the best balance);
 * each process gets its own range of data-shard ids, so that all write side by side and the
   ``-of-N`` count is known before the first byte;
 * every tensor is checked before anything is written: one dtype and one full shape on every
@@ -35,6 +35,7 @@ from streamckpt.format.partitioned import check_tiling
 from streamckpt.format.slices import (
     Extent,
     TensorSlice,
+    decode_slice_key,
     encode_slice_key,
     encode_slice_key_tail,
     slice_key_head,
@@ -344,16 +345,18 @@ def merge_entries(
     for rank, results in enumerate(stored):
         for key, at in results.items():
             if key in where:
-                raise _fail("two processes report the same value", [rank])
+                raise _fail("two processes report the same value", [rank], _name_of(key))
             where[key] = at
     entries: list[tuple[bytes, BundleEntry]] = []
     slices = _Slices()
 
-    def stored_entry(key: bytes, dtype: DataType, shape: tuple[int, ...]) -> BundleEntry:
+    def stored_entry(
+        key: bytes, dtype: DataType, shape: tuple[int, ...], name: bytes
+    ) -> BundleEntry:
         at = where.get(key)
         if at is None:
             writers = [r for r, keys in enumerate(plan.writes) if key in keys]
-            raise _fail("a process did not report a value it was to write", writers)
+            raise _fail("a process did not report a value it was to write", writers, name)
         return BundleEntry(
             dtype=dtype,
             shape=shape,
@@ -366,7 +369,7 @@ def merge_entries(
     for name, layout in plan.tensors.items():
         dtype = DataType(layout.dtype)
         if not layout.pieces:
-            entries.append((name, stored_entry(name, dtype, layout.shape)))
+            entries.append((name, stored_entry(name, dtype, layout.shape, name)))
             continue
         head = slices.head(name)
         pieces = []
@@ -374,7 +377,7 @@ def merge_entries(
             piece, tail, piece_shape = slices.slice(layout.shape, box)
             pieces.append(piece)
             key = head + tail
-            entries.append((key, stored_entry(key, dtype, piece_shape)))
+            entries.append((key, stored_entry(key, dtype, piece_shape, name)))
         full = BundleEntry(
             dtype=dtype,
             shape=layout.shape,
@@ -387,6 +390,16 @@ def merge_entries(
         entries.append((name, full))
     entries.sort(key=lambda pair: pair[0])
     return entries
+
+
+def _name_of(key: bytes) -> bytes:
+    """The tensor a stored key belongs to: its own name, or the name inside a slice key."""
+    if key[:1] == b"\x00":
+        try:
+            return decode_slice_key(key)[0]
+        except StreamCkptError:
+            return key
+    return key
 
 
 def _dtype_name(dtype: int) -> str:
