@@ -26,6 +26,7 @@ TABLES = (
     "Part 2: read_tensor round trips",
     "Part 3: peak RSS",
     "Global plan of a multi-process save",  # plan
+    "distributed save, local disk (median of rounds",  # distributed
 )
 
 
