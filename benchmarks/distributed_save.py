@@ -5,7 +5,8 @@ module: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) holds a checkpoint of --tota
 float32 tensors of --cols columns, each cut into row pieces, one piece per process, plus small
 replicated values (a (cols,) float32 per tensor and an int64 step) that every process holds
 and each tool writes once. Per store (local disk under --dir; a loopback S3 server, --server,
-started here on 127.0.0.1), --repeats rounds of three timed saves, each into a fresh prefix:
+started here on 127.0.0.1), --repeats rounds of three timed saves, each into a fresh prefix,
+in another order each round (1-2-3, 2-3-1, 3-1-2):
 
 - ``streamckpt 4 proc``: every process ``streamckpt.sync.save(prefix, {name: Slice(...)},
   coordinator=TorchCoordinator())``; one TensorFlow-format checkpoint comes out;
@@ -324,10 +325,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         saves: list[dict[str, Any]] = []
         verified: list[str] = []
         sc_values, dcp_values = sc_tensors(mine), dcp_state(mine) if spec["dcp"] else {}
-        for i in range(spec["repeats"]):
+
+        def run_sc4(i: int) -> None:
             name = f"sc4-{i}"
-            got = timed(lambda name=name: sc4(name, sc_values))
-            assert got is not None
+            got = timed(lambda: sc4(name, sc_values))
             info = got.pop("value")
             coordination = dict(last_coordination(coordinator))
             got |= {
@@ -352,30 +353,39 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 for n, w in zip(names, want, strict=True):
                     if back[n].shape != w.shape or not np.array_equal(back[n], w):
                         raise AssertionError(f"{n} read back differs from what was saved")
-                verified = names
+                verified.extend(names)
             if rank == 0:
                 remove(url(name))
 
-            if spec["single"]:
-                name = f"sc1-{i}"
-                got = timed(lambda name=name: sc1(name, whole), rank == 0)
-                if rank == 0:
-                    info = got.pop("value")
-                    got |= {"tool": TOOLS[1], "round": i, "bytes": info.bytes_written}
-                    got |= {"num_shards": info.num_shards, "phases": dict(info.seconds_by_phase)}
-                    saves.append(got)
-                    remove(url(name))
-                else:  # what waiting in gloo's barrier costs the others
-                    saves.append({"tool": "waiting", "round": i, "cpu": got["cpu"]})
-
-            if spec["dcp"]:
-                name = f"dcp-{i}"
-                got = timed(lambda name=name: save_dcp(name, dcp_values))
-                got.pop("value")
-                got |= {"tool": TOOLS[2], "round": i}
+        def run_sc1(i: int) -> None:
+            name = f"sc1-{i}"
+            got = timed(lambda: sc1(name, whole), rank == 0)
+            if rank == 0:
+                info = got.pop("value")
+                got |= {"tool": TOOLS[1], "round": i, "bytes": info.bytes_written}
+                got |= {"num_shards": info.num_shards, "phases": dict(info.seconds_by_phase)}
                 saves.append(got)
-                if rank == 0:
-                    remove(url(name))
+                remove(url(name))
+            else:  # what waiting in gloo's barrier costs the others
+                saves.append({"tool": "waiting", "round": i, "cpu": got["cpu"]})
+
+        def run_dcp(i: int) -> None:
+            name = f"dcp-{i}"
+            got = timed(lambda: save_dcp(name, dcp_values))
+            got.pop("value")
+            got |= {"tool": TOOLS[2], "round": i}
+            saves.append(got)
+            if rank == 0:
+                remove(url(name))
+
+        # every round in another order: no tool always follows the same one (disk writeback,
+        # a cloud disk's burst credits, the server's state)
+        order = (
+            [run_sc4] + ([run_sc1] if spec["single"] else []) + ([run_dcp] if spec["dcp"] else [])
+        )
+        for i in range(spec["repeats"]):
+            for run in order[i % len(order) :] + order[: i % len(order)]:
+                run(i)
         timed(lambda: None)
         marks = {"began": began, "joined": joined, "warm": warm, "done": time.monotonic()}
         return {"rank": rank, "saves": saves, "verified": verified, "marks": marks}
