@@ -471,8 +471,12 @@ def job(spec: dict[str, Any]) -> dict[str, Any]:
             with open(f"{spec['result_prefix']}-{rank}.json") as f:
                 results.append(json.load(f))
         except (OSError, ValueError):
-            why = "killed" if rank not in codes else f"exit {codes[rank]}, no result"
-            results.append({"ok": False, "error": f"rank {rank}: {why}"})
+            why = (
+                f"no result (exit {codes[rank]})"
+                if rank in codes
+                else "killed (timeout, or a peer failed)"
+            )
+            results.append({"ok": False, "error": why})
     failed = [f"rank {r}: {got['error']}" for r, got in enumerate(results) if not got["ok"]]
     if failed:
         raise RuntimeError("; ".join(failed)[:1500])
@@ -648,6 +652,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 summary = summarize(results, nbytes, args.repeats)
                 summary["verified"] = results[0]["verified"]
+                read_back = ", ".join(summary["verified"])
+                print(
+                    f"round 1's streamckpt 4 proc checkpoint read back by rank 0: {read_back} equal"
+                )
                 summary["loadavg_after"] = loadavg()
                 print_store(title, summary)
                 out["stores"][store] = summary
