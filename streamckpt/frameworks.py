@@ -61,6 +61,17 @@ def torch_to_numpy(tensor: Any) -> np.ndarray[Any, Any]:
         raise UnsupportedError(f"cannot save a torch tensor of dtype {host.dtype}: {exc}") from exc
 
 
+def torch_numpy_dtype(tensor: Any) -> np.dtype[Any]:
+    """The numpy dtype a torch tensor's values take (bfloat16 and float8 via ml_dtypes).
+
+    Asked of an empty tensor of that dtype, so that it works for any tensor, subclasses
+    (``DTensor``) and device tensors included, without touching its data.
+    """
+    import torch
+
+    return np.dtype(torch_to_numpy(torch.empty((0,), dtype=tensor.dtype)).dtype)
+
+
 def torch_copy_into(tensor: Any, value: np.ndarray[Any, Any]) -> None:
     """Write ``value`` into ``tensor`` in place, casting to its dtype and moving to its device."""
     import torch

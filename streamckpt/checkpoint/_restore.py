@@ -35,7 +35,7 @@ from streamckpt.errors import (
     ValueMismatchError,
 )
 from streamckpt.format.dtypes import DataType
-from streamckpt.frameworks import is_torch_tensor
+from streamckpt.frameworks import is_torch_tensor, torch_numpy_dtype
 from streamckpt.objectgraph import (
     OBJECT_GRAPH_KEY,
     SAVE_COUNTER,
@@ -148,7 +148,7 @@ def _sharded_problem(target: Any, info: TensorInfo) -> str | None:
     if full_shape != info.shape:
         return f"shape {list(info.shape)} in the checkpoint, {list(full_shape)} in the tree"
     value = target.value if isinstance(target, Slice) else target
-    dtype = np.dtype(value.dtype) if not is_torch_tensor(value) else to_numpy(value).dtype
+    dtype = torch_numpy_dtype(value) if is_torch_tensor(value) else np.dtype(value.dtype)
     if info.dtype.kind == "O" or not np.can_cast(info.dtype, dtype, casting="safe"):
         return f"dtype {info.dtype} in the checkpoint does not cast safely to {dtype}"
     return None
