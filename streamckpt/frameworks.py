@@ -69,7 +69,8 @@ def torch_numpy_dtype(tensor: Any) -> np.dtype[Any]:
     """
     import torch
 
-    return np.dtype(torch_to_numpy(torch.empty((0,), dtype=tensor.dtype)).dtype)
+    empty: np.ndarray[Any, Any] = torch_to_numpy(torch.empty((0,), dtype=tensor.dtype))
+    return empty.dtype
 
 
 def torch_copy_into(tensor: Any, value: np.ndarray[Any, Any]) -> None:
