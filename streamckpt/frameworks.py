@@ -11,7 +11,7 @@ in place (``copy_`` under ``no_grad``), so parameters keep their identity, devic
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -69,8 +69,8 @@ def torch_numpy_dtype(tensor: Any) -> np.dtype[Any]:
     """
     import torch
 
-    empty: np.ndarray[Any, Any] = torch_to_numpy(torch.empty((0,), dtype=tensor.dtype))
-    return empty.dtype
+    empty = torch_to_numpy(torch.empty((0,), dtype=tensor.dtype))
+    return cast("np.dtype[Any]", empty.dtype)
 
 
 def torch_copy_into(tensor: Any, value: np.ndarray[Any, Any]) -> None:
