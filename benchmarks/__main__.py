@@ -1,4 +1,4 @@
-"""``python -m benchmarks local|objectstore|async-save|plan|all [--quick] [options]``."""
+"""``python -m benchmarks local|objectstore|async-save|distributed|plan|all [--quick] [options]``."""
 
 from __future__ import annotations
 

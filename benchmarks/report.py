@@ -161,6 +161,8 @@ def loadavg() -> str:
 
 def machine_info(workdir: str | None = None) -> dict[str, Any]:
     """CPU, memory, kernel, Python, the tree's git state, versions, and ``workdir``'s disk."""
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)  # a --dir that does not exist yet
     mem = _proc_field("/proc/meminfo", "MemTotal:")
     info: dict[str, Any] = {
         "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
