@@ -1,4 +1,5 @@
-"""``python -m benchmarks local|objectstore|async-save|distributed|plan|all [--quick] [options]``."""
+"""``python -m benchmarks MODE [--quick] [options]``: local, objectstore, async-save, distributed,
+plan or all."""
 
 from __future__ import annotations
 
