@@ -23,12 +23,25 @@ def test_dtensors_saved_on_4_restore_on_2_with_another_sharding(tmp_path: Path) 
     assert len(set(paths)) == 1
     nested = streamckpt.sync.load_nested(paths[0])
     assert np.array_equal(nested["model"]["w"], FULL)
+    tensorflow_restores(paths[0])
     results = values(run_workers("workers_reshard:dtensor_restore", 2, kwargs={"path": paths[0]}))
     for rank, (local, bias, gathered, same_storage) in enumerate(results):
         assert np.array_equal(local, FULL[:, 5 * rank : 5 * rank + 5])
         assert np.array_equal(bias, np.arange(10, dtype=np.float32))
         assert np.array_equal(gathered, FULL)
         assert same_storage  # filled in place
+
+
+def tensorflow_restores(path: str) -> None:
+    """Real TensorFlow restores the 4 processes' checkpoint into tf.Variables, bit-exact."""
+    import tensorflow as tf  # a test dependency: the judge of the format
+
+    model = tf.Module()
+    model.w = tf.Variable(tf.zeros((12, 10)))
+    model.b = tf.Variable(tf.zeros((10,)))
+    tf.train.Checkpoint(model=model).restore(path).assert_consumed()
+    assert np.array_equal(model.w.numpy(), FULL)
+    assert np.array_equal(model.b.numpy(), np.arange(10, dtype=np.float32))
 
 
 def test_a_sharded_jax_array_restores_with_another_sharding(tmp_path: Path) -> None:
