@@ -10,8 +10,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from streamckpt.distributed import Coordinator
-from streamckpt.distributed.save import has_pieces, save_distributed
-from streamckpt.distributed.solo import SOLO
 from streamckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from streamckpt.pipeline.read import CheckpointReader, open_reader
 from streamckpt.pipeline.save import (
@@ -21,7 +19,18 @@ from streamckpt.pipeline.save import (
     Tensors,
     save_tensors,
 )
+from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike, resolve
+
+
+def _given_in_pieces(value: object) -> bool:
+    """A :class:`Slice` or a non-empty list of them.
+
+    A sharded framework leaf saved without a coordinator is saved whole, as before.
+    """
+    return isinstance(value, Slice) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, Slice) for v in value)
+    )
 
 
 async def save(
@@ -63,9 +72,14 @@ async def save(
         filesystem=filesystem,
         max_inflight_bytes=max_inflight_bytes,
     )
-    if coordinator is None and any(has_pieces(value) for value in tensors.values()):
+    if coordinator is None and any(_given_in_pieces(value) for value in tensors.values()):
+        from streamckpt.distributed.solo import SOLO
+
         coordinator = SOLO  # one process holding pieces: the same planner and merge
     if coordinator is not None:
+        # imported here: a process that never saves together does not pay for the planner
+        from streamckpt.distributed.save import save_distributed
+
         return await save_distributed(
             store,
             path,

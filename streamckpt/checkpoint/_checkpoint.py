@@ -36,7 +36,6 @@ from streamckpt.checkpoint._background import (
 )
 from streamckpt.checkpoint._restore import Replicated, RestoreStatus, restore_tree
 from streamckpt.distributed import Coordinator
-from streamckpt.distributed.save import pieces_of
 from streamckpt.errors import NamingError, SaveInProgressError
 from streamckpt.objectgraph import OBJECT_GRAPH_KEY, SAVE_COUNTER, build_object_graph
 from streamckpt.pipeline.save import SaveInfo
@@ -90,6 +89,8 @@ class _BridgeHold:
 
 def _snapshot_pieces(buffer: SnapshotBuffer, tensors: dict[str, Any]) -> dict[str, Any]:
     """A snapshot where sharded leaves stay pieces: each piece's value copied, its box kept."""
+    from streamckpt.distributed.save import pieces_of  # only saves together pay for it
+
     flat: dict[str, Any] = {}
     boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     for name, value in tensors.items():

@@ -74,7 +74,7 @@ from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.sharding import Slice, box_size
 from streamckpt.storage import Store
 
-__all__ = ["has_pieces", "last_coordination", "pieces_of", "prepare_local", "save_distributed"]
+__all__ = ["last_coordination", "pieces_of", "prepare_local", "save_distributed"]
 
 PRIMARY = 0
 
@@ -166,16 +166,6 @@ def prepare_local(tensors: Tensors, *, copy: bool) -> tuple[list[LocalItem], dic
 def pieces_of(value: Any) -> list[Slice] | None:
     """The pieces a value stands for, or None for a whole value."""
     return _pieces(value)
-
-
-def has_pieces(value: Any) -> bool:
-    """Whether a value is explicitly given as pieces: a :class:`Slice` or a list of them.
-
-    (A sharded framework leaf saved without a coordinator is saved whole, as before.)
-    """
-    return isinstance(value, Slice) or (
-        isinstance(value, list) and bool(value) and all(isinstance(v, Slice) for v in value)
-    )
 
 
 def _pieces(value: Any) -> list[Slice] | None:
