@@ -89,7 +89,7 @@ class _BridgeHold:
 
 def _snapshot_pieces(buffer: SnapshotBuffer, tensors: dict[str, Any]) -> dict[str, Any]:
     """A snapshot where sharded leaves stay pieces: each piece's value copied, its box kept."""
-    from streamckpt.distributed.save import pieces_of  # only saves together pay for it
+    from streamckpt.distributed.local import pieces_of  # only saves together pay for it
 
     flat: dict[str, Any] = {}
     boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}

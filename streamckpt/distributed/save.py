@@ -28,29 +28,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from streamckpt.device import is_device_array, start_transfer, start_transfers
 from streamckpt.distributed._protocol import Coordinator
-from streamckpt.distributed.leaves import local_slices
+from streamckpt.distributed.local import prepare_local
 from streamckpt.distributed.plan import (
     GlobalPlan,
     LocalItem,
-    StoredAt,
     fingerprint,
     merge_entries,
     plan_global,
 )
-from streamckpt.errors import CoordinationError, StreamCkptError, unwrap_task_group
-from streamckpt.format.bundle import BundleHeader, encode_index, key_to_name, name_to_key
+from streamckpt.distributed.writing import Cancelled, Report, write_own, write_together
+from streamckpt.errors import CoordinationError
+from streamckpt.format.bundle import BundleHeader, encode_index
 from streamckpt.pipeline.commit import (
     Outcome,
     Session,
@@ -63,28 +61,16 @@ from streamckpt.pipeline.commit import (
 )
 from streamckpt.pipeline.save import (
     DEFAULT_CHUNK_BYTES,
-    DEFAULT_MAX_CONCURRENT_SHARDS,
     ProgressCallback,
     SaveInfo,
     Tensors,
-    verify_shards,
-    write_shards,
 )
-from streamckpt.pipeline.tensors import PreparedTensor, prepare
-from streamckpt.sharding import Slice, box_size
+from streamckpt.pipeline.tensors import PreparedTensor
 from streamckpt.storage import Store
 
-__all__ = ["last_coordination", "pieces_of", "prepare_local", "save_distributed"]
+__all__ = ["last_coordination", "save_distributed"]
 
 PRIMARY = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Report:
-    """What a process says at one step: its value, or why it cannot go on."""
-
-    value: Any = None
-    error: BaseException | None = None
 
 
 @dataclass
@@ -96,7 +82,6 @@ class _PlanCache:
     #: seconds of the last save's planning collectives, and whether the plan was reused
     seconds: float = 0.0
     reused: bool = False
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 # One per coordinator the caller holds (a bound storage coordinator is a new object per save).
@@ -116,82 +101,7 @@ def last_coordination(coordinator: Coordinator) -> Mapping[str, float]:
     return {"plan_seconds": cache.seconds, "plan_reused": float(cache.reused)}
 
 
-def prepare_local(tensors: Tensors, *, copy: bool) -> tuple[list[LocalItem], dict[bytes, Any]]:
-    """The items and payloads of this process, keyed by the index key each will be stored under.
-
-    A value may be a :class:`Slice`, a list of them, a sharded framework leaf (``DTensor``,
-    multi-device ``jax.Array``) or anything the single-process save takes (a whole value).
-    A piece with no elements is left out (it holds nothing and TensorFlow's slices are never
-    empty), unless the whole tensor has none: that is then a whole (empty) value.
-    """
-    items: list[LocalItem] = []
-    prepared: dict[bytes, PreparedTensor] = {}
-    # every device array's transfer to the host is started before the first is waited for
-    given = {name: _pieces(value) for name, value in tensors.items()}
-    for pieces in given.values():
-        if pieces is None:
-            continue
-        for i, piece in enumerate(pieces):
-            if is_device_array(piece.value):
-                pieces[i] = Slice(
-                    start_transfer(piece.value), full_shape=piece.full_shape, offset=piece.offset
-                )
-    tensors = start_transfers(
-        {name: value for name, value in tensors.items() if given[name] is None}
-    )
-    for name, pieces in given.items():
-        value = tensors.get(name)
-        key = name_to_key(name)
-        if not key:
-            raise ValueError("a tensor name must not be empty (it is the header's key)")
-        try:
-            if pieces is None:
-                tensor = prepare(key, value, copy=copy)
-                _add(items, prepared, LocalItem(key, tensor.dtype, tensor.shape, None, 0), tensor)
-                continue
-            for piece in pieces:
-                whole = piece.is_whole or math.prod(piece.full_shape) == 0
-                if not whole and box_size(piece.box) == 0:
-                    continue
-                box = None if whole else piece.box
-                tensor = prepare(key, piece.value, copy=copy)
-                item = LocalItem(key, tensor.dtype, piece.full_shape, box, 0)
-                _add(items, prepared, item, tensor)
-        except StreamCkptError as exc:
-            raise exc.with_context(tensor=key_to_name(key)) from None
-    items.sort(key=lambda item: item.key)
-    return items, prepared
-
-
-def pieces_of(value: Any) -> list[Slice] | None:
-    """The pieces a value stands for, or None for a whole value."""
-    return _pieces(value)
-
-
-def _pieces(value: Any) -> list[Slice] | None:
-    """A new list of the pieces a value stands for (None: a whole value)."""
-    if isinstance(value, Slice):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, Slice) for v in value):
-        return list(value)
-    return local_slices(value)
-
-
-def _add(
-    items: list[LocalItem],
-    prepared: dict[bytes, PreparedTensor],
-    item: LocalItem,
-    tensor: PreparedTensor,
-) -> None:
-    item = LocalItem(item.name, item.dtype, item.full_shape, item.box, tensor.size)
-    key = item.key
-    if key in prepared:
-        raise ValueError(f"{key_to_name(item.name)!r} is given twice with the same box")
-    prepared[key] = tensor
-    items.append(item)
-
-
-def _raise_first(reports: Sequence[_Report], coordinator: Coordinator, step: str) -> None:
+def _raise_first(reports: Sequence[Report], coordinator: Coordinator, step: str) -> None:
     """Raise if any process reported an error: its own, or one naming the others at fault."""
     failed = [rank for rank, report in enumerate(reports) if report.error is not None]
     if not failed:
@@ -207,7 +117,7 @@ def _raise_first(reports: Sequence[_Report], coordinator: Coordinator, step: str
     )
 
 
-def _check_same_params(reports: Sequence[_Report], uri: str) -> None:
+def _check_same_params(reports: Sequence[Report], uri: str) -> None:
     """Refuse a save whose processes were called with different settings.
 
     Each would plan other shard counts and names: the index would point at files that were
@@ -225,9 +135,9 @@ def _check_same_params(reports: Sequence[_Report], uri: str) -> None:
         )
 
 
-async def _gather(coordinator: Coordinator, report: _Report, step: str) -> list[_Report]:
+async def _gather(coordinator: Coordinator, report: Report, step: str) -> list[Report]:
     values = await coordinator.all_gather(report, name=step)
-    return [v if isinstance(v, _Report) else _Report(error=TypeError(repr(v))) for v in values]
+    return [v if isinstance(v, Report) else Report(error=TypeError(repr(v))) for v in values]
 
 
 async def save_distributed(
@@ -256,7 +166,7 @@ async def save_distributed(
     async with contextlib.AsyncExitStack() as stack:
         # 1. the plan
         t0 = time.perf_counter()
-        report = _Report()
+        report = Report()
         items: list[LocalItem] = []
         prepared: dict[bytes, PreparedTensor] = {}
         try:
@@ -264,12 +174,12 @@ async def save_distributed(
                 lambda: prepare_local(tensors, copy=copy)
             )
         except Exception as exc:
-            report = _Report(error=exc)
+            report = Report(error=exc)
         digest = fingerprint(items)
         # what the plan depends on besides the items: every process must pass the same
         # (``overwrite`` is the primary's alone: it claims, replaces and commits)
         params = repr((bound.world_size, store.shard_bytes, num_shards)).encode()
-        mine = _Report((digest, cache.digest, params), report.error)
+        mine = Report((digest, cache.digest, params), report.error)
         reports = await _gather(bound, mine, "plan")
         _raise_first(reports, bound, "plan")
         _check_same_params(reports, store.uri(prefix_path))
@@ -278,7 +188,7 @@ async def save_distributed(
             plan = cache.plan
             cache.reused = True
         else:
-            gathered = await _gather(bound, _Report(items), "plan-items")
+            gathered = await _gather(bound, Report(items), "plan-items")
             _raise_first(gathered, bound, "plan-items")
 
             def make_plan() -> GlobalPlan:
@@ -294,18 +204,18 @@ async def save_distributed(
 
         # 2. the session: the primary claims the prefix and decides the shards' names
         claim = None
-        session_report = _Report()
+        session_report = Report()
         if rank == PRIMARY:
             try:
                 claim = await stack.enter_async_context(
                     claimed(store, prefix_path, overwrite=overwrite)
                 )
-                session_report = _Report(await begin(store, prefix_path, overwrite=overwrite))
+                session_report = Report(await begin(store, prefix_path, overwrite=overwrite))
             except Exception as exc:
-                session_report = _Report(error=exc)
+                session_report = Report(error=exc)
         got = await bound.broadcast(session_report, name="session", root=PRIMARY)
-        if not isinstance(got, _Report) or got.error is not None:
-            error = got.error if isinstance(got, _Report) else None
+        if not isinstance(got, Report) or got.error is not None:
+            error = got.error if isinstance(got, Report) else None
             if rank == PRIMARY and error is not None:
                 raise error
             raise CoordinationError(
@@ -319,12 +229,12 @@ async def save_distributed(
         paths = [session.write_path(first + i, plan.num_shards) for i in range(count)]
         t0 = time.perf_counter()
         write = functools.partial(
-            _write_own, store, paths, plan, rank, prepared, chunk_bytes, plan_digest
+            write_own, store, paths, plan, rank, prepared, chunk_bytes, plan_digest
         )
         all_paths = [session.write_path(i, plan.num_shards) for i in range(plan.num_shards)]
         original: BaseException | None = None
         try:
-            written, reports = await _write_together(bound, write)
+            written, reports = await write_together(bound, write)
         except BaseException:
             # a peer that stopped answering: nothing commits; the primary removes every shard
             with anyio.CancelScope(shield=True):
@@ -352,145 +262,11 @@ async def save_distributed(
             )
             try:
                 info = await finish
-            except _Cancelled as exc:
+            except Cancelled as exc:
                 original = exc.original
         if original is not None:
             raise original  # the cancellation, re-raised once the protocol is done
     return info
-
-
-#: While any process still writes, all of them exchange a heartbeat this often (at most):
-#: a process that dies is found within the coordinator's timeout, however long the writes
-#: of the others take, and a failure stops the others' writes at the next beat.
-HEARTBEAT_SECONDS = 5.0
-
-
-async def _write_together(
-    coordinator: Coordinator, write: Callable[[], Awaitable[_Report]]
-) -> tuple[_Report, list[_Report]]:
-    """Run this process's writes while beating with the others; every process's report.
-
-    A collective waits at most the coordinator's timeout, which is about a peer that is
-    gone, not about one that is slow: while anyone writes, every process posts ``writing``
-    or its final report every :data:`HEARTBEAT_SECONDS` (or a quarter of the timeout), so
-    a straggler writing for an hour is waited for and a dead process is named within the
-    timeout. When a report carries an error, the processes still writing stop (their
-    shards removed) and report that. The last beat, where every process is done, holds
-    every process's report: it is the ``written`` step.
-    """
-    own: list[_Report] = []
-    finished = anyio.Event()
-    write_scope = anyio.CancelScope()
-    stopped_by: list[int] = []
-
-    async def run() -> None:
-        try:
-            with write_scope:
-                own.append(await write())
-        finally:
-            if write_scope.cancel_called and stopped_by:
-                # stopped because a peer failed: that is this process's report, not a
-                # cancellation of its own
-                own[:] = [
-                    _Report(
-                        error=CoordinationError(
-                            f"stopped: rank(s) {stopped_by} failed", ranks=stopped_by
-                        )
-                    )
-                ]
-            finished.set()
-
-    interval = max(0.01, min(HEARTBEAT_SECONDS, coordinator.timeout / 4))
-    reports: list[_Report] = []
-    with unwrap_task_group():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            await _beat(coordinator, interval, own, finished, write_scope, stopped_by, reports)
-    return own[0], reports
-
-
-async def _beat(
-    coordinator: Coordinator,
-    interval: float,
-    own: list[_Report],
-    finished: anyio.Event,
-    write_scope: anyio.CancelScope,
-    stopped_by: list[int],
-    reports: list[_Report],
-) -> None:
-    """The heartbeat loop of :func:`_write_together` (shielded: it ends the protocol)."""
-    with anyio.CancelScope(shield=True):
-        while True:
-            with anyio.move_on_after(interval):
-                await finished.wait()
-            mine = own[0] if finished.is_set() and own else None
-            beats = await coordinator.all_gather(mine, name="written")
-            done = [b for b in beats if isinstance(b, _Report)]
-            if len(done) == len(beats):
-                reports[:] = done
-                return
-            failing = [r for r, b in enumerate(beats) if isinstance(b, _Report) and b.error]
-            if failing and not finished.is_set():
-                stopped_by[:] = failing
-                write_scope.cancel()
-
-
-class _Cancelled(CoordinationError):
-    """The save of this process was cancelled.
-
-    The others get a CoordinationError; this one re-raises the cancellation once the save's
-    last step is done.
-    """
-
-    original: BaseException | None = None
-
-
-async def _write_own(
-    store: Store,
-    paths: list[str],
-    plan: GlobalPlan,
-    rank: int,
-    prepared: Mapping[bytes, PreparedTensor],
-    chunk_bytes: int,
-    plan_digest: bytes,
-) -> _Report:
-    """Write and check this process's shards; on failure remove them and report why.
-
-    A cancellation is reported too (and re-raised after the save's last step by the
-    caller's shielded finish): the others learn it at the next collective, not by timeout.
-    """
-    local = plan.local_plan(rank)
-    try:
-        results = await write_shards(
-            store,
-            paths,
-            prepared,
-            local,
-            chunk_bytes=chunk_bytes,
-            max_concurrent_shards=DEFAULT_MAX_CONCURRENT_SHARDS,
-        )
-        await verify_shards(store, paths, results)
-    except BaseException as exc:
-        with anyio.CancelScope(shield=True):
-            await delete_quietly(store, paths)
-            await store.drain()
-        if isinstance(exc, Exception):
-            return _Report(error=exc)
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
-            cancelled = _Cancelled(f"rank {rank} was cancelled", ranks=[rank])
-            cancelled.original = exc
-            return _Report(error=cancelled)
-        raise
-    stored: dict[bytes, StoredAt] = {}
-    for shard, result in zip(local.shards, results, strict=True):
-        for placement in shard:
-            stored[placement.key] = StoredAt(
-                placement.shard_id,
-                placement.offset,
-                placement.size,
-                result.tensor_crcs[placement.key],
-            )
-    return _Report((stored, store.stats.snapshot(), plan_digest))
 
 
 def _sum_stats(by_rank: Sequence[Mapping[str, int]], primary: Mapping[str, int]) -> dict[str, int]:
@@ -508,8 +284,8 @@ async def _finish(
     plan: GlobalPlan,
     session: Session,
     claim: Any,
-    written: _Report,
-    reports: list[_Report],
+    written: Report,
+    reports: list[Report],
     own_paths: list[str],
     *,
     overwrite: bool,
@@ -519,7 +295,7 @@ async def _finish(
     rank = coordinator.rank
     all_paths = [session.write_path(i, plan.num_shards) for i in range(plan.num_shards)]
     failed = any(r.error is not None for r in reports)
-    outcome_report: _Report = _Report()
+    outcome_report: Report = Report()
     if rank == PRIMARY:
         t0 = time.perf_counter()
         outcome = Outcome()
@@ -540,7 +316,7 @@ async def _finish(
             )
             phases["commit_index"] = time.perf_counter() - t0
             await tidy(store, session, num_shards=plan.num_shards)
-            outcome_report = _Report(
+            outcome_report = Report(
                 SaveInfo(
                     prefix=store.uri(session.prefix_path),
                     num_shards=plan.num_shards,
@@ -554,7 +330,7 @@ async def _finish(
                 )
             )
         except Exception as exc:
-            outcome_report = _Report(error=exc)
+            outcome_report = Report(error=exc)
         finally:
             if not outcome.committed:
                 await abandon(store, session, claim, all_paths)
@@ -565,8 +341,8 @@ async def _finish(
         raise written.error  # this process's own error, not its copy from the collective
     if rank != PRIMARY and failed:
         _raise_first(reports, coordinator, "written")
-    if not isinstance(got, _Report) or got.error is not None:
-        error = got.error if isinstance(got, _Report) else None
+    if not isinstance(got, Report) or got.error is not None:
+        error = got.error if isinstance(got, Report) else None
         if rank == PRIMARY and error is not None:
             raise error
         raise CoordinationError(f"the primary could not commit the save: {error!r}", ranks=[0])
