@@ -81,7 +81,6 @@ from streamckpt.storage import ByteRange, Store
 # whole index of a checkpoint with up to ~1,000 tensors.
 DEFAULT_TAIL_BYTES = 64 << 10
 # Reads closer than this on one shard are merged; merged reads stay below the group cap.
-DEFAULT_MAX_GAP = 256 << 10
 DEFAULT_MAX_GROUP_BYTES = 64 << 20
 # Tensors claiming more than this are checked against the shard's real size before any buffer
 # is allocated for them (a hostile index must not make us allocate what it merely claims).
@@ -147,7 +146,7 @@ class CheckpointReader:
         self.from_cache = False
         self.max_concurrent_reads = DEFAULT_MAX_CONCURRENT_READS
         #: ranges of one shard this close are fetched in one request (the gap is read too)
-        self.max_gap = getattr(store, "read_gap", DEFAULT_MAX_GAP)
+        self.max_gap = store.read_gap
         #: a box read of one stored entry makes at most this many requests (then reads gaps)
         self.max_runs = DEFAULT_MAX_RUNS
         self.seconds_by_phase: dict[str, float] = {}

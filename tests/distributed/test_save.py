@@ -180,19 +180,7 @@ async def _save_with(
             store, path, values_of(rank), coordinator, num_shards=None, overwrite=True
         )
 
-    results: list[Any] = [None] * group.world_size
-
-    async def one(rank: int) -> None:
-        try:
-            results[rank] = await work(rank, group[rank])
-        except Exception as exc:
-            results[rank] = exc
-
-    async with anyio.create_task_group() as tg:
-        for rank in range(group.world_size):
-            if rank != absent:
-                tg.start_soon(one, rank)
-    return results
+    return await run_ranks(group, work, absent=absent)
 
 
 @pytest.mark.parametrize("failing", [0, 2])

@@ -90,8 +90,11 @@ class LocalCoordinator:
         await self._exchange(None, name)
 
 
-async def run_ranks(group: LocalGroup, work: Any) -> list[Any]:
-    """``await work(rank, coordinator)`` for every rank at once; results or exceptions."""
+async def run_ranks(group: LocalGroup, work: Any, *, absent: int | None = None) -> list[Any]:
+    """``await work(rank, coordinator)`` for every rank at once; results or exceptions.
+
+    Rank ``absent`` never runs (a process that never arrives): its result stays None.
+    """
     results: list[Any] = [None] * group.world_size
 
     async def one(rank: int) -> None:
@@ -102,5 +105,6 @@ async def run_ranks(group: LocalGroup, work: Any) -> list[Any]:
 
     async with anyio.create_task_group() as tg:
         for rank in range(group.world_size):
-            tg.start_soon(one, rank)
+            if rank != absent:
+                tg.start_soon(one, rank)
     return results
