@@ -80,7 +80,7 @@ from streamckpt.storage import ByteRange, Store
 # First read of an index: enough for footer + index block of any realistic checkpoint, and the
 # whole index of a checkpoint with up to ~1,000 tensors.
 DEFAULT_TAIL_BYTES = 64 << 10
-# Reads closer than this on one shard are merged; merged reads stay below the group cap.
+# Reads of one shard closer than the store's read_gap are merged, each merged read below this.
 DEFAULT_MAX_GROUP_BYTES = 64 << 20
 # Tensors claiming more than this are checked against the shard's real size before any buffer
 # is allocated for them (a hostile index must not make us allocate what it merely claims).
