@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from streamckpt.format.dtypes import DataType
     from streamckpt.manager import CheckpointManager, latest_checkpoint
     from streamckpt.naming import assign_into, flatten, identity_map, lookup_map, unflatten
+    from streamckpt.pipeline.bytewise import copy_checkpoint, verify_checkpoint
     from streamckpt.pipeline.index import clear_index_cache
     from streamckpt.pipeline.read import CheckpointReader, TensorInfo
     from streamckpt.pipeline.save import SaveInfo
@@ -72,6 +73,8 @@ _LAZY = {
     "lookup_map": "streamckpt.naming",
     "unflatten": "streamckpt.naming",
     "clear_index_cache": "streamckpt.pipeline.index",
+    "copy_checkpoint": "streamckpt.pipeline.bytewise",
+    "verify_checkpoint": "streamckpt.pipeline.bytewise",
 }
 
 
@@ -118,6 +121,7 @@ __all__ = [
     "ValueMismatchError",
     "assign_into",
     "clear_index_cache",
+    "copy_checkpoint",
     "flatten",
     "identity_map",
     "latest_checkpoint",
@@ -128,4 +132,5 @@ __all__ = [
     "read_tensor",
     "save",
     "unflatten",
+    "verify_checkpoint",
 ]

@@ -50,6 +50,7 @@ def test_public_names_are_pinned() -> None:
         "ValueMismatchError",
         "assign_into",
         "clear_index_cache",
+        "copy_checkpoint",
         "flatten",
         "identity_map",
         "latest_checkpoint",
@@ -60,6 +61,7 @@ def test_public_names_are_pinned() -> None:
         "read_tensor",
         "save",
         "unflatten",
+        "verify_checkpoint",
     ]
     for name in streamckpt.__all__:
         assert getattr(streamckpt, name) is not None
