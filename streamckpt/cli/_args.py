@@ -78,14 +78,14 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _budget(parser: argparse.ArgumentParser) -> None:
+def _budget(parser: argparse.ArgumentParser, *, larger: str = "read in chunks") -> None:
     parser.add_argument(
         "--budget-mib",
         type=positive_int,
         default=256,
         metavar="MIB",
-        help="bytes of tensor data held in memory at once, in MiB (default: 256; a single "
-        "larger tensor is read whole)",
+        help=f"bytes of tensor data held in memory at once, in MiB (default: 256; a single "
+        f"larger tensor is {larger})",
     )
 
 
@@ -189,7 +189,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     )
     cp.add_argument("src", metavar="SRC", help="source checkpoint prefix")
     cp.add_argument("dst", metavar="DST", help="destination prefix (not memory://)")
-    _shards_and_overwrite(cp)
+    _shards_and_overwrite(cp, default="as many as SRC has, laid out as in SRC")
+    _budget(cp)
 
     convert = command(
         "convert",
@@ -221,7 +222,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         help="largest file of a Hugging Face directory, in MiB (default: 5120)",
     )
     _shards_and_overwrite(convert)
-    _budget(convert)
+    _budget(convert, larger="read whole; a torch or TF output is written from memory at once")
 
     demo = command("demo", "copying", "save a sample model, load it back, read part of a tensor")
     demo.add_argument("--dir", help="directory to write to (default: a temporary one, removed)")
@@ -234,13 +235,17 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--keep", action="store_true", help="keep the files written")
 
 
-def _shards_and_overwrite(parser: argparse.ArgumentParser) -> None:
+def _shards_and_overwrite(
+    parser: argparse.ArgumentParser,
+    *,
+    default: str = "about 64 MiB each on S3 and GCS, one elsewhere",
+) -> None:
     parser.add_argument(
         "--shards",
         type=positive_int,
         default=None,
         metavar="N",
-        help="data files to write (default: about 64 MiB each on S3 and GCS, one elsewhere)",
+        help=f"data files to write (default: {default})",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a checkpoint already at DST"

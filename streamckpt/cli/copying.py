@@ -1,7 +1,12 @@
-"""``cp`` and ``demo``: whole checkpoints read and written through the public API.
+"""``cp`` and ``demo``.
 
-Rule: a destination is checked before the first byte is read (``_where.check_url``), and
-``memory://`` is refused as one: it would vanish with the process.
+Rules:
+
+- a destination is checked before the first byte is read (``_where.check_url``), and
+  ``memory://`` is refused as one: it would vanish with the process;
+- ``cp`` streams stored bytes (``streamckpt.copy_checkpoint``): at most ``--budget-mib`` is
+  held whatever the checkpoint's size, every crc32c is checked on the way, and the index
+  is written last, so a failed copy leaves nothing readable at the destination.
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ def cmd_cp(args: argparse.Namespace, out: Output) -> int:
     async def copy() -> tuple[streamckpt.SaveInfo, int]:
         async with streamckpt.open(src) as reader:
             total = sum(e.size for e in reader.entries.values())
-        with out.progress("reading", total) as advance:
-            values = await streamckpt.load(src, progress=advance)
-        with out.progress("writing", total) as advance, writing_to(dst):
-            info = await streamckpt.save(
-                dst, values, num_shards=args.shards, overwrite=args.overwrite, progress=advance
+        with out.progress("copying", total) as advance, writing_to(dst):
+            info = await streamckpt.copy_checkpoint(
+                src,
+                dst,
+                num_shards=args.shards,
+                overwrite=args.overwrite,
+                budget_bytes=args.budget_mib * MiB,
+                progress=advance,
             )
         return info, total
 
