@@ -87,8 +87,10 @@ class _BridgeHold:
                 self.bridge.release()
 
 
-def _snapshot_pieces(buffer: SnapshotBuffer, tensors: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot where sharded leaves stay pieces: each piece's value copied, its box kept."""
+def _snapshot_pieces(
+    buffer: SnapshotBuffer, tensors: dict[str, Any], *, copy: bool
+) -> dict[str, Any]:
+    """A snapshot where sharded leaves stay pieces: each piece's value taken, its box kept."""
     from streamckpt.distributed.local import pieces_of  # only saves together pay for it
 
     flat: dict[str, Any] = {}
@@ -101,7 +103,7 @@ def _snapshot_pieces(buffer: SnapshotBuffer, tensors: dict[str, Any]) -> dict[st
         boxes[name] = [(piece.full_shape, piece.offset) for piece in pieces]
         for i, piece in enumerate(pieces):
             flat[f"{name}\x00{i}"] = piece.value
-    copied = buffer.take(flat)
+    copied = buffer.take(flat, copy=copy)
     snapshot: dict[str, Any] = {name: copied[name] for name in tensors if name not in boxes}
     for name, shapes in boxes.items():
         snapshot[name] = [
@@ -285,6 +287,7 @@ class Checkpoint:
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
         coordinator: Coordinator | None = None,
+        copy: bool = True,
     ) -> SaveHandle:
         """Snapshot the leaves, then :meth:`save` in the background; return a handle at once.
 
@@ -300,6 +303,14 @@ class Checkpoint:
         the previous handle to avoid that) or raises :class:`SaveInProgressError`, as
         ``on_busy`` (default: the checkpoint's) says. With a ``coordinator`` it returns once
         this process's snapshot is taken; the save's collectives run in the background.
+
+        ``copy=False`` skips the copy of host arrays (numpy, CPU torch tensors): the save
+        holds them and streams from them, so it returns almost at once and needs no buffer.
+        The caller promises not to change them until the handle is done (wait with
+        ``result()`` or :meth:`wait_for_save` first): a change made earlier may be saved, in
+        part or whole, and nothing detects it. The next save waits for this one before it
+        starts (or raises, as ``on_busy`` says). jax arrays are not copied either way: they
+        are immutable, and on the host a view of their own memory is saved.
         """
         return self._start(
             file_prefix,
@@ -312,6 +323,7 @@ class Checkpoint:
             on_busy=on_busy,
             after_commit=after_commit,
             coordinator=coordinator,
+            copy=copy,
         )
 
     def write_async(
@@ -325,6 +337,7 @@ class Checkpoint:
         on_busy: OnBusy | None = None,
         after_commit: AfterCommit | None = None,
         coordinator: Coordinator | None = None,
+        copy: bool = True,
     ) -> SaveHandle:
         """:meth:`write` in the background, with :meth:`save_async`'s snapshot and policy."""
         return self._start(
@@ -338,6 +351,7 @@ class Checkpoint:
             on_busy=on_busy,
             after_commit=after_commit,
             coordinator=coordinator,
+            copy=copy,
         )
 
     def _start(
@@ -348,6 +362,7 @@ class Checkpoint:
         checkpoint_number: int | None,
         on_busy: OnBusy | None,
         after_commit: AfterCommit | None,
+        copy: bool,
         **options: Any,
     ) -> SaveHandle:
         """Snapshot now; on the bridge, save and then run ``after_commit``."""
@@ -356,9 +371,9 @@ class Checkpoint:
             number = self._save_counter + 1 if counted else None
             tensors = self._tensors(number)
             if options.get("coordinator") is not None:
-                snapshot = _snapshot_pieces(self._snapshots, tensors)
+                snapshot = _snapshot_pieces(self._snapshots, tensors, copy=copy)
             else:
-                snapshot = self._snapshots.take(tensors)
+                snapshot = self._snapshots.take(tensors, copy=copy)
             base = os.fspath(file_prefix)
             suffix = number if checkpoint_number is None else checkpoint_number
             path = base if number is None else f"{base}-{suffix}"

@@ -26,8 +26,9 @@ class SyncCheckpoint(BlockingTwin):
     ``save(prefix)`` blocks until the checkpoint is committed, streaming the leaves from where
     they are in the calling thread (after any background save in flight, as ``on_busy``
     says); ``save(prefix, blocking=False)`` returns a :class:`SaveHandle` as soon as the leaves
-    are snapshotted. Restores run in the calling thread too. Children are attributes, as on
-    :class:`Checkpoint`.
+    are snapshotted; ``save_async(prefix, copy=False)`` lends the leaves instead of copying
+    them (see :meth:`Checkpoint.save_async`). Restores run in the calling thread too. Children
+    are attributes, as on :class:`Checkpoint`.
     """
 
     __slots__ = ("__weakref__", "_checkpoint")

@@ -350,6 +350,7 @@ class CheckpointManager:
         metrics: Mapping[str, SupportsFloat] | None = None,
         *,
         force: bool = False,
+        copy: bool = True,
     ) -> SaveHandle | None:
         """:meth:`save` in the background: the checkpoint's :meth:`~Checkpoint.save_async`.
 
@@ -359,7 +360,9 @@ class CheckpointManager:
         only once committed and old ones go only after that. A save while another is in flight
         waits for it, or raises :class:`SaveInProgressError`, as the checkpoint's ``on_busy``
         says. Needs a :class:`streamckpt.Checkpoint`. A plain function, callable from sync
-        and async code alike (it blocks while it waits for a previous save).
+        and async code alike (it blocks while it waits for a previous save). ``copy=False``
+        lends the arrays instead of copying them, as in :meth:`Checkpoint.save_async`: they
+        must not change until the handle is done.
         """
         checkpoint = self._checkpoint
         if not isinstance(checkpoint, Checkpoint):
@@ -388,6 +391,7 @@ class CheckpointManager:
             filesystem=self._filesystem,
             after_commit=record,
             coordinator=self._coordinator,
+            copy=copy,
         )
         self._in_flight = handle
         return handle

@@ -126,6 +126,7 @@ class SyncCheckpointManager(BlockingTwin):
         metrics: Mapping[str, SupportsFloat] | None = None,
         *,
         force: bool = False,
+        copy: bool = True,
     ) -> SaveHandle | None:
         """:meth:`CheckpointManager.save_async`."""
-        return self.manager.save_async(step, metrics, force=force)
+        return self.manager.save_async(step, metrics, force=force, copy=copy)
