@@ -163,13 +163,20 @@ def _copy(pairs: list[_Pair]) -> None:
         np.copyto(into, out_of, casting="equiv")
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _copy_side_by_side(pairs: list[_Pair], nbytes: int) -> None:
     """Copy every pair, the calling thread and its helpers each taking a contiguous run.
 
     ``np.copyto`` lets go of the GIL, so the threads copy at once; the helpers are joined
     before this returns, also when a copy fails.
     """
-    threads = min(_MAX_COPY_THREADS, os.cpu_count() or 1)
+    threads = min(_MAX_COPY_THREADS, _usable_cores())
     if threads < 2 or nbytes < _PARALLEL_MIN_BYTES:
         _copy(pairs)
         return
