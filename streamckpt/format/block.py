@@ -7,7 +7,7 @@ length against the block before slicing, so a hostile block costs at most its ow
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from streamckpt.errors import CorruptCheckpointError
 from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
@@ -22,19 +22,17 @@ MAX_KEY_EXPANSION = 32
 def _common_prefix_length(a: bytes, b: bytes) -> int:
     """How many leading bytes ``a`` and ``b`` share.
 
-    Bisection on slice comparisons: C compares the bytes, so a 2 KB key costs a dozen
-    comparisons rather than a Python step per byte.
+    The first difference is the highest set byte of the two prefixes XORed as integers:
+    C does the work, where a Python step per byte took seconds over a million keys.
     """
-    low, high = 0, min(len(a), len(b))
-    if a[:high] == b[:high]:
-        return high
-    while high - low > 1:  # invariant: a[:low] == b[:low] and a[:high] != b[:high]
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    return n - (x.bit_length() + 7) // 8
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 class BlockBuilder:
@@ -50,20 +48,61 @@ class BlockBuilder:
         self._last_key = b""
 
     def add(self, key: bytes, value: bytes) -> None:
-        shared = 0
-        if self._counter < self._restart_interval:
-            shared = _common_prefix_length(self._last_key, key)
-        else:
-            self._restarts.append(len(self._buf))
-            self._counter = 0
+        self.fill([key], [value], 0, block_size=1 << 62, big=1 << 62)
+
+    def fill(
+        self,
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+        start: int,
+        *,
+        block_size: int,
+        big: int,
+    ) -> int:
+        """Add records from ``start`` on until the block is full; return where it stopped.
+
+        Full: its size estimate reached ``block_size`` (the record that did it is in), or the
+        next record is ``big`` and the block is not empty (TF gives such a record a fresh
+        block). One loop over many records, with its state in locals, is what makes a
+        million-entry index take a second rather than several.
+        """
         buf = self._buf
-        buf += encode_varint(shared)
-        buf += encode_varint(len(key) - shared)
-        buf += encode_varint(len(value))
-        buf += key[shared:]
-        buf += value
-        self._last_key = key
-        self._counter += 1
+        restarts = self._restarts
+        counter = self._counter
+        last = self._last_key
+        interval = self._restart_interval
+        one = _ONE_BYTE
+        from_bytes = int.from_bytes
+        i = start
+        end = len(keys)
+        while i < end:
+            key = keys[i]
+            value = values[i]
+            if buf and len(key) + len(value) >= big:
+                break
+            if counter < interval:  # _common_prefix_length, inlined
+                shared = len(last) if len(last) < len(key) else len(key)
+                if last[:shared] != key[:shared]:
+                    x = from_bytes(last[:shared], "big") ^ from_bytes(key[:shared], "big")
+                    shared -= (x.bit_length() + 7) // 8
+            else:
+                restarts.append(len(buf))
+                counter = 0
+                shared = 0
+            rest = len(key) - shared
+            buf += one[shared] if shared < 0x80 else encode_varint(shared)
+            buf += one[rest] if rest < 0x80 else encode_varint(rest)
+            buf += one[len(value)] if len(value) < 0x80 else encode_varint(len(value))
+            buf += key[shared:]
+            buf += value
+            last = key
+            counter += 1
+            i += 1
+            if len(buf) + 4 * len(restarts) + 4 >= block_size:
+                break
+        self._counter = counter
+        self._last_key = last
+        return i
 
     def size_estimate(self) -> int:
         """Size of the finished block as TF's writer estimates it (decides where blocks end)."""

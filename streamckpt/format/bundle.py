@@ -9,7 +9,7 @@ lie inside the shard files, which only the storage layer can know.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from streamckpt.errors import CorruptCheckpointError, TruncatedError, UnsupportedError
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, to_datatype
+from streamckpt.format.entries import entry_head, entry_tail, slice_field
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.strings import min_string_payload_size
 from streamckpt.format.table import (
@@ -134,6 +135,21 @@ class BundleEntry:
         return bool(self.slices)
 
     def encode(self) -> bytes:
+        """The BundleEntryProto bytes, spelled by hand (:mod:`streamckpt.format.entries`)."""
+        if min(self.shape, default=0) < 0:
+            return self.encode_proto()  # not a saved tensor's shape; protobuf spells it
+        pieces = b"".join(
+            slice_field([(extent.start, extent.length) for extent in piece.extents])
+            for piece in self.slices
+        )
+        return (
+            entry_head(int(self.dtype), self.shape)
+            + entry_tail(self.shard_id, self.offset, self.size, self.crc32c)
+            + pieces
+        )
+
+    def encode_proto(self) -> bytes:
+        """The same bytes through protobuf: the reference the hand-spelled form is held to."""
         proto = tensor_bundle_pb2.BundleEntryProto(
             dtype=cast(Any, int(self.dtype)),
             shard_id=self.shard_id,
@@ -337,12 +353,27 @@ def min_payload_size(dtype: DataType, count: int) -> int:
 
 def encode_index(header: BundleHeader, entries: Iterable[tuple[bytes, BundleEntry]]) -> bytes:
     """The whole .index file for ``entries``, which must be sorted by key bytes."""
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    for key, entry in entries:
+        keys.append(key)
+        values.append(entry.encode())
+    return encode_index_records(header, keys, values)
+
+
+def encode_index_records(
+    header: BundleHeader, keys: Sequence[bytes], values: Sequence[bytes]
+) -> bytes:
+    """The whole .index file for entries already spelled, sorted by key.
+
+    ``values[i]`` is the entry of ``keys[i]``: two lists, as the merge of a multi-process
+    save makes them, so that a million entries are never a million tuples.
+    """
+    if keys and not keys[0]:
+        raise ValueError("the empty tensor name is reserved for the bundle header")
     writer = TableWriter()
     writer.add(HEADER_KEY, header.encode())
-    for key, entry in entries:
-        if not key:
-            raise ValueError("the empty tensor name is reserved for the bundle header")
-        writer.add(key, entry.encode())
+    writer.add_many(keys, values)
     return writer.finish()
 
 

@@ -12,7 +12,9 @@ block handles; each block is verified (masked crc32c) and, if Snappy-compressed,
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+import itertools
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import cramjam
@@ -201,26 +203,42 @@ class TableWriter:
         self._finished = False
 
     def add(self, key: bytes, value: bytes) -> None:
+        self.add_many([key], [value])
+
+    def add_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
+        """Add records in strictly increasing key order, block by block."""
         if self._finished:
             raise RuntimeError("table already finished")
-        if self._last_key is not None and key <= self._last_key:
-            raise ValueError(f"keys must be strictly increasing: {key!r} after {self._last_key!r}")
-        if (
-            self._last_key is not None
-            and not self._data_block.empty
-            and len(key) + len(value) >= 2 * self._block_size
-        ):
-            self._flush_data_block()
-        if self._pending_handle is not None:
-            assert self._last_key is not None
-            self._index_block.add(
-                shortest_separator(self._last_key, key), self._pending_handle.encode()
+        if len(keys) != len(values):
+            raise ValueError("as many values as keys")
+        if not keys:
+            return
+        if self._last_key is not None and keys[0] <= self._last_key:
+            raise ValueError(
+                f"keys must be strictly increasing: {keys[0]!r} after {self._last_key!r}"
             )
-            self._pending_handle = None
-        self._data_block.add(key, value)
-        self._last_key = key
-        if self._data_block.size_estimate() >= self._block_size:
-            self._flush_data_block()
+        if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+            at = next(i for i in range(1, len(keys)) if not keys[i - 1] < keys[i])
+            raise ValueError(
+                f"keys must be strictly increasing: {keys[at]!r} after {keys[at - 1]!r}"
+            )
+        big = 2 * self._block_size
+        i = 0
+        while i < len(keys):
+            if self._pending_handle is not None:
+                assert self._last_key is not None
+                self._index_block.add(
+                    shortest_separator(self._last_key, keys[i]), self._pending_handle.encode()
+                )
+                self._pending_handle = None
+            stop = self._data_block.fill(keys, values, i, block_size=self._block_size, big=big)
+            if stop == i:  # a big record and a block with records: it gets a block of its own
+                self._flush_data_block()
+                continue
+            self._last_key = keys[stop - 1]
+            if self._data_block.size_estimate() >= self._block_size:
+                self._flush_data_block()
+            i = stop
 
     def _flush_data_block(self) -> None:
         self._pending_handle = self._write_block(self._data_block.finish(), self._snappy)

@@ -141,6 +141,42 @@ def test_writer_refuses_unsorted_or_duplicate_keys() -> None:
         writer.add(b"b", b"")
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    keys,
+    st.sampled_from([64, 512, 4096]),
+    st.lists(st.integers(0, 9000), max_size=80),
+    st.lists(st.integers(1, 30), max_size=10),
+)
+def test_records_added_in_any_batches_make_the_same_table(
+    key_list: list[bytes], block_size: int, sizes: list[int], batches: list[int]
+) -> None:
+    """``add_many`` in batches of any size is ``add`` one by one (big records included)."""
+    ordered = sorted(key_list)
+    values = [
+        bytes([i % 251]) * (sizes[i % len(sizes)] if sizes else 3) for i in range(len(ordered))
+    ]
+    one = TableWriter(block_size=block_size, restart_interval=3)
+    for k, v in zip(ordered, values, strict=True):
+        one.add(k, v)
+    many = TableWriter(block_size=block_size, restart_interval=3)
+    start = 0
+    for size in [*batches, len(ordered)]:
+        many.add_many(ordered[start : start + size], values[start : start + size])
+        start += size
+    assert many.finish() == one.finish()
+
+
+def test_batches_refuse_unsorted_or_duplicate_keys() -> None:
+    for batch in ([b"a", b"c", b"b"], [b"a", b"a"]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            TableWriter().add_many(batch, [b""] * len(batch))
+    writer = TableWriter()
+    writer.add_many([b"b"], [b""])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        writer.add_many([b"a"], [b""])
+
+
 def test_oversized_record_closes_the_block_first() -> None:
     writer = TableWriter()
     writer.add(b"a", b"x")
