@@ -1,7 +1,7 @@
-"""What planning a multi-process save costs: plan_global, merge_entries and the index, at scale.
+"""What planning a multi-process save costs: plan_global, merge_records and the index, at scale.
 
 Every process of a save runs ``plan_global`` on everything all processes hold, and the
-primary runs ``merge_entries`` and encodes the index; both grow with processes x entries, so
+primary runs ``merge_records`` and encodes the index; both grow with processes x entries, so
 they are measured on simulated jobs (no process, no I/O) of --entries entries per process at
 each of --ranks process counts, to show the growth:
 
@@ -11,7 +11,7 @@ each of --ranks process counts, to show the growth:
 - mix "own names": every process holds its own entries (pipeline stages, experts).
 
 Timed in this process, median of --runs, each after a ``gc.collect()`` with the collector
-on (as in a real save): ``plan_global``; ``merge_entries`` from every process's report of
+on (as in a real save): ``plan_global``; ``merge_records`` from every process's report of
 where its values went; ``encode_index`` of the result; and ``fingerprint`` of one process's
 items (what a repeated save pays to find that its plan is unchanged). The lists are built
 beforehand, as the coordinator's gather leaves them. Target: ``plan_global`` under 1 s at
@@ -28,15 +28,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from benchmarks.report import print_table
+from streamckpt.distributed.merge import StoredAt, Written, merge_records
 from streamckpt.distributed.plan import (
     GlobalPlan,
     LocalItem,
-    StoredAt,
+    LocalPlan,
     fingerprint,
-    merge_entries,
     plan_global,
 )
-from streamckpt.format.bundle import BundleHeader, encode_index
+from streamckpt.format.bundle import BundleHeader, encode_index_records
 from streamckpt.format.dtypes import DataType
 
 TARGET_SECONDS = 1.0
@@ -60,8 +60,12 @@ def _defaults(args: argparse.Namespace) -> None:
         args.runs = 1 if args.quick else 3
 
 
-def make_job(mix: str, ranks: int, entries: int) -> list[list[LocalItem]]:
-    """What every process holds; 1 KiB rows of float32, replicas of 4 KiB."""
+def make_job(mix: str, ranks: int, entries: int) -> list[LocalPlan]:
+    """What every process holds, as it sends it; 1 KiB rows of float32, replicas of 4 KiB."""
+    return [LocalPlan.of(items) for items in make_items(mix, ranks, entries)]
+
+
+def make_items(mix: str, ranks: int, entries: int) -> list[list[LocalItem]]:
     f32 = DataType.DT_FLOAT
     if mix == "own names":
         return [
@@ -80,16 +84,17 @@ def make_job(mix: str, ranks: int, entries: int) -> list[list[LocalItem]]:
     ]
 
 
-def reports(plan: GlobalPlan) -> list[dict[bytes, StoredAt]]:
-    """What each process would report after writing its local plan."""
-    return [
-        {
-            p.key: StoredAt(p.shard_id, p.offset, p.size, 0)
+def reports(plan: GlobalPlan) -> list[Written]:
+    """What each process would report after writing its local plan (made-up checksums)."""
+    out = []
+    for rank in range(plan.world_size):
+        stored = {
+            p.key: StoredAt(p.shard_id, p.offset, p.size, (p.offset * 2654435761) & 0xFFFFFFFF)
             for shard in plan.local_plan(rank).shards
             for p in shard
         }
-        for rank in range(len(plan.writes))
-    ]
+        out.append(Written.of(plan.writes_of(rank)[1], stored))
+    return out
 
 
 def timed(fn: Callable[[], T], runs: int) -> tuple[float, T]:
@@ -109,9 +114,9 @@ def measure(mix: str, ranks: int, entries: int, runs: int) -> dict[str, Any]:
     plans = make_job(mix, ranks, entries)
     plan_s, plan = timed(lambda: plan_global(plans, shard_bytes=64 << 20), runs)
     stored = reports(plan)
-    merge_s, merged = timed(lambda: merge_entries(plan, stored), runs)
+    merge_s, merged = timed(lambda: merge_records(plan, stored), runs)
     header = BundleHeader(num_shards=plan.num_shards)
-    encode_s, index = timed(lambda: encode_index(header, merged), runs)
+    encode_s, index = timed(lambda: encode_index_records(header, merged.keys, merged.values), runs)
     fingerprint_s, _ = timed(lambda: fingerprint(plans[0]), max(runs, 5))
     row = {
         "mix": mix,

@@ -13,7 +13,7 @@ process's failure reaches all of them at the next step instead of a timeout):
 3. every process streams its own range of data shards through the single-process pipeline
    (concurrent shards, crc32c on the way, the store's byte budget) and checks them;
 4. ``written``: every process's index entries (where each value landed, its crc32c);
-5. the primary merges them (``plan.merge_entries``) and writes the index create-only, only
+5. the primary merges them (``merge.merge_records``) and writes the index create-only, only
    when every process succeeded; else it removes every shard of the save (also those of a
    process that died) and leftover uploads;
 6. ``outcome``: the primary's :class:`SaveInfo`, or its error, on every process.
@@ -39,16 +39,11 @@ import anyio.to_thread
 
 from streamckpt.distributed._protocol import Coordinator
 from streamckpt.distributed.local import prepare_local
-from streamckpt.distributed.plan import (
-    GlobalPlan,
-    LocalItem,
-    fingerprint,
-    merge_entries,
-    plan_global,
-)
+from streamckpt.distributed.merge import merge_records
+from streamckpt.distributed.plan import GlobalPlan, LocalPlan, fingerprint, plan_global
 from streamckpt.distributed.writing import Cancelled, Report, write_own, write_together
 from streamckpt.errors import CoordinationError
-from streamckpt.format.bundle import BundleHeader, encode_index
+from streamckpt.format.bundle import BundleHeader, encode_index_records
 from streamckpt.pipeline.commit import (
     Outcome,
     Session,
@@ -167,12 +162,13 @@ async def save_distributed(
         # 1. the plan
         t0 = time.perf_counter()
         report = Report()
-        items: list[LocalItem] = []
+        items = LocalPlan.of(())
         prepared: dict[bytes, PreparedTensor] = {}
         try:
-            items, prepared = await anyio.to_thread.run_sync(
+            listed, prepared = await anyio.to_thread.run_sync(
                 lambda: prepare_local(tensors, copy=copy)
             )
+            items = LocalPlan.of(listed)
         except Exception as exc:
             report = Report(error=exc)
         digest = fingerprint(items)
@@ -309,8 +305,9 @@ async def _finish(
                     "processes wrote by different plans; nothing is committed",
                     ranks=[rank for rank, d in enumerate(digests) if d != digests[0]],
                 )
-            entries = merge_entries(plan, [r.value[0] for r in reports])
-            index_bytes = encode_index(BundleHeader(num_shards=plan.num_shards), entries)
+            records = merge_records(plan, [r.value[0] for r in reports])
+            header = BundleHeader(num_shards=plan.num_shards)
+            index_bytes = encode_index_records(header, records.keys, records.values)
             await commit(
                 store, session, claim, index_bytes, outcome, all_paths, overwrite=overwrite
             )
@@ -320,8 +317,8 @@ async def _finish(
                 SaveInfo(
                     prefix=store.uri(session.prefix_path),
                     num_shards=plan.num_shards,
-                    num_tensors=len(plan.tensors),
-                    bytes_written=sum(plan.sizes.values()),
+                    num_tensors=plan.num_tensors,
+                    bytes_written=plan.total_bytes,
                     index_bytes=len(index_bytes),
                     files=(*(store.uri(p) for p in all_paths), store.uri(session.index_path)),
                     seconds=time.perf_counter() - started,

@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 
 from streamckpt.distributed._protocol import Coordinator
-from streamckpt.distributed.plan import GlobalPlan, StoredAt
+from streamckpt.distributed.merge import StoredAt, Written
+from streamckpt.distributed.plan import GlobalPlan
 from streamckpt.errors import CoordinationError, unwrap_task_group
 from streamckpt.pipeline.commit import delete_quietly
 from streamckpt.pipeline.save import DEFAULT_MAX_CONCURRENT_SHARDS, verify_shards, write_shards
@@ -162,4 +163,5 @@ async def write_own(
                 placement.size,
                 result.tensor_crcs[placement.key],
             )
-    return Report((stored, store.stats.snapshot(), plan_digest))
+    written = Written.of(plan.writes_of(rank)[1], stored)  # four small arrays to gather
+    return Report((written, store.stats.snapshot(), plan_digest))

@@ -51,7 +51,11 @@ def auto_num_shards(sizes: Iterable[int], *, shard_bytes: int | None) -> int:
     tensor is never split, so one huge tensor is one shard), and at most ``MAX_AUTO_SHARDS``.
     """
     sizes = list(sizes)
-    total, largest = sum(sizes), max(sizes, default=0)
+    return shard_count(sum(sizes), max(sizes, default=0), shard_bytes=shard_bytes)
+
+
+def shard_count(total: int, largest: int, *, shard_bytes: int | None) -> int:
+    """``auto_num_shards`` of tensors of ``total`` bytes, the largest of ``largest``."""
     if shard_bytes is None or total == 0:
         return 1
     shard_bytes = max(1, shard_bytes)

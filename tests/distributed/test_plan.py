@@ -20,13 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamckpt.distributed.merge import StoredAt, Written, merge_entries
 from streamckpt.distributed.plan import (
     GlobalPlan,
     LocalItem,
-    StoredAt,
     fingerprint,
     index_key,
-    merge_entries,
     plan_global,
     to_tensor_slice,
 )
@@ -484,3 +483,112 @@ def test_many_ranks_with_many_items_plan_in_linear_time() -> None:
     assert sum(len(keys) for keys in plan.writes) == 25 + 20 * world + 5 * world
     assert len(merge_entries(plan, stored_by_rank(plan))) == 25 + 20 + 20 * world + 5 * world
     assert len(fingerprint(plans[0])) == 16
+
+
+# --- the columnar machinery: tilings of every tensor at once, rows grouped by hash ---------
+
+
+@st.composite
+def any_boxes(draw: st.DrawFn) -> tuple[list[list[LocalItem]], dict[bytes, tuple]]:
+    """Tensors of ranks 1-3 with random boxes (tilings, gaps, overlaps, boxes reaching out),
+    dealt to random ranks; and per tensor its shape and distinct boxes."""
+    world = draw(st.integers(1, 4))
+    plans: list[list[LocalItem]] = [[] for _ in range(world)]
+    truth: dict[bytes, tuple] = {}
+    for t in range(draw(st.integers(1, 4))):
+        name = b"t%d" % t
+        shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
+        boxes: set[Box] = set()
+        if draw(st.booleans()):  # a true tiling, maybe with one piece moved or dropped
+            boxes = set(itertools.product(*(intervals(draw, size) for size in shape)))
+            if len(boxes) > 1 and draw(st.booleans()):
+                boxes.discard(draw(st.sampled_from(sorted(boxes))))
+        for _ in range(draw(st.integers(0 if boxes else 1, 3))):
+            box = []
+            for size in shape:
+                start = draw(st.integers(0, size - 1))
+                box.append((start, draw(st.integers(start + 1, size + 1))))
+            boxes.add(tuple(box))
+        truth[name] = (shape, boxes)
+        for box in sorted(boxes):
+            for rank in sorted(draw(st.sets(st.integers(0, world - 1), min_size=1, max_size=2))):
+                plans[rank].append(piece(name, shape, box))
+    return plans, truth
+
+
+def tiles(shape: tuple[int, ...], boxes: set[Box]) -> bool:
+    try:
+        check_tiling(shape, [to_tensor_slice(shape, box) for box in boxes])
+    except Exception:
+        return False
+    return True
+
+
+@PROPERTIES
+@given(job=any_boxes())
+def test_tilings_are_judged_as_check_tiling_judges_each_tensor(job: tuple) -> None:
+    plans, truth = job
+    failing = [name for name, (shape, boxes) in truth.items() if not tiles(shape, boxes)]
+    if not failing:
+        plan = plan_global(plans, shard_bytes=None)
+        assert {n: len(layout.pieces) for n, layout in plan.tensors.items()} == {
+            n: len(boxes) for n, (_, boxes) in truth.items()
+        }
+        return
+    with pytest.raises(CoordinationError) as caught:
+        plan_global(plans, shard_bytes=None)
+    assert caught.value.tensor in {name.decode() for name in failing}
+
+
+@PROPERTIES
+@given(rows=st.lists(st.lists(st.integers(-3, 3), min_size=2, max_size=2), max_size=60))
+def test_group_rows_groups_exactly_equal_rows_even_when_every_hash_collides(
+    rows: list[list[int]],
+) -> None:
+    from unittest import mock
+
+    import numpy as np
+
+    from streamckpt.distributed import columns
+
+    matrix = np.array(rows, dtype=np.int64).reshape(len(rows), 2)
+    for collide in (False, True):
+        with mock.patch.object(columns, "_MIX", np.uint64(0) if collide else columns._MIX):
+            groups = columns.group_rows(matrix)
+        runs = np.split(groups.order, groups.starts[1:]) if len(rows) else []
+        assert sorted(len(r) for r in runs) == sorted(
+            rows.count(list(row)) for row in {tuple(r) for r in rows}
+        )
+        for run in runs:
+            assert list(run) == sorted(run)  # stable: first appearance first
+            assert all(rows[i] == rows[run[0]] for i in run)
+        assert len(runs) == len({tuple(r) for r in rows})
+
+
+@PROPERTIES
+@given(job=jobs())
+def test_column_reports_merge_as_the_dict_reports_do(job: Job) -> None:
+    plan = plan_of(job)
+    stored = stored_by_rank(plan)
+    columns = [Written.of(plan.writes_of(rank)[1], s) for rank, s in enumerate(stored)]
+    assert merge_entries(plan, columns) == merge_entries(plan, stored)
+    short = Written.of((), {})
+    if plan.writes_of(0)[1]:
+        with pytest.raises(CoordinationError) as caught:
+            merge_entries(plan, [short, *columns[1:]])
+        assert caught.value.ranks == (0,)
+
+
+def test_names_that_sort_among_slice_keys_still_come_out_in_key_order() -> None:
+    """Slice keys begin with 00; a name that does too must be merged in among them."""
+    plans = [
+        [whole(b"\x00a", (2,)), piece(b"w", (4, 3), ROWS[0]), whole(b"\x00\xff", (1,))],
+        [piece(b"w", (4, 3), ROWS[1]), whole(b"\xffz", (3,))],
+    ]
+    plan = plan_global(plans, shard_bytes=None)
+    entries = merge_entries(plan, stored_by_rank(plan))
+    keys = [key for key, _ in entries]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys) == 6
+    assert {b"\x00a", b"\x00\xff", b"\xffz", b"w"} <= set(keys)
+    index = decode_index(encode_index(BundleHeader(num_shards=plan.num_shards), entries))
+    assert index.entries == dict(entries)
