@@ -23,6 +23,7 @@ from streamckpt.checkpoint import load_nested as _load_nested
 from streamckpt.format.bundle import BundleHeader
 from streamckpt.manager import SyncCheckpointManager
 from streamckpt.manager import latest_checkpoint as _latest_checkpoint
+from streamckpt.pipeline import bytewise
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
 from streamckpt.storage import Store
 
@@ -30,6 +31,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointManager",
     "SyncCheckpointReader",
+    "copy_checkpoint",
     "latest_checkpoint",
     "load",
     "load_nested",
@@ -37,6 +39,7 @@ __all__ = [
     "read_tensor",
     "run",
     "save",
+    "verify_checkpoint",
 ]
 
 P = ParamSpec("P")
@@ -53,6 +56,8 @@ load = blocking(api.load)
 read_tensor = blocking(api.read_tensor)
 latest_checkpoint = blocking(_latest_checkpoint)
 load_nested = blocking(_load_nested)
+copy_checkpoint = blocking(bytewise.copy_checkpoint)
+verify_checkpoint = blocking(bytewise.verify_checkpoint)
 
 Checkpoint = SyncCheckpoint
 CheckpointManager = SyncCheckpointManager

@@ -28,6 +28,8 @@ FUNCTIONS = [
     (streamckpt.open, streamckpt.sync.open),
     (streamckpt.latest_checkpoint, streamckpt.sync.latest_checkpoint),
     (streamckpt.load_nested, streamckpt.sync.load_nested),
+    (streamckpt.copy_checkpoint, streamckpt.sync.copy_checkpoint),
+    (streamckpt.verify_checkpoint, streamckpt.sync.verify_checkpoint),
 ]
 
 CLASSES = [

@@ -76,6 +76,7 @@ def test_public_names_are_pinned() -> None:
         "Checkpoint",
         "CheckpointManager",
         "SyncCheckpointReader",
+        "copy_checkpoint",
         "latest_checkpoint",
         "load",
         "load_nested",
@@ -83,6 +84,7 @@ def test_public_names_are_pinned() -> None:
         "read_tensor",
         "run",
         "save",
+        "verify_checkpoint",
     ]
 
 
