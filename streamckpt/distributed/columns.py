@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,30 +59,34 @@ class Groups:
         return np.diff(np.append(self.starts, len(self.order)))
 
 
-def _hashes(rows: Ints) -> np.ndarray[Any, np.dtype[np.uint64]]:
-    hashes = np.zeros(len(rows), dtype=np.uint64)
-    for column in rows.T:
-        hashes ^= column.astype(np.uint64)
-        hashes *= _MIX
-        hashes ^= hashes >> _SHIFT
-    return hashes
+def _columns(blocks: Sequence[Ints]) -> list[Ints]:
+    return [column for block in blocks for column in (block.T if block.ndim == 2 else [block])]
 
 
-def group_rows(rows: Ints) -> Groups:
-    """The runs of equal rows of ``rows`` (a 2-d integer array)."""
-    count = len(rows)
+def group_rows(*blocks: Ints) -> Groups:
+    """The runs of equal rows of the blocks side by side (1-d blocks are one column each).
+
+    Given as blocks, not as one stacked matrix: stacking a million rows costs as much as
+    hashing them.
+    """
+    columns = _columns(blocks)
+    count = len(columns[0]) if columns else 0
     if count == 0:
         empty = np.zeros(0, dtype=np.int64)
         return Groups(empty, empty, 0)
     shift = np.uint64(max(1, (count - 1).bit_length()))
-    words = (_hashes(rows) >> shift << shift) | np.arange(count, dtype=np.uint64)
+    hashes = np.zeros(count, dtype=np.uint64)
+    for column in columns:
+        hashes ^= column.astype(np.uint64)
+        hashes *= _MIX
+        hashes ^= hashes >> _SHIFT
+    words = (hashes >> shift << shift) | np.arange(count, dtype=np.uint64)
     words.sort()
     order = (words & ((np.uint64(1) << shift) - np.uint64(1))).astype(np.int64)
     hashes = words >> shift
-    ordered = rows[order]
     new = np.ones(count, dtype=bool)
     new[1:] = hashes[1:] != hashes[:-1]
-    differ = (ordered[1:] != ordered[:-1]).any(axis=1)
+    differ = _differ(columns, order)
     collided = np.flatnonzero(differ & ~new[1:])
     if len(collided):
         # runs of one hash holding other rows: sort each by its rows (stable: lexsort)
@@ -91,11 +95,19 @@ def group_rows(rows: Ints) -> Groups:
             lo = int(run_starts[run])
             hi = int(run_starts[run + 1]) if run + 1 < len(run_starts) else count
             segment = order[lo:hi]
-            order[lo:hi] = segment[np.lexsort(rows[segment].T[::-1])]
-        ordered = rows[order]
-        differ = (ordered[1:] != ordered[:-1]).any(axis=1)
+            order[lo:hi] = segment[np.lexsort([column[segment] for column in columns[::-1]])]
+        differ = _differ(columns, order)
     new[1:] |= differ
     return Groups(order, np.flatnonzero(new).astype(np.int64), count)
+
+
+def _differ(columns: Sequence[Ints], order: Ints) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Per position of ``order`` after the first: whether its row differs from the last."""
+    differ = np.zeros(max(0, len(order) - 1), dtype=bool)
+    for column in columns:
+        ordered = column[order]
+        differ |= ordered[1:] != ordered[:-1]
+    return differ
 
 
 @contextlib.contextmanager

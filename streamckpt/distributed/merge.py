@@ -24,7 +24,7 @@ from streamckpt.distributed.columns import Ints, group_rows, paused_gc
 from streamckpt.distributed.plan import GlobalPlan, to_tensor_slice
 from streamckpt.errors import CoordinationError
 from streamckpt.format.bundle import BundleEntry, decode_entry, key_to_name
-from streamckpt.format.entries import entry_head, entry_tails, slice_field
+from streamckpt.format.entries import entry_head, slice_field, spell_entries
 from streamckpt.format.slices import encode_slice_key_tail, slice_key_head
 
 __all__ = ["Records", "StoredAt", "Written", "merge_entries", "merge_records"]
@@ -145,29 +145,33 @@ def _records(plan: GlobalPlan, reports: list[Written]) -> Records:
     live = np.arange(plan.value_starts.shape[1])[None, :] < ndim[:, None]
     # each value's dtype and own shape: its head bytes, spelled once per distinct pair
     own_shape = np.where(live, plan.value_stops - plan.value_starts, 0)
-    heads = group_rows(np.column_stack([plan.tensor_dtypes[tensor], ndim, own_shape]))
+    heads = group_rows(plan.tensor_dtypes[tensor], ndim, own_shape)
     head_bytes = [
         entry_head(int(plan.tensor_dtypes[tensor[v]]), own_shape[v, : ndim[v]].tolist())
         for v in heads.first.tolist()
     ]
-    tails = entry_tails(where[0], where[1], where[2], where[3])
-    spelled = [head_bytes[h] + tail for h, tail in zip(heads.ids.tolist(), tails, strict=True)]
-    del tails
-    # whole tensors and the full entries of tensors in pieces: keyed by name
+
+    def spell(values: Ints) -> list[bytes]:
+        """The entries of ``values``, in that order."""
+        at = where[:, values]
+        return spell_entries(head_bytes, heads.ids[values], at[0], at[1], at[2], at[3])
+
+    # whole tensors and the full entries of tensors in pieces: keyed by name, sorted
     whole = np.flatnonzero(plan.value_whole)
     keys = [plan.names[t] for t in plan.value_tensor[whole].tolist()]
-    values = [spelled[v] for v in whole.tolist()]
     pieces = _Pieces.of(plan)
     full_keys, full_values = pieces.full_entries(plan)
     keys += full_keys
-    values += full_values
     order = sorted(range(len(keys)), key=keys.__getitem__)  # runs: each rank's names sorted
-    keys = [keys[i] for i in order]
-    values = [values[i] for i in order]
+    if order != list(range(len(keys))):
+        keys = [keys[i] for i in order]
+    values = spell(whole) + full_values
+    if order != list(range(len(values))):
+        values = [values[i] for i in order]
     # the pieces, already in key order: their keys begin with 00, so they come first unless
     # a name does too; then the two sorted runs are merged (in linear time)
     piece_keys = pieces.keys()
-    piece_values = [spelled[v] for v in pieces.values.tolist()]
+    piece_values = spell(pieces.values)
     if not any(map(bytes.startswith, keys, itertools.repeat(_SLICE_KEY_START))):
         return Records(piece_keys + keys, piece_values + values)
     keys = piece_keys + keys
@@ -196,14 +200,10 @@ class _Pieces:
         pieces = np.flatnonzero(~plan.value_whole)
         tensor = plan.value_tensor[pieces]
         boxes = group_rows(
-            np.column_stack(
-                [
-                    plan.tensor_ndims[tensor],
-                    plan.tensor_shapes[tensor],
-                    plan.value_starts[pieces],
-                    plan.value_stops[pieces],
-                ]
-            )
+            plan.tensor_ndims[tensor],
+            plan.tensor_shapes[tensor],
+            plan.value_starts[pieces],
+            plan.value_stops[pieces],
         )
         tails, fields = [], []
         for i in boxes.first.tolist():

@@ -384,7 +384,7 @@ def _plan(
             t = int(np.flatnonzero(bad)[0])
             raise _fail(problem, rank[name_ids == t], names[t])
     # 3. distinct values: equal (tensor, box) rows; holders in rank order
-    groups = group_rows(np.column_stack([name_ids, start, stop]))
+    groups = group_rows(name_ids, start, stop)
     ordered_rank = rank[groups.order]
     same_run = np.ones(len(rank), dtype=bool)
     same_run[groups.starts] = False
@@ -404,8 +404,14 @@ def _plan(
             names[name_ids[i]],
         )
     # values numbered in order of first appearance (rank by rank), not of their hashes
-    by_first = np.argsort(groups.first, kind="stable")
-    v_first = groups.first[by_first]
+    is_first = np.zeros(len(rank), dtype=bool)
+    is_first[groups.first] = True
+    v_first = np.flatnonzero(is_first)
+    numbered = (np.cumsum(is_first) - 1)[groups.first]  # each run's number in that order
+    run_starts = np.empty(len(groups), dtype=np.int64)
+    run_starts[numbered] = groups.starts
+    run_sizes = np.empty(len(groups), dtype=np.int64)
+    run_sizes[numbered] = groups.sizes
     plan = GlobalPlan(
         num_shards=0,
         shard_ranges=(),
@@ -423,7 +429,7 @@ def _plan(
     # 4. pieces tile their tensors
     _check_tilings(plan, rank, name_ids)
     # 5. who writes what, and the shards
-    writer = _assign(plan, ordered_rank, groups.starts[by_first], groups.sizes[by_first], world)
+    writer = _assign(plan, ordered_rank, run_starts, run_sizes, world)
     return _with_shards(plan, writer, world, shard_bytes, num_shards)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from streamckpt.format.varint import encode_varint
 
-__all__ = ["entry_head", "entry_tail", "entry_tails", "slice_field"]
+__all__ = ["entry_head", "entry_tail", "entry_tails", "slice_field", "spell_entries"]
 
 _FIXED32 = struct.Struct("<I")
 _SHARD_ID, _OFFSET, _SIZE, _CRC32C = 0x18, 0x20, 0x28, 0x35
@@ -73,21 +73,32 @@ def slice_field(extents: Sequence[tuple[int, int | None]]) -> bytes:
     return _message(0x3A, bytes(body))
 
 
-def entry_tails(
+def spell_entries(
+    heads: Sequence[bytes],
+    head_of: np.ndarray[Any, Any],
     shard_id: np.ndarray[Any, Any],
     offset: np.ndarray[Any, Any],
     size: np.ndarray[Any, Any],
     crc32c: np.ndarray[Any, Any],
 ) -> list[bytes]:
-    """``entry_tail`` of many entries at once (columns of non-negative integers).
+    """Many entries at once: ``heads[head_of[i]] + entry_tail(...)`` of each row's columns.
 
-    Each row is spelled into a fixed-width byte matrix by numpy, one varint byte position
-    at a time over all rows, and cut to its length at the end: Python touches each entry
-    once, to slice its bytes.
+    Each row is spelled into a fixed-width byte matrix by numpy (its head copied in by one
+    gather, then one varint byte position at a time over all rows) and cut to its length at
+    the end: Python touches each entry once, to slice its bytes.
     """
     count = len(shard_id)
-    out = np.zeros(count * _MAX_TAIL, dtype=np.uint8)
-    pos = np.arange(count, dtype=np.int64) * _MAX_TAIL  # where each row's next byte goes
+    head_width = max((len(h) for h in heads), default=0)
+    width = head_width + _MAX_TAIL
+    table = np.zeros((max(1, len(heads)), head_width), dtype=np.uint8)
+    for i, head in enumerate(heads):
+        table[i, : len(head)] = np.frombuffer(head, dtype=np.uint8)
+    lengths = np.array([len(h) for h in heads] or [0], dtype=np.int64)
+    rows_of = np.asarray(head_of, dtype=np.int64)
+    out = np.zeros((count, width), dtype=np.uint8)
+    out[:, :head_width] = table[rows_of]
+    out = out.reshape(-1)
+    pos = np.arange(count, dtype=np.int64) * width + lengths[rows_of]  # each row's next byte
     for tag, column in ((_SHARD_ID, shard_id), (_OFFSET, offset), (_SIZE, size)):
         values = np.asarray(column).astype(np.uint64)
         rows = np.flatnonzero(values)
@@ -115,5 +126,16 @@ def entry_tails(
             out[at + 1 + k] = ((crcs[rows] >> np.uint32(8 * k)) & np.uint32(0xFF)).astype(np.uint8)
         pos[rows] = at + 5
     raw = out.tobytes()
-    starts = range(0, count * _MAX_TAIL, _MAX_TAIL)
+    starts = range(0, count * width, width)
     return [raw[start:stop] for start, stop in zip(starts, pos.tolist(), strict=True)]
+
+
+def entry_tails(
+    shard_id: np.ndarray[Any, Any],
+    offset: np.ndarray[Any, Any],
+    size: np.ndarray[Any, Any],
+    crc32c: np.ndarray[Any, Any],
+) -> list[bytes]:
+    """``entry_tail`` of many entries at once (columns of non-negative integers)."""
+    head_of = np.zeros(len(shard_id), dtype=np.int64)
+    return spell_entries([b""], head_of, shard_id, offset, size, crc32c)

@@ -554,7 +554,7 @@ def test_group_rows_groups_exactly_equal_rows_even_when_every_hash_collides(
     matrix = np.array(rows, dtype=np.int64).reshape(len(rows), 2)
     for collide in (False, True):
         with mock.patch.object(columns, "_MIX", np.uint64(0) if collide else columns._MIX):
-            groups = columns.group_rows(matrix)
+            groups = columns.group_rows(matrix[:, :1], matrix[:, 1])
         runs = np.split(groups.order, groups.starts[1:]) if len(rows) else []
         assert sorted(len(r) for r in runs) == sorted(
             rows.count(list(row)) for row in {tuple(r) for r in rows}

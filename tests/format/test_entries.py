@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from streamckpt.format.bundle import BundleEntry, decode_entry
 from streamckpt.format.dtypes import DataType
-from streamckpt.format.entries import entry_tail, entry_tails
+from streamckpt.format.entries import entry_tail, entry_tails, spell_entries
 from streamckpt.format.slices import Extent, TensorSlice
 
 INT63 = (1 << 63) - 1
@@ -65,3 +65,25 @@ def test_many_tails_at_once_are_each_ones_tail(rows: list[tuple[int, int, int, i
     columns = [np.array([r[i] for r in rows], dtype=np.int64) for i in range(3)]
     crcs = np.array([r[3] for r in rows], dtype=np.uint32)
     assert entry_tails(*columns, crcs) == [entry_tail(*r) for r in rows]
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), heads=st.lists(st.binary(max_size=40), min_size=1, max_size=5))
+def test_many_entries_at_once_are_each_ones_head_and_tail(
+    data: st.DataObject, heads: list[bytes]
+) -> None:
+    rows = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, len(heads) - 1),
+                st.integers(0, (1 << 31) - 1),
+                edges,
+                edges,
+                st.integers(0, (1 << 32) - 1),
+            ),
+            max_size=30,
+        )
+    )
+    columns = [np.array([r[i] for r in rows], dtype=np.int64) for i in range(4)]
+    crcs = np.array([r[4] for r in rows], dtype=np.uint32)
+    assert spell_entries(heads, *columns, crcs) == [heads[r[0]] + entry_tail(*r[1:]) for r in rows]
