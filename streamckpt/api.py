@@ -5,22 +5,22 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from streamckpt.distributed import Coordinator
 from streamckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from streamckpt.pipeline.read import CheckpointReader, open_reader
-from streamckpt.pipeline.save import (
-    DEFAULT_CHUNK_BYTES,
-    ProgressCallback,
-    SaveInfo,
-    Tensors,
-    save_tensors,
-)
 from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike, resolve
+
+if TYPE_CHECKING:
+    from streamckpt.distributed import Coordinator
+    from streamckpt.pipeline.save import ProgressCallback, SaveInfo, Tensors
+
+# The save pipeline loads on the first save, so that a process that only reads never pays
+# for it; this is its DEFAULT_CHUNK_BYTES, held equal to it by test_cold_start.
+DEFAULT_CHUNK_BYTES = 8 << 20
 
 
 def _given_in_pieces(value: object) -> bool:
@@ -72,6 +72,8 @@ async def save(
         filesystem=filesystem,
         max_inflight_bytes=max_inflight_bytes,
     )
+    from streamckpt.pipeline.save import save_tensors
+
     if coordinator is None and any(_given_in_pieces(value) for value in tensors.values()):
         from streamckpt.distributed.solo import SOLO
 

@@ -12,20 +12,19 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio.from_thread
 
 from streamckpt import api
 from streamckpt.bridge import BlockingTwin, blocking, blocking_method, default_bridge
-from streamckpt.checkpoint import SyncCheckpoint
-from streamckpt.checkpoint import load_nested as _load_nested
-from streamckpt.format.bundle import BundleHeader
-from streamckpt.manager import SyncCheckpointManager
-from streamckpt.manager import latest_checkpoint as _latest_checkpoint
-from streamckpt.pipeline import bytewise
 from streamckpt.pipeline.read import CheckpointReader, TensorInfo
-from streamckpt.storage import Store
+
+if TYPE_CHECKING:
+    from streamckpt.checkpoint import SyncCheckpoint as Checkpoint
+    from streamckpt.format.bundle import BundleHeader
+    from streamckpt.manager import SyncCheckpointManager as CheckpointManager
+    from streamckpt.storage import Store
 
 __all__ = [
     "Checkpoint",
@@ -54,13 +53,73 @@ def run(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
 save = blocking(api.save)
 load = blocking(api.load)
 read_tensor = blocking(api.read_tensor)
-latest_checkpoint = blocking(_latest_checkpoint)
-load_nested = blocking(_load_nested)
-copy_checkpoint = blocking(bytewise.copy_checkpoint)
-verify_checkpoint = blocking(bytewise.verify_checkpoint)
 
-Checkpoint = SyncCheckpoint
-CheckpointManager = SyncCheckpointManager
+if TYPE_CHECKING:
+    from streamckpt.checkpoint import load_nested as _load_nested
+    from streamckpt.manager import latest_checkpoint as _latest_checkpoint
+    from streamckpt.pipeline import bytewise
+
+    latest_checkpoint = blocking(_latest_checkpoint)
+    load_nested = blocking(_load_nested)
+    copy_checkpoint = blocking(bytewise.copy_checkpoint)
+    verify_checkpoint = blocking(bytewise.verify_checkpoint)
+
+
+def _checkpoint() -> Any:
+    from streamckpt.checkpoint import SyncCheckpoint
+
+    return SyncCheckpoint
+
+
+def _checkpoint_manager() -> Any:
+    from streamckpt.manager import SyncCheckpointManager
+
+    return SyncCheckpointManager
+
+
+def _latest_checkpoint_twin() -> Any:
+    from streamckpt.manager import latest_checkpoint
+
+    return blocking(latest_checkpoint)
+
+
+def _load_nested_twin() -> Any:
+    from streamckpt.checkpoint import load_nested
+
+    return blocking(load_nested)
+
+
+def _copy_checkpoint_twin() -> Any:
+    from streamckpt.pipeline.bytewise import copy_checkpoint
+
+    return blocking(copy_checkpoint)
+
+
+def _verify_checkpoint_twin() -> Any:
+    from streamckpt.pipeline.bytewise import verify_checkpoint
+
+    return blocking(verify_checkpoint)
+
+
+# The high level (checkpoint, manager) and the bytewise tools load on first use: a script
+# that only reads tensors starts without them (issue 15.1, pinned by test_cold_start).
+_LAZY: dict[str, Callable[[], Any]] = {
+    "Checkpoint": _checkpoint,
+    "CheckpointManager": _checkpoint_manager,
+    "latest_checkpoint": _latest_checkpoint_twin,
+    "load_nested": _load_nested_twin,
+    "copy_checkpoint": _copy_checkpoint_twin,
+    "verify_checkpoint": _verify_checkpoint_twin,
+}
+
+
+def __getattr__(name: str) -> Any:
+    make = _LAZY.get(name)
+    if make is None:
+        raise AttributeError(f"module 'streamckpt.sync' has no attribute {name!r}")
+    value = make()
+    globals()[name] = value
+    return value
 
 
 class SyncCheckpointReader(BlockingTwin):

@@ -13,8 +13,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from google.protobuf.message import DecodeError
-
 from streamckpt.errors import CorruptCheckpointError, TruncatedError, UnsupportedError
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, to_datatype
 from streamckpt.format.entries import entry_head, entry_tail, slice_field
@@ -33,8 +31,10 @@ from streamckpt.format.table import (
 )
 from streamckpt.format.variant import min_variant_payload_size
 from streamckpt.format.varint import decode_varint
-from streamckpt.proto import tensor_bundle_pb2
 
+# protobuf loads only where it is needed: to encode a header, and to decode a header or an
+# entry that the hand-written walks below leave to it (slices, unusual encodings). A cold
+# process that reads a plain tensor never imports it (issue 15.1).
 READER_VERSION = 1
 HEADER_KEY = b""
 # An entry value is a small proto; TF's are < 100 bytes without slices. Anything past this is
@@ -55,6 +55,8 @@ class BundleHeader:
     bad_consumers: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
+        from streamckpt.proto import tensor_bundle_pb2
+
         proto = tensor_bundle_pb2.BundleHeaderProto(
             num_shards=self.num_shards,
             endianness=(
@@ -70,9 +72,27 @@ class BundleHeader:
 
 
 def decode_header(value: bytes | memoryview) -> BundleHeader:
+    raw = bytes(value)
+    fields = _fast_header_fields(raw)
+    if fields is not None:
+        num_shards, big_endian, producer, min_consumer = fields
+        if min_consumer > READER_VERSION:
+            raise UnsupportedError(
+                f"checkpoint needs reader version {min_consumer}, this one is {READER_VERSION}"
+            )
+        return BundleHeader(
+            num_shards=num_shards,
+            big_endian=big_endian,
+            producer=producer,
+            min_consumer=min_consumer,
+        )
+    from google.protobuf.message import DecodeError
+
+    from streamckpt.proto import tensor_bundle_pb2
+
     proto = tensor_bundle_pb2.BundleHeaderProto()
     try:
-        proto.ParseFromString(bytes(value))
+        proto.ParseFromString(raw)
     except DecodeError as exc:
         raise CorruptCheckpointError(f"bad bundle header: {exc}") from None
     if proto.num_shards < 0:
@@ -92,6 +112,53 @@ def decode_header(value: bytes | memoryview) -> BundleHeader:
         producer=version.producer,
         min_consumer=version.min_consumer,
         bad_consumers=tuple(version.bad_consumers),
+    )
+
+
+def _fast_header_fields(raw: bytes) -> tuple[int, bool, int, int] | None:
+    """``(num_shards, big_endian, producer, min_consumer)`` of the headers TF and we write.
+
+    Each field at most once, values protobuf reads as non-negative, endianness 0 or 1, no
+    ``bad_consumers``; anything else returns None and goes through protobuf, so that the two
+    paths never disagree and protobuf alone judges what is malformed or refused.
+    """
+    try:
+        return _walk_header(raw)
+    except CorruptCheckpointError:  # a varint running past the bytes: protobuf decides
+        return None
+
+
+def _walk_header(raw: bytes) -> tuple[int, bool, int, int] | None:
+    values: dict[int, int] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        tag = raw[pos]
+        if tag in values:
+            return None  # a repeated field: protobuf's merge rules decide
+        if tag in (0x08, 0x10):  # num_shards, endianness
+            values[tag], pos = decode_varint(raw, pos + 1)
+        elif tag == 0x1A:  # version
+            length, pos = decode_varint(raw, pos + 1)
+            stop = pos + length
+            if stop > end:
+                return None
+            values[tag] = 0
+            while pos < stop:
+                sub = raw[pos]
+                if sub not in (0x08, 0x10) or (sub << 8) in values:
+                    return None  # bad_consumers, unknown or repeated fields
+                values[sub << 8], pos = decode_varint(raw, pos + 1)
+            if pos != stop:
+                return None
+        else:
+            return None
+    if any(value >= 1 << 31 for value in values.values()) or values.get(0x10, 0) > 1:
+        return None  # negative int32s and unknown endianness: protobuf and the checks say so
+    return (
+        values.get(0x08, 0),
+        values.get(0x10, 0) == 1,
+        values.get(0x800, 0),
+        values.get(0x1000, 0),
     )
 
 
@@ -150,6 +217,8 @@ class BundleEntry:
 
     def encode_proto(self) -> bytes:
         """The same bytes through protobuf: the reference the hand-spelled form is held to."""
+        from streamckpt.proto import tensor_bundle_pb2
+
         proto = tensor_bundle_pb2.BundleEntryProto(
             dtype=cast(Any, int(self.dtype)),
             shard_id=self.shard_id,
@@ -176,6 +245,10 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
         return _validated(
             to_datatype(dtype_number), shape, shard_id, offset, size, crc, (), num_shards
         )
+    from google.protobuf.message import DecodeError
+
+    from streamckpt.proto import tensor_bundle_pb2
+
     proto = tensor_bundle_pb2.BundleEntryProto()
     try:
         proto.ParseFromString(raw)
@@ -218,7 +291,11 @@ def _walk_fields(raw: bytes) -> _Fields | None:
         tag = raw[pos]
         pos += 1
         if tag in (0x08, 0x18, 0x20, 0x28):  # varint fields 1, 3, 4, 5
-            number, pos = decode_varint(raw, pos)
+            if pos < end and raw[pos] < 0x80:  # one byte: most dtypes, shards, small sizes
+                number = raw[pos]
+                pos += 1
+            else:
+                number, pos = decode_varint(raw, pos)
             if tag == 0x08:
                 if number >= 1 << 31:
                     return None  # an enum protobuf reads as negative
@@ -246,7 +323,10 @@ def _walk_fields(raw: bytes) -> _Fields | None:
             while pos < stop:
                 if raw[pos] != 0x12:  # only `dim` entries
                     return None
-                dim_length, pos = decode_varint(raw, pos + 1)
+                if pos + 1 < stop and raw[pos + 1] < 0x80:  # a dim's length: one byte
+                    dim_length, pos = raw[pos + 1], pos + 2
+                else:
+                    dim_length, pos = decode_varint(raw, pos + 1)
                 dim_stop = pos + dim_length
                 if dim_stop > stop:
                     return None  # a dim running past its shape (`12 02 12 05`)
@@ -254,7 +334,10 @@ def _walk_fields(raw: bytes) -> _Fields | None:
                 while pos < dim_stop:
                     if raw[pos] != 0x08:  # only `size`
                         return None
-                    dim, pos = decode_varint(raw, pos + 1)
+                    if pos + 1 < dim_stop and raw[pos + 1] < 0x80:
+                        dim, pos = raw[pos + 1], pos + 2
+                    else:
+                        dim, pos = decode_varint(raw, pos + 1)
                 if pos != dim_stop or dim >= 1 << 63:
                     return None
                 shape.append(dim)

@@ -6,10 +6,41 @@ Every checksum TensorFlow stores (block trailers, tensor payloads, string length
 
 from __future__ import annotations
 
-import crc32c as _crc32c
+import importlib.machinery
+import importlib.util
+import sys
+from types import ModuleType
 
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
+
+
+def _load_crc32c() -> ModuleType:
+    """The ``crc32c`` package's compiled module, loaded without the package's ``__init__``.
+
+    That ``__init__`` imports ``importlib.metadata`` for its ``__version__`` (about 60 ms of a
+    cold start that is otherwise ~200 ms: issue 15.1); the compiled module is all we call.
+    Where the package is laid out otherwise, or is already imported, the package is used.
+    """
+    if "crc32c" not in sys.modules:
+        spec = importlib.util.find_spec("crc32c")  # finds, does not run, the package
+        locations = None if spec is None else spec.submodule_search_locations
+        if locations is not None:
+            name = "crc32c._crc32c"
+            found = importlib.machinery.PathFinder.find_spec(name, list(locations))
+            if found is not None and found.loader is not None:
+                module = sys.modules.get(name) or importlib.util.module_from_spec(found)
+                if name not in sys.modules:
+                    found.loader.exec_module(module)
+                if hasattr(module, "crc32c"):
+                    sys.modules.setdefault(name, module)
+                    return module
+    import crc32c as crc32c_package
+
+    return crc32c_package
+
+
+_crc32c = _load_crc32c()
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:

@@ -21,9 +21,12 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from streamckpt.errors import CorruptCheckpointError
-from streamckpt.proto.tensor_slice_pb2 import TensorSliceProto
+
+if TYPE_CHECKING:  # protobuf loads only for the slices of partitioned tensors (issue 15.1)
+    from streamckpt.proto.tensor_slice_pb2 import TensorSliceProto
 
 __all__ = [
     "Extent",
@@ -123,6 +126,8 @@ class TensorSlice:
 
     def to_proto(self) -> TensorSliceProto:
         """The proto TF writes: ``length`` left unset (not -1) for a whole dimension."""
+        from streamckpt.proto.tensor_slice_pb2 import TensorSliceProto
+
         proto = TensorSliceProto()
         for extent in self.extents:
             item = proto.extent.add()

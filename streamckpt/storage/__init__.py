@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamckpt.storage.base import ByteRange, ShardWriter, Store, map_errors
-from streamckpt.storage.fsspec_store import (
-    DEFAULT_MAX_INFLIGHT_BYTES,
-    FsspecStore,
-    owned_filesystem,
-)
 from streamckpt.storage.local import LocalStore
 from streamckpt.storage.retry import RetryPolicy, StoreStats
+
+if TYPE_CHECKING:
+    from streamckpt.storage.fsspec_store import FsspecStore
 
 __all__ = [
     "ByteRange",
@@ -30,6 +28,16 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 
+def __getattr__(name: str) -> Any:
+    # The fsspec store (and its upload writers) loads for the first URL that needs it: a
+    # process that only touches local paths never imports it (issue 15.1).
+    if name != "FsspecStore":
+        raise AttributeError(f"module 'streamckpt.storage' has no attribute {name!r}")
+    from streamckpt.storage.fsspec_store import FsspecStore
+
+    return FsspecStore
+
+
 def resolve(
     prefix: PathLike,
     *,
@@ -45,14 +53,20 @@ def resolve(
     decide). A ready ``filesystem`` instance (any fsspec filesystem) is used as it is.
     """
     text = os.fspath(prefix)
+    if filesystem is None and "://" not in text:
+        return LocalStore(), text
+    if filesystem is None and text.startswith("file://"):
+        return LocalStore(), text[len("file://") :]
+    from streamckpt.storage.fsspec_store import (
+        DEFAULT_MAX_INFLIGHT_BYTES,
+        FsspecStore,
+        owned_filesystem,
+    )
+
     budget = max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     if filesystem is not None:
         store = FsspecStore(filesystem, max_inflight_bytes=budget, retry_policy=retry_policy)
         return store, str(filesystem._strip_protocol(text))
-    if "://" not in text:
-        return LocalStore(), text
-    if text.startswith("file://"):
-        return LocalStore(), text[len("file://") :]
     if "::" in text:  # chained URLs (simplecache::s3://...): fsspec's own resolution
         import fsspec.core
 
