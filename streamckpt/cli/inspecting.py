@@ -11,6 +11,7 @@ import datetime
 import fnmatch
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 import streamckpt
 from streamckpt.cli._output import Output, hinted, human
-from streamckpt.cli._where import check_url, filesystem
+from streamckpt.cli._where import check_url, filesystem, protocol_of
 from streamckpt.errors import CheckpointNotFoundError, NamingError
 
 # TensorFlow's manager and ours name the state file "checkpoint" and our metrics sidecar so
@@ -39,6 +40,9 @@ def prefix_arg(text: str) -> str:
 def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     target = prefix_arg(args.target)
     check_url(target)
+    if protocol_of(target) is None and os.path.isfile(target + ".index"):
+        # a local prefix needs no fsspec (its import alone outweighs the rest of `ls`)
+        return _ls_tensors(target, args, out)
     fs, path = filesystem(target)
     if fs.exists(path + ".index"):
         return _ls_tensors(target, args, out)
