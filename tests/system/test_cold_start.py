@@ -1,0 +1,166 @@
+"""What a fresh process imports: the modules behind a cold start (issue 15.1, issue 14.8).
+
+Every module a process imports is paid for on each start, before the first byte is read. A
+process that reads one local tensor needs numpy, anyio, crc32c, cramjam and the read pipeline;
+not fsspec and its backends, protobuf, ml_dtypes, the high level or the save pipeline. These
+tests run real subprocesses and pin the modules each step loads, so that an eager import that
+slips back in fails here (its cost is measured by ``python -m benchmarks cold-start``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import streamckpt.api
+import streamckpt.format.bundle
+import streamckpt.pipeline.save
+import streamckpt.sync
+
+# Run in the child: the modules loaded at each step beyond those of a bare interpreter (so
+# that whatever this environment's site hooks import does not count).
+_PROBE = """
+import json, sys
+before = set(sys.modules)
+def loaded():
+    new = [n for n in sys.modules if n not in before and n != "__main__"]
+    ours = sorted(n for n in new if n == "streamckpt" or n.startswith("streamckpt."))
+    third = sorted({
+        n.split(".")[0] for n in new
+        if n.split(".")[0] not in sys.stdlib_module_names and not n.startswith("streamckpt")
+    })
+    return {"third_party": third, "streamckpt": ours}
+steps = {}
+import streamckpt
+steps["import"] = loaded()
+import streamckpt.sync
+streamckpt.sync.read_tensor(sys.argv[1], "dense/kernel")
+steps["read_tensor"] = loaded()
+print(json.dumps(steps))
+"""
+
+# Never loaded by ``import streamckpt`` and a local read (their top-level names).
+HEAVY_THIRD_PARTY = {"fsspec", "gcsfs", "s3fs", "google", "ml_dtypes", "aiohttp", "botocore"}
+HEAVY_OURS = {
+    "streamckpt.checkpoint",
+    "streamckpt.manager",
+    "streamckpt.objectgraph",
+    "streamckpt.pipeline.save",
+    "streamckpt.pipeline.bytewise",
+    "streamckpt.distributed",
+    "streamckpt.storage.fsspec_store",
+    "streamckpt.proto",
+}
+
+READ_THIRD_PARTY = ["anyio", "cramjam", "crc32c", "numpy", "typing_extensions"]
+READ_OURS = [
+    "streamckpt",
+    "streamckpt.api",
+    "streamckpt.bridge",
+    "streamckpt.errors",
+    "streamckpt.format",
+    "streamckpt.format.block",
+    "streamckpt.format.bundle",
+    "streamckpt.format.crc",
+    "streamckpt.format.dtypes",
+    "streamckpt.format.entries",
+    "streamckpt.format.partitioned",
+    "streamckpt.format.payload",
+    "streamckpt.format.slices",
+    "streamckpt.format.strings",
+    "streamckpt.format.table",
+    "streamckpt.format.variant",
+    "streamckpt.format.varint",
+    "streamckpt.pipeline",
+    "streamckpt.pipeline.index",
+    "streamckpt.pipeline.plan",
+    "streamckpt.pipeline.read",
+    "streamckpt.pipeline.region",
+    "streamckpt.sharding",
+    "streamckpt.storage",
+    "streamckpt.storage.base",
+    "streamckpt.storage.claim",
+    "streamckpt.storage.local",
+    "streamckpt.storage.retry",
+    "streamckpt.sync",
+]
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[str]]]:
+    prefix = str(tmp_path_factory.mktemp("cold") / "ckpt")
+    streamckpt.sync.save(prefix, {"dense/kernel": np.arange(12, dtype=np.float32)})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(Path(streamckpt.__file__).parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, prefix],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    result: dict[str, dict[str, list[str]]] = json.loads(done.stdout)
+    return result
+
+
+def _heavy(step: dict[str, list[str]]) -> list[str]:
+    ours = [
+        m for m in step["streamckpt"] if any(m == h or m.startswith(h + ".") for h in HEAVY_OURS)
+    ]
+    return sorted(set(step["third_party"]) & HEAVY_THIRD_PARTY) + ours
+
+
+def test_import_streamckpt_loads_only_the_errors(steps: dict[str, Any]) -> None:
+    assert steps["import"] == {"third_party": [], "streamckpt": ["streamckpt", "streamckpt.errors"]}
+
+
+def test_a_local_read_loads_no_heavy_module(steps: dict[str, Any]) -> None:
+    assert _heavy(steps["read_tensor"]) == []
+
+
+def test_a_local_read_loads_exactly_the_read_path(steps: dict[str, Any]) -> None:
+    """Pinned whole: a new module on this path is a choice to make here, with its cost."""
+    assert steps["read_tensor"] == {"third_party": READ_THIRD_PARTY, "streamckpt": READ_OURS}
+
+
+def test_the_api_default_chunk_is_the_save_pipelines() -> None:
+    """api keeps its own copy so that a reader never imports the save pipeline."""
+    assert streamckpt.api.DEFAULT_CHUNK_BYTES == streamckpt.pipeline.save.DEFAULT_CHUNK_BYTES
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        streamckpt.format.bundle.BundleHeader(num_shards=1),
+        streamckpt.format.bundle.BundleHeader(num_shards=7, big_endian=True, producer=3),
+        streamckpt.format.bundle.BundleHeader(num_shards=0, producer=0, min_consumer=1),
+        streamckpt.format.bundle.BundleHeader(num_shards=2, bad_consumers=(5, 9)),
+    ],
+)
+def test_headers_decode_as_protobuf_decodes_them(
+    header: streamckpt.format.bundle.BundleHeader,
+) -> None:
+    """The hand-written header walk (no protobuf import) and protobuf agree."""
+    assert streamckpt.format.bundle.decode_header(header.encode()) == header
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (bytes.fromhex("08ffffffffffffffffff01"), "shards"),  # num_shards -1
+        (bytes.fromhex("1002"), "endianness"),
+        (bytes.fromhex("1a021002"), "reader version"),  # min_consumer 2
+        (bytes.fromhex("1a021801"), "refuses"),  # bad_consumers [1]
+        (bytes.fromhex("1a05"), "bad bundle header"),  # version runs past the end
+    ],
+)
+def test_odd_headers_are_judged_as_before(raw: bytes, problem: str) -> None:
+    with pytest.raises(streamckpt.StreamCkptError, match=problem):
+        streamckpt.format.bundle.decode_header(raw)
