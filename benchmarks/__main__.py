@@ -1,5 +1,5 @@
 """``python -m benchmarks MODE [--quick] [options]``: local, objectstore, async-save, distributed,
-plan or all."""
+plan, cold-start or all."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ MODES = {
     "objectstore": "objectstore",
     "plan": "distributed_plan",
     "distributed": "distributed_save",
+    "cold-start": "cold_start",
 }
 
 
