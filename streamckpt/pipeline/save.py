@@ -30,11 +30,13 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import numpy as np
 
 from streamckpt.device import start_transfers
 from streamckpt.errors import StreamCkptError, unwrap_task_group
-from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index, name_to_key
+from streamckpt.format.bundle import BundleHeader, encode_index_records, name_to_key
 from streamckpt.format.crc import crc32c, mask
+from streamckpt.format.entries import entry_head, spell_entries
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
 from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
@@ -314,19 +316,24 @@ async def verify_shards(
 def _encode_index(
     prepared: Mapping[bytes, PreparedTensor], plan: SavePlan, crcs: Mapping[bytes, int]
 ) -> bytes:
-    entries = []
-    for key, placement in sorted(plan.placements.items()):
-        tensor = prepared[key]
-        entry = BundleEntry(
-            dtype=tensor.dtype,
-            shape=tensor.shape,
-            shard_id=placement.shard_id,
-            offset=placement.offset,
-            size=placement.size,
-            crc32c=crcs[key],
-        )
-        entries.append((key, entry))
-    return encode_index(BundleHeader(num_shards=plan.num_shards), entries)
+    """The index, its entries spelled all at once (20,000 small tensors: milliseconds)."""
+    placements = plan.placements
+    keys = sorted(placements)
+    heads: dict[tuple[int, tuple[int, ...]], int] = {}
+    head_of = [
+        heads.setdefault((int(prepared[key].dtype), prepared[key].shape), len(heads))
+        for key in keys
+    ]
+    where = [placements[key] for key in keys]
+    values = spell_entries(
+        [entry_head(dtype, shape) for dtype, shape in heads],
+        np.array(head_of, dtype=np.int64),
+        np.fromiter((p.shard_id for p in where), np.int64, len(where)),
+        np.fromiter((p.offset for p in where), np.int64, len(where)),
+        np.fromiter((p.size for p in where), np.int64, len(where)),
+        np.fromiter((crcs[key] for key in keys), np.int64, len(keys)),
+    )
+    return encode_index_records(BundleHeader(num_shards=plan.num_shards), keys, values)
 
 
 async def save_tensors(
