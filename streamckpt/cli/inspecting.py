@@ -114,14 +114,20 @@ def _ls_directory(target: str, fs: Any, path: str, args: argparse.Namespace, out
             entry.data_bytes += int(detail.get("size") or 0)
     listed = {name: e for name, e in listed.items() if e.index_bytes}  # half-written: skipped
     latest = _read_state(target, listed) if _STATE_FILE in files else None
+    rule = None
     if _METRICS_FILE in files:
-        _read_metrics(fs, f"{path.rstrip('/')}/{_METRICS_FILE}", listed)
+        rule = _read_metrics(fs, f"{path.rstrip('/')}/{_METRICS_FILE}", listed)
     anyio.run(_count_tensors, target, list(listed.values()))
 
     order = sorted(listed.values(), key=lambda e: (_step(e.name) is None, _step(e.name), e.name))
     if latest is None and order:
         latest = max(order, key=lambda e: (e.mtime or 0.0, _step(e.name) or -1)).name
-    best = _best(order, args.best, args.mode) if args.best else None
+    if args.best:
+        best = _best_kept(order, args.best, args.mode, 1, required=True)
+    elif rule is not None:  # the manager's own keep-best rule, from its sidecar
+        best = _best_kept(order, *rule, required=False)
+    else:
+        best = set()
     rows: list[dict[str, Any]] = [
         {
             "prefix": _join(target, e.name),
@@ -130,7 +136,7 @@ def _ls_directory(target: str, fs: Any, path: str, args: argparse.Namespace, out
             "bytes": e.index_bytes + e.data_bytes,
             "time": _iso(e.mtime),
             "newest": e.name == latest,
-            "best": e.name == best,
+            "best": e.name in best,
             "in_state_file": e.in_state,
             "metrics": e.metrics,
         }
@@ -166,7 +172,8 @@ def _read_state(target: str, listed: dict[str, _Listed]) -> str | None:
     return None if latest is None else latest.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def _read_metrics(fs: Any, path: str, listed: dict[str, _Listed]) -> None:
+def _read_metrics(fs: Any, path: str, listed: dict[str, _Listed]) -> tuple[str, str, int] | None:
+    """Fill in each checkpoint's metrics; return the manager's keep-best rule if written."""
     try:
         document = json.loads(fs.cat_file(path))
         by_path = document["checkpoints"]
@@ -174,8 +181,12 @@ def _read_metrics(fs: Any, path: str, listed: dict[str, _Listed]) -> None:
             entry = listed.get(str(name).replace("\\", "/").rsplit("/", 1)[-1])
             if entry is not None:
                 entry.metrics = {str(k): float(v) for k, v in metrics.items()}
+        best = document.get("best")
+        if isinstance(best, dict) and best.get("mode") in ("min", "max"):
+            return str(best["metric"]), str(best["mode"]), max(1, int(best.get("keep", 1)))
     except (ValueError, KeyError, TypeError, AttributeError):
         pass  # metrics are a bonus: a sidecar we cannot read only leaves the column empty
+    return None
 
 
 async def _count_tensors(target: str, entries: list[_Listed]) -> None:
@@ -194,15 +205,21 @@ async def _count_tensors(target: str, entries: list[_Listed]) -> None:
             tg.start_soon(count, entry)
 
 
-def _best(entries: list[_Listed], metric: str, mode: str) -> str | None:
+def _best_kept(
+    entries: list[_Listed], metric: str, mode: str, keep: int, *, required: bool
+) -> set[str]:
+    """The ``keep`` best by ``metric``, as the manager ranks them.
+
+    Ties go to the newer (later in ``entries``); NaN never ranks.
+    """
     scored = [
-        (value, e.name)
-        for e in entries
+        (value if mode == "min" else -value, -order, e.name)
+        for order, e in enumerate(entries)
         if (value := e.metrics.get(metric)) is not None and not math.isnan(value)
     ]
-    if not scored:
+    if not scored and required:
         raise NamingError(f"no checkpoint in this directory has a metric named {metric!r}")
-    return (min(scored) if mode == "min" else max(scored))[1]
+    return {name for _, _, name in sorted(scored)[:keep]}
 
 
 def _join(directory: str, name: str) -> str:

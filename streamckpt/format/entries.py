@@ -95,9 +95,9 @@ def spell_entries(
         table[i, : len(head)] = np.frombuffer(head, dtype=np.uint8)
     lengths = np.array([len(h) for h in heads] or [0], dtype=np.int64)
     rows_of = np.asarray(head_of, dtype=np.int64)
-    out = np.zeros((count, width), dtype=np.uint8)
-    out[:, :head_width] = table[rows_of]
-    out = out.reshape(-1)
+    matrix = np.zeros((count, width), dtype=np.uint8)
+    matrix[:, :head_width] = table[rows_of]
+    out = matrix.reshape(-1)
     pos = np.arange(count, dtype=np.int64) * width + lengths[rows_of]  # each row's next byte
     for tag, column in ((_SHARD_ID, shard_id), (_OFFSET, offset), (_SIZE, size)):
         values = np.asarray(column).astype(np.uint64)

@@ -118,19 +118,28 @@ def decode_state(data: bytes | bytearray | memoryview) -> CheckpointState:
     )
 
 
-def encode_metrics(metrics_by_path: Mapping[str, Mapping[str, float]]) -> bytes:
+def encode_metrics(
+    metrics_by_path: Mapping[str, Mapping[str, float]],
+    *,
+    best: tuple[str, str, int] | None = None,
+) -> bytes:
     """The sidecar's bytes: ``{"format": ..., "checkpoints": {path: {metric: value}}}``.
 
     Paths are spelled as in the state file. Non-finite values are written as JSON's common
-    extension (``NaN``, ``Infinity``), which :func:`decode_metrics` reads back.
+    extension (``NaN``, ``Infinity``), which :func:`decode_metrics` reads back. ``best``
+    (metric, "min" or "max", how many) is the manager's keep-best rule, written beside the
+    metrics so that a reader (``streamckpt ls DIR``) can tell which checkpoints it keeps.
     """
-    document = {
+    document: dict[str, Any] = {
         "format": METRICS_FORMAT,
         "checkpoints": {
             path: {name: float(value) for name, value in metrics.items()}
             for path, metrics in metrics_by_path.items()
         },
     }
+    if best is not None:
+        metric, mode, keep = best
+        document["best"] = {"metric": metric, "mode": mode, "keep": keep}
     return (json.dumps(document, indent=1) + "\n").encode("utf-8")
 
 

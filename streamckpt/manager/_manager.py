@@ -285,8 +285,13 @@ class CheckpointManager:
         """Write the sidecar (if metrics are in play), then the state file; each atomically."""
         metrics_by_path = {e.path: e.metrics for e in metrics_of if e.metrics is not None}
         if metrics_by_path or self._has_sidecar:
+            best = (
+                None
+                if self._best_metric is None
+                else (self._best_metric, self._mode, self._keep_best)
+            )
             await self._store.write_atomic(
-                self._metrics_path, encode_metrics(metrics_by_path), exclusive=False
+                self._metrics_path, encode_metrics(metrics_by_path, best=best), exclusive=False
             )
             self._has_sidecar = True
         state = CheckpointState(

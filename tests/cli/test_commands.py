@@ -80,6 +80,11 @@ def test_ls_directory_from_state_file_and_by_listing(
     assert all(row["tensors"] and row["bytes"] > 0 and row["time"] for row in rows.values())
     code, out, _ = run(capsys, "ls", str(tmp_path / "run"))
     assert code == 0 and len(out.splitlines()) == 3 and "newest" in out.splitlines()[-1]
+    # without --best: the manager's own rule, from its sidecar
+    assert [line for line in out.splitlines() if "best" in line] == [out.splitlines()[0]]
+    assert "step=2" in out.splitlines()[0]
+    code, document = run_json(capsys, "ls", str(tmp_path / "run"))
+    assert [row["step"] for row in document["checkpoints"] if row["best"]] == [2]
 
     # no state file: newest by listing
     plain = tmp_path / "plain"
