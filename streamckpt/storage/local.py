@@ -315,6 +315,11 @@ class LocalStore(Store):
 
     supports_rename = True
     read_gap = 0
+    # Several files written side by side beat one on local disk too: workload A (1 GiB in 200
+    # tensors, durable) saved in a median 2.55 s as 1 shard and 1.91 s as 4 (5 alternating
+    # runs on the benchmark VM; 8 shards no better than 4); 256 MiB a shard makes 4 of A, and
+    # a checkpoint under 128 MiB stays one file.
+    shard_bytes = 256 << 20
 
     async def rename(self, source: str, target: str) -> None:
         with map_errors(target):
