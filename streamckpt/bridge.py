@@ -129,6 +129,7 @@ class Bridge:
         self._stopping: threading.Thread | None = None  # the last thread asked to stop
         self._leases = 0
         self._jobs: set[Job] = set()
+        self._failed: set[Job] = set()  # finished with an error: the exit checks them too
 
     # -- blocking calls ---------------------------------------------------------------------
 
@@ -175,6 +176,8 @@ class Bridge:
     def _forget(self, job: Job) -> None:
         with self._lock:
             self._jobs.discard(job)
+            if job.unseen_failure() is not None:  # kept until exit, unless someone looks
+                self._failed.add(job)
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[anyio.from_thread.BlockingPortal]:
@@ -200,6 +203,11 @@ class Bridge:
         """The jobs still running."""
         with self._lock:
             return [job for job in self._jobs if not job.done()]
+
+    def failed(self) -> list[Job]:
+        """The jobs that finished with an error nobody has looked at yet."""
+        with self._lock:
+            return [job for job in self._failed if job.unseen_failure() is not None]
 
     def wait(self) -> None:
         """Block until every job started so far has finished (their errors are theirs)."""
@@ -353,9 +361,12 @@ def _wait_at_exit() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        jobs = [*pending]
         bridge.wait()
-        failures += [job for job in jobs if job.unseen_failure() is not None]
+        # every failure nobody looked at: of the jobs just waited for (their done callbacks
+        # may still be running), and of those that failed earlier (a save that fails fast,
+        # long before the script ends)
+        finished = {*pending, *bridge.failed()}
+        failures += [job for job in finished if job.unseen_failure() is not None]
     for job in failures:
         error = job.unseen_failure()
         print(
