@@ -36,9 +36,20 @@ def decode_varint(buf: bytes | memoryview, pos: int, *, max_bytes: int = 10) -> 
     Raises CorruptCheckpointError when the varint runs past the buffer or past ``max_bytes``
     (5 for 32-bit fields, 10 for 64-bit ones), so a run of 0x80 bytes cannot loop for long.
     """
+    end = len(buf)
+    # one to three bytes (lengths, dtypes, dims, sizes and offsets under 2 MiB): no loop
+    if pos + 2 < end and max_bytes >= 3:
+        b0 = buf[pos]
+        if b0 < 0x80:
+            return b0, pos + 1
+        b1 = buf[pos + 1]
+        if b1 < 0x80:
+            return (b0 & 0x7F) | (b1 << 7), pos + 2
+        b2 = buf[pos + 2]
+        if b2 < 0x80:
+            return (b0 & 0x7F) | ((b1 & 0x7F) << 7) | (b2 << 14), pos + 3
     result = 0
     shift = 0
-    end = len(buf)
     for i in range(max_bytes):
         if pos + i >= end:
             raise CorruptCheckpointError("varint runs past the end of its block", offset=pos)
