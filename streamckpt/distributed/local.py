@@ -11,8 +11,8 @@ import math
 from typing import Any
 
 from streamckpt.device import is_device_array, start_transfer, start_transfers
+from streamckpt.distributed.items import LocalItem
 from streamckpt.distributed.leaves import local_slices
-from streamckpt.distributed.plan import LocalItem
 from streamckpt.errors import StreamCkptError
 from streamckpt.format.bundle import key_to_name, name_to_key
 from streamckpt.pipeline.save import Tensors

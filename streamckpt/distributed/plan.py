@@ -15,8 +15,8 @@ gathered plans and gets the same :class:`GlobalPlan`, so no plan needs to be sen
 
 Columns, not objects: at 1,024 processes x 1,000 items a Python step per item costs
 seconds, so per-item work is numpy's (one sort of row hashes groups the holders of each
-value, one sort of signed corners checks every tiling at once, see :mod:`.columns` and
-:func:`streamckpt.format.partitioned.check_tiling` for the rule). Python loops only over
+value, one sort of signed corners checks every tiling at once: :mod:`.columns`,
+:mod:`.tiling`). What a process sends is in :mod:`.items`. Python loops only over
 replicas and over the tensors whose check fails (to name what is wrong). Index keys are
 built only where needed: a process's own, the replicas', and all of them on the primary's
 merge (:mod:`.merge`).
@@ -24,9 +24,7 @@ merge (:mod:`.merge`).
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import pickle
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,15 +32,18 @@ from typing import Any
 import numpy as np
 
 from streamckpt.distributed.columns import Ints, group_rows, paused_gc
+from streamckpt.distributed.items import (
+    LocalItem,
+    LocalPlan,
+    fingerprint,
+    index_key,
+    to_tensor_slice,
+)
+from streamckpt.distributed.tiling import suspect_tilings
 from streamckpt.errors import CoordinationError, StreamCkptError
 from streamckpt.format.bundle import key_to_name
 from streamckpt.format.dtypes import DataType
 from streamckpt.format.partitioned import check_tiling
-from streamckpt.format.slices import (
-    Extent,
-    TensorSlice,
-    encode_slice_key,
-)
 from streamckpt.pipeline.plan import SavePlan, plan_save, shard_count
 from streamckpt.sharding import Box
 
@@ -57,100 +58,6 @@ __all__ = [
     "to_tensor_slice",
 ]
 
-#: Tilings cut along more axes than this are checked one tensor at a time (2^axes corners).
-_VECTOR_CUT_AXES = 4
-_INT63 = (1 << 63) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class LocalItem:
-    """One value a process holds: a whole tensor (``box`` None) or one piece of it."""
-
-    name: bytes
-    dtype: int
-    full_shape: tuple[int, ...]
-    box: Box | None
-    nbytes: int
-
-    @property
-    def key(self) -> bytes:
-        """The index key its bytes are stored under."""
-        return index_key(self.name, self.full_shape, self.box)
-
-
-def _ints(values: Iterable[int]) -> Ints:
-    return np.fromiter(values, dtype=np.int64)
-
-
-def _matrix(rows: Sequence[Sequence[int]], width: int) -> Ints:
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for row, values in enumerate(rows):
-        out[row, : len(values)] = values
-    return out
-
-
-@dataclass(frozen=True, eq=False)
-class LocalPlan:
-    """What one process holds, as columns: what a save gathers from every process.
-
-    Each process builds its own (from its thousand-odd items, beside the others), and a
-    million items arrive as a thousand small sets of arrays. Axes past an item's rank are 0.
-    A whole value's box is its whole shape.
-    """
-
-    names: tuple[bytes, ...]
-    dtypes: Ints
-    nbytes: Ints
-    ndims: Ints
-    shapes: Ints
-    starts: Ints
-    stops: Ints
-    whole: np.ndarray[Any, np.dtype[np.bool_]]
-
-    @classmethod
-    def of(cls, items: Iterable[LocalItem]) -> LocalPlan:
-        items = list(items)
-        width = max((len(item.full_shape) for item in items), default=0)
-        for item in items:
-            if item.box is not None and len(item.box) != len(item.full_shape):
-                raise ValueError(
-                    f"{key_to_name(item.name)!r}: a box of {len(item.box)} axes for a tensor "
-                    f"of {len(item.full_shape)}"
-                )
-        return cls(
-            names=tuple(item.name for item in items),
-            dtypes=_ints(int(item.dtype) for item in items),
-            nbytes=_ints(item.nbytes for item in items),
-            ndims=_ints(len(item.full_shape) for item in items),
-            shapes=_matrix([item.full_shape for item in items], width),
-            starts=_matrix([[a for a, _ in item.box or ()] for item in items], width),
-            stops=_matrix(
-                [[b for _, b in item.box] if item.box else item.full_shape for item in items],
-                width,
-            ),
-            whole=np.fromiter((item.box is None for item in items), dtype=bool, count=len(items)),
-        )
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def width(self, axes: int) -> LocalPlan:
-        """The same plan with ``axes`` columns of shape and box (padded with 0)."""
-        have = self.shapes.shape[1]
-        if have == axes:
-            return self
-        pad = ((0, 0), (0, axes - have))
-        return LocalPlan(
-            self.names,
-            self.dtypes,
-            self.nbytes,
-            self.ndims,
-            np.pad(self.shapes, pad),
-            np.pad(self.starts, pad),
-            np.pad(self.stops, pad),
-            self.whole,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Layout:
@@ -159,28 +66,6 @@ class Layout:
     dtype: int
     shape: tuple[int, ...]
     pieces: tuple[Box, ...]
-
-
-def index_key(name: bytes, full_shape: Sequence[int], box: Box | None) -> bytes:
-    """The key a value is stored under: its name when whole, else its slice key."""
-    if box is None:
-        return name
-    return encode_slice_key(name, to_tensor_slice(full_shape, box))
-
-
-def to_tensor_slice(full_shape: Sequence[int], box: Box) -> TensorSlice:
-    """TensorFlow's form of a box: an axis taken whole is written as "full" (length -1)."""
-    return TensorSlice(
-        tuple(
-            Extent(0, None) if (start, stop) == (0, size) else Extent(start, stop - start)
-            for (start, stop), size in zip(box, full_shape, strict=True)
-        )
-    )
-
-
-def fingerprint(items: object) -> bytes:
-    """A digest of a picklable value (a process's plan): equal digests, the same plan."""
-    return hashlib.blake2b(pickle.dumps(items, protocol=5), digest_size=16).digest()
 
 
 def _fail(message: str, ranks: Iterable[int], name: bytes | None = None) -> CoordinationError:
@@ -447,7 +332,7 @@ def _intern(names_by_rank: Sequence[tuple[bytes, ...]]) -> tuple[tuple[bytes, ..
             ids.append(previous[1])
             continue
         add = table.setdefault
-        numbered = _ints([add(name, len(table)) for name in names])
+        numbered = np.fromiter([add(name, len(table)) for name in names], np.int64)
         ids.append(numbered)
         previous = (names, numbered)
     return tuple(table), (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64))
@@ -465,20 +350,13 @@ def _check_tilings(plan: GlobalPlan, rank: Ints, name_ids: Ints) -> None:
     if not len(pieces):
         return
     tensor = plan.value_tensor[pieces]
-    axes = plan.value_starts.shape[1]
-    live = np.arange(axes)[None, :] < plan.tensor_ndims[tensor][:, None]
-    # an axis past a tensor's rank counts as one of length 1, held whole
-    full = np.where(live, plan.tensor_shapes[tensor], 1)
-    start = np.where(live, plan.value_starts[pieces], 0)
-    stop = np.where(live, plan.value_stops[pieces], 1)
-    suspects = set(tensor[((start < 0) | (stop > full) | (stop <= start)).any(axis=1)].tolist())
-    cut = np.flatnonzero(((start != 0) | (stop != full)).any(axis=0))
-    tensors = np.unique(tensor)
-    radix = [int(full[:, a].max()) + 1 for a in cut]
-    if len(cut) > _VECTOR_CUT_AXES or len(tensors) * _prod(radix) > _INT63:
-        suspects.update(tensors.tolist())  # too many corners to spell at once: one by one
-    else:
-        suspects.update(_corner_failures(tensor, start[:, cut], stop[:, cut], full, cut, radix))
+    suspects = suspect_tilings(
+        tensor,
+        plan.tensor_ndims[tensor],
+        plan.tensor_shapes[tensor],
+        plan.value_starts[pieces],
+        plan.value_stops[pieces],
+    )
     for t in sorted(suspects):
         boxes = [plan.box_of(v) for v in pieces[tensor == t].tolist()]
         shape = plan.shape_of(t)
@@ -492,55 +370,6 @@ def _check_tilings(plan: GlobalPlan, rank: Ints, name_ids: Ints) -> None:
                 rank[name_ids == t],
                 plan.names[t],
             ) from None
-
-
-def _prod(values: Iterable[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
-def _corner_failures(
-    tensor: Ints, start: Ints, stop: Ints, full: Ints, cut: Ints, radix: list[int]
-) -> list[int]:
-    """The tensors whose pieces' signed corners do not add up to their whole box's."""
-    tensors = np.unique(tensor)
-    box_full = np.zeros((len(tensors), len(cut)), dtype=np.int64)
-    for column, axis in enumerate(cut.tolist()):
-        box_full[:, column] = _per_tensor(full[:, axis], tensor, tensors)
-    plus: list[Ints] = []  # corners of sign +1, of pieces and (taken away) of whole boxes
-    minus: list[Ints] = []
-    for subset in itertools.product((False, True), repeat=len(cut)):
-        odd = sum(subset) % 2 == 1
-        pick = np.array(subset, dtype=bool)
-        for owners, corner, into in (
-            (tensor, np.where(pick, stop, start), minus if odd else plus),
-            (tensors, np.where(pick, box_full, 0), plus if odd else minus),
-        ):
-            key = owners.astype(np.int64)
-            for column, base in enumerate(radix):
-                key = key * base + corner[:, column]
-            into.append(key)
-    # every sum vanishes exactly when the +1 corners and the -1 corners are the same multiset
-    positive, negative = np.sort(np.concatenate(plus)), np.sort(np.concatenate(minus))
-    if len(positive) == len(negative) and bool((positive == negative).all()):
-        return []
-    every = np.concatenate([positive, negative])
-    weights = np.concatenate([np.ones(len(positive), np.int64), -np.ones(len(negative), np.int64)])
-    order = np.argsort(every, kind="stable")
-    every = every[order]
-    starts = np.flatnonzero(np.concatenate(([True], every[1:] != every[:-1])))
-    totals = np.add.reduceat(weights[order], starts)
-    failing = every[starts[totals != 0]] // _prod(radix)
-    return sorted(set(failing.tolist()))
-
-
-def _per_tensor(column: Ints, tensor: Ints, tensors: Ints) -> Ints:
-    """``column``'s value for each of ``tensors`` (the same on all of a tensor's rows)."""
-    out = np.zeros(int(tensors.max()) + 1, dtype=np.int64)
-    out[tensor] = column
-    return out[tensors]
 
 
 def _assign(plan: GlobalPlan, ordered_rank: Ints, starts: Ints, holders: Ints, world: int) -> Ints:
@@ -590,19 +419,8 @@ def _with_shards(
             shards = shard_count(total, big, shard_bytes=shard_bytes)
         shard_ranges.append((first, shards))
         first += shards
-    return GlobalPlan(
-        num_shards=first,
-        shard_ranges=tuple(shard_ranges),
-        names=plan.names,
-        tensor_dtypes=plan.tensor_dtypes,
-        tensor_ndims=plan.tensor_ndims,
-        tensor_shapes=plan.tensor_shapes,
-        value_tensor=plan.value_tensor,
-        value_whole=plan.value_whole,
-        value_starts=plan.value_starts,
-        value_stops=plan.value_stops,
-        value_nbytes=plan.value_nbytes,
-        writer=writer,
+    return dataclasses.replace(
+        plan, num_shards=first, shard_ranges=tuple(shard_ranges), writer=writer
     )
 
 
