@@ -36,14 +36,15 @@ from streamckpt.errors import (
 )
 
 if TYPE_CHECKING:
-    from streamckpt.api import load, open, read_tensor, save
+    from streamckpt.api import list_tensors, load, open, read_tensor, save
     from streamckpt.checkpoint import Checkpoint, RestoreStatus, SaveHandle, load_nested
     from streamckpt.format.dtypes import DataType
     from streamckpt.manager import CheckpointManager, latest_checkpoint
     from streamckpt.naming import assign_into, flatten, identity_map, lookup_map, unflatten
     from streamckpt.pipeline.bytewise import copy_checkpoint, verify_checkpoint
     from streamckpt.pipeline.index import clear_index_cache
-    from streamckpt.pipeline.read import CheckpointReader, TensorInfo
+    from streamckpt.pipeline.info import TensorInfo
+    from streamckpt.pipeline.read import CheckpointReader
     from streamckpt.pipeline.save import SaveInfo
     from streamckpt.pipeline.tensors import Typed
     from streamckpt.sharding import Slice
@@ -51,13 +52,14 @@ if TYPE_CHECKING:
 # The I/O layers load on first use, so that ``import streamckpt.format`` (pure, no I/O)
 # pulls in neither anyio nor fsspec.
 _LAZY = {
+    "list_tensors": "streamckpt.api",
     "load": "streamckpt.api",
     "open": "streamckpt.api",
     "read_tensor": "streamckpt.api",
     "save": "streamckpt.api",
     "DataType": "streamckpt.format.dtypes",
     "CheckpointReader": "streamckpt.pipeline.read",
-    "TensorInfo": "streamckpt.pipeline.read",
+    "TensorInfo": "streamckpt.pipeline.info",
     "SaveInfo": "streamckpt.pipeline.save",
     "Typed": "streamckpt.pipeline.tensors",
     "Slice": "streamckpt.sharding",
@@ -125,6 +127,7 @@ __all__ = [
     "flatten",
     "identity_map",
     "latest_checkpoint",
+    "list_tensors",
     "load",
     "load_nested",
     "lookup_map",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from streamckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from streamckpt.pipeline.info import TensorInfo
 from streamckpt.pipeline.read import CheckpointReader, open_reader
 from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike, resolve
@@ -212,3 +213,18 @@ async def read_tensor(
         open, prefix, load_index=False, storage_options=storage_options, filesystem=filesystem
     )
     return await _read_with_fresh_retry(opener, read, stats=stats)
+
+
+async def list_tensors(
+    prefix: PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> dict[str, TensorInfo]:
+    """What the index says of every tensor (dtype, shape, shard, bytes), reading no data.
+
+    A partitioned tensor is listed once, whole; its pieces are not. Equal to
+    ``ckpt.entries`` of an opened checkpoint, for callers who want only the listing.
+    """
+    async with open(prefix, storage_options=storage_options, filesystem=filesystem) as reader:
+        return reader.entries

@@ -28,6 +28,8 @@ context travels as attributes too, so a caller can act on it without parsing tex
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import Iterable, Iterator
 
 __all__ = [
@@ -264,3 +266,45 @@ def unwrap_task_group() -> Iterator[None]:
         if primary is None:
             raise
         raise primary from primary.__cause__  # keep its own chain; drop the group
+
+
+def error_for(exc: Exception, uri: str, *, status: int | None = None) -> StreamCkptError:
+    """The streamckpt error for an exception of the OS or a storage client.
+
+    Pure, so that the blocking local reads and the stores translate alike; ``status`` is the
+    HTTP status a client's exception carried, if any. The first ``errno`` in the exception's
+    chain stays on the error (``ENOSPC`` and ``EROFS`` call for different actions).
+    """
+    code = _errno_of(exc)
+    text = str(exc) if isinstance(exc, OSError) else repr(exc)
+    error: StreamCkptError
+    if isinstance(exc, FileNotFoundError) or code == errno.ENOENT or status == 404:
+        error = CheckpointNotFoundError(f"not found: {text}", uri=uri)
+    elif isinstance(exc, FileExistsError) or code == errno.EEXIST:
+        error = CheckpointExistsError(f"already exists: {text}", uri=uri)
+    elif (
+        isinstance(exc, PermissionError)
+        or code in (errno.EACCES, errno.EPERM)
+        or status in (401, 403)
+        or text.startswith("Forbidden")  # gcsfs raises a bare OSError("Forbidden: ...")
+    ):
+        error = PermissionDeniedError(f"permission denied: {text}", uri=uri)
+    else:
+        error = StorageError(f"storage error: {text}", uri=uri)
+    if isinstance(error, OSError):
+        error.errno = code
+        if code is not None:
+            error.strerror = os.strerror(code)
+    return error
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The first errno in the exception's chain (a client may wrap the OSError it got)."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return None
+        if isinstance(current, OSError) and isinstance(current.errno, int):
+            return current.errno
+        current = current.__cause__ or current.__context__
+    return None

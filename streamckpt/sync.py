@@ -2,29 +2,47 @@
 
 Rule: every blocking function and class here is the twin of an async one, made from its
 definition (:func:`streamckpt.bridge.blocking`, :func:`streamckpt.bridge.blocking_method`) or,
-where it adds ``blocking=``, checked against it by a test of every signature. Calls run
-through the one bridge (:mod:`streamckpt.bridge`): in the calling thread when it runs no event
-loop, else on the bridge's loop thread; an open checkpoint keeps that thread while it is open.
+where it adds ``blocking=`` or a shortcut, checked against it by a test of every signature.
+Calls run through the one bridge (:mod:`streamckpt.bridge`): in the calling thread when it
+runs no event loop, else on the bridge's loop thread; an open checkpoint keeps that thread
+while it is open.
+
+One shortcut: :func:`read_tensor` of a whole tensor and :func:`list_tensors` of a checkpoint
+on local disk run the format's decoders over plain file reads in the calling thread
+(:mod:`streamckpt.pipeline.local_read`), with no event loop; everything else here, and the
+bridge and anyio themselves, load on first use. A fresh process that reads one local tensor
+pays for numpy and the format code alone (issue 15.1, pinned by test_cold_start).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-import anyio.from_thread
-
-from streamckpt import api
-from streamckpt.bridge import BlockingTwin, blocking, blocking_method, default_bridge
-from streamckpt.pipeline.read import CheckpointReader, TensorInfo
+from streamckpt.pipeline.local_read import list_local_tensors, local_path, read_whole
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from streamckpt import api
+    from streamckpt.bridge import blocking
     from streamckpt.checkpoint import SyncCheckpoint as Checkpoint
-    from streamckpt.format.bundle import BundleHeader
+    from streamckpt.checkpoint import load_nested as _load_nested
     from streamckpt.manager import SyncCheckpointManager as CheckpointManager
-    from streamckpt.storage import Store
+    from streamckpt.manager import latest_checkpoint as _latest_checkpoint
+    from streamckpt.pipeline import bytewise
+    from streamckpt.pipeline.info import TensorInfo
+    from streamckpt.storage import PathLike
+    from streamckpt.sync_reader import SyncCheckpointReader as SyncCheckpointReader
+    from streamckpt.sync_reader import blocking_open
+
+    save = blocking(api.save)
+    load = blocking(api.load)
+    open = blocking_open
+    latest_checkpoint = blocking(_latest_checkpoint)
+    load_nested = blocking(_load_nested)
+    copy_checkpoint = blocking(bytewise.copy_checkpoint)
+    verify_checkpoint = blocking(bytewise.verify_checkpoint)
 
 __all__ = [
     "Checkpoint",
@@ -32,6 +50,7 @@ __all__ = [
     "SyncCheckpointReader",
     "copy_checkpoint",
     "latest_checkpoint",
+    "list_tensors",
     "load",
     "load_nested",
     "open",
@@ -47,22 +66,69 @@ T = TypeVar("T")
 
 def run(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run one coroutine function to completion from sync code (through the bridge)."""
+    from streamckpt.bridge import default_bridge
+
     return default_bridge.run(fn, *args, **kwargs)
 
 
-save = blocking(api.save)
-load = blocking(api.load)
-read_tensor = blocking(api.read_tensor)
+def read_tensor(
+    prefix: PathLike,
+    name: str | bytes,
+    *,
+    index: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+    stats: dict[str, float] | None = None,
+) -> np.ndarray[Any, Any]:
+    """Blocking :func:`streamckpt.api.read_tensor`.
 
-if TYPE_CHECKING:
-    from streamckpt.checkpoint import load_nested as _load_nested
-    from streamckpt.manager import latest_checkpoint as _latest_checkpoint
-    from streamckpt.pipeline import bytewise
+    One tensor, fetching only the index pieces and byte ranges it needs. A whole tensor of a
+    local checkpoint is read without an event loop (no ``index``, no ``stats`` asked).
+    """
+    path = local_path(prefix, filesystem) if index is None and stats is None else None
+    if path is not None:
+        value = read_whole(path, name)
+        if value is not None:
+            return value
+    value = _twin("read_tensor")(
+        prefix,
+        name,
+        index=index,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        stats=stats,
+    )
+    return cast("np.ndarray[Any, Any]", value)
 
-    latest_checkpoint = blocking(_latest_checkpoint)
-    load_nested = blocking(_load_nested)
-    copy_checkpoint = blocking(bytewise.copy_checkpoint)
-    verify_checkpoint = blocking(bytewise.verify_checkpoint)
+
+def list_tensors(
+    prefix: PathLike,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> dict[str, TensorInfo]:
+    """Blocking :func:`streamckpt.api.list_tensors`.
+
+    What the index says of every tensor, reading no data; a local checkpoint's index is read
+    without an event loop.
+    """
+    path = local_path(prefix, filesystem)
+    if path is not None:
+        return list_local_tensors(path)
+    infos = _twin("list_tensors")(prefix, storage_options=storage_options, filesystem=filesystem)
+    return cast("dict[str, TensorInfo]", infos)
+
+
+def _twin(name: str) -> Any:
+    """The blocking twin of ``streamckpt.api.<name>`` (made on first use)."""
+    from streamckpt import api
+    from streamckpt.bridge import blocking
+
+    return blocking(getattr(api, name))
+
+
+def _from_api(name: str) -> Callable[[], Any]:
+    return lambda: _twin(name)
 
 
 def _checkpoint() -> Any:
@@ -78,32 +144,53 @@ def _checkpoint_manager() -> Any:
 
 
 def _latest_checkpoint_twin() -> Any:
+    from streamckpt.bridge import blocking
     from streamckpt.manager import latest_checkpoint
 
     return blocking(latest_checkpoint)
 
 
 def _load_nested_twin() -> Any:
+    from streamckpt.bridge import blocking
     from streamckpt.checkpoint import load_nested
 
     return blocking(load_nested)
 
 
 def _copy_checkpoint_twin() -> Any:
+    from streamckpt.bridge import blocking
     from streamckpt.pipeline.bytewise import copy_checkpoint
 
     return blocking(copy_checkpoint)
 
 
 def _verify_checkpoint_twin() -> Any:
+    from streamckpt.bridge import blocking
     from streamckpt.pipeline.bytewise import verify_checkpoint
 
     return blocking(verify_checkpoint)
 
 
-# The high level (checkpoint, manager) and the bytewise tools load on first use: a script
-# that only reads tensors starts without them (issue 15.1, pinned by test_cold_start).
+def _open_twin() -> Any:
+    from streamckpt.sync_reader import blocking_open
+
+    return blocking_open
+
+
+def _reader_class() -> Any:
+    from streamckpt.sync_reader import SyncCheckpointReader
+
+    return SyncCheckpointReader
+
+
+# Everything but the local shortcuts loads on first use: a script that only reads local
+# tensors starts without the bridge, anyio, the async pipeline or the high level (issue 15.1,
+# pinned by test_cold_start).
 _LAZY: dict[str, Callable[[], Any]] = {
+    "save": _from_api("save"),
+    "load": _from_api("load"),
+    "open": _open_twin,
+    "SyncCheckpointReader": _reader_class,
     "Checkpoint": _checkpoint,
     "CheckpointManager": _checkpoint_manager,
     "latest_checkpoint": _latest_checkpoint_twin,
@@ -120,84 +207,3 @@ def __getattr__(name: str) -> Any:
     value = make()
     globals()[name] = value
     return value
-
-
-class SyncCheckpointReader(BlockingTwin):
-    """An open checkpoint for sync code: :class:`CheckpointReader`'s blocking twin.
-
-    Its coroutines run on the bridge's loop thread, which the ``with`` block of :func:`open`
-    holds, so the reader's connections stay on one loop for its whole life.
-    """
-
-    __slots__ = ("_portal", "_reader")
-
-    def __init__(self, portal: anyio.from_thread.BlockingPortal, reader: CheckpointReader):
-        self._portal = portal
-        self._reader = reader
-
-    def _twin_target(self) -> CheckpointReader:
-        return self._reader
-
-    def _twin_run(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        return self._portal.call(functools.partial(fn, *args, **kwargs))
-
-    @property
-    def uri(self) -> str:
-        return self._reader.uri
-
-    @property
-    def index_uri(self) -> str:
-        return self._reader.index_uri
-
-    @property
-    def prefix_path(self) -> str:
-        return self._reader.prefix_path
-
-    @property
-    def store(self) -> Store:
-        return self._reader.store
-
-    @property
-    def entries(self) -> dict[str, TensorInfo]:
-        return self._reader.entries
-
-    @property
-    def header(self) -> BundleHeader:
-        return self._reader.header
-
-    @property
-    def stats(self) -> dict[str, float]:
-        return self._reader.stats
-
-    @functools.wraps(CheckpointReader.shard_path)
-    def shard_path(self, shard_id: int) -> str:
-        return self._reader.shard_path(shard_id)
-
-    read_header = blocking_method(CheckpointReader.read_header)
-    load_index = blocking_method(CheckpointReader.load_index)
-    entry = blocking_method(CheckpointReader.entry)
-    info = blocking_method(CheckpointReader.info)
-    read = blocking_method(CheckpointReader.read)
-    read_many = blocking_method(CheckpointReader.read_many)
-    read_boxes = blocking_method(CheckpointReader.read_boxes)
-
-
-def _blocking_open(
-    fn: Callable[P, contextlib.AbstractAsyncContextManager[CheckpointReader]],
-) -> Callable[P, contextlib.AbstractContextManager[SyncCheckpointReader]]:
-    """The ``with`` twin of :func:`streamckpt.open`: same parameters."""
-
-    @contextlib.contextmanager
-    def twin(*args: P.args, **kwargs: P.kwargs) -> Iterator[SyncCheckpointReader]:
-        with (
-            default_bridge.lease() as portal,
-            portal.wrap_async_context_manager(fn(*args, **kwargs)) as reader,
-        ):
-            yield SyncCheckpointReader(portal, reader)
-
-    functools.update_wrapper(twin, fn)
-    twin.__doc__ = f"Blocking :func:`streamckpt.open`, as a ``with`` block.\n\n{fn.__doc__}"
-    return twin
-
-
-open = _blocking_open(api.open)

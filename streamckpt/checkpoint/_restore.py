@@ -45,7 +45,8 @@ from streamckpt.objectgraph import (
     parse_object_graph,
     tree_nodes,
 )
-from streamckpt.pipeline.read import CheckpointReader, TensorInfo
+from streamckpt.pipeline.info import TensorInfo
+from streamckpt.pipeline.read import CheckpointReader
 from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
 from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike

@@ -20,6 +20,7 @@ import anyio
 import numpy as np
 
 import streamckpt
+import streamckpt.sync
 from streamckpt.cli._output import Output, hinted, human
 from streamckpt.cli._where import check_url, filesystem, protocol_of
 from streamckpt.errors import CheckpointNotFoundError, NamingError
@@ -55,13 +56,10 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
 
 
 def _ls_tensors(prefix: str, args: argparse.Namespace, out: Output) -> int:
-    async def entries() -> list[streamckpt.TensorInfo]:
-        async with streamckpt.open(prefix) as reader:
-            return sorted(reader.entries.values(), key=lambda e: e.name)
-
+    listed = streamckpt.sync.list_tensors(prefix)  # a local index: no event loop
     infos = [
         e
-        for e in anyio.run(entries)
+        for e in sorted(listed.values(), key=lambda e: e.name)
         if args.filter is None or fnmatch.fnmatchcase(e.name, args.filter)
     ]
     rows: list[dict[str, Any]] = [

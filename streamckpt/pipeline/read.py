@@ -21,7 +21,6 @@ errors name URI, tensor, shard and offset.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from streamckpt.format.bundle import (
     key_to_name,
     name_to_key,
 )
-from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
+from streamckpt.format.dtypes import is_fixed_size, itemsize, numpy_dtype
 from streamckpt.format.partitioned import check_piece, check_tiling, piece_keys, tensor_keys
 from streamckpt.format.payload import check_payload_size, decode_tensor
 from streamckpt.format.slices import TensorSlice, encode_slice_key_tail, slice_key_head
@@ -66,6 +65,7 @@ from streamckpt.format.table import (
     table_size_from_tail,
 )
 from streamckpt.pipeline.index import INDEX_CACHE, IndexState
+from streamckpt.pipeline.info import TensorInfo, info_of
 from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
 from streamckpt.pipeline.region import (
     PieceRead,
@@ -88,50 +88,6 @@ _SIZE_CHECK_THRESHOLD = 16 << 20
 DEFAULT_MAX_CONCURRENT_READS = 16
 # A box read of one stored entry is at most this many requests: past it, gaps are read too.
 DEFAULT_MAX_RUNS = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """What the index says about one tensor, without its data."""
-
-    name: str
-    key: bytes
-    tf_dtype: DataType
-    shape: tuple[int, ...]
-    shard: int
-    offset: int
-    size: int
-    crc32c: int
-    slices: tuple[TensorSlice, ...] = ()
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return numpy_dtype(self.tf_dtype)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the decoded array (for strings: the stored payload size)."""
-        if not is_fixed_size(self.tf_dtype):
-            return self.size
-        return math.prod(self.shape) * itemsize(self.tf_dtype)
-
-    @property
-    def is_partitioned(self) -> bool:
-        return bool(self.slices)
-
-
-def _info(key: bytes, entry: BundleEntry) -> TensorInfo:
-    return TensorInfo(
-        name=key_to_name(key),
-        key=key,
-        tf_dtype=entry.dtype,
-        shape=entry.shape,
-        shard=entry.shard_id,
-        offset=entry.offset,
-        size=entry.size,
-        crc32c=entry.crc32c,
-        slices=entry.slices,
-    )
 
 
 class CheckpointReader:
@@ -228,7 +184,7 @@ class CheckpointReader:
             raise RuntimeError("the index is not loaded; open with load_index=True")
         view = self._entries_view
         if view is None or view[0] is not decoded:
-            infos = {key_to_name(k): _info(k, decoded[k]) for k in tensor_keys(decoded)}
+            infos = {key_to_name(k): info_of(k, decoded[k]) for k in tensor_keys(decoded)}
             view = self._entries_view = (decoded, infos)
         return view[1]
 
@@ -300,7 +256,7 @@ class CheckpointReader:
     async def info(self, name: str | bytes) -> TensorInfo:
         """What the index says about one tensor (one block read at most when not loaded)."""
         key = name_to_key(name)
-        return _info(key, await self.entry(key))
+        return info_of(key, await self.entry(key))
 
     # -- data ---------------------------------------------------------------------------
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
-import errno
 import mmap
-import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -24,12 +22,9 @@ import anyio
 import anyio.from_thread
 
 from streamckpt.errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    PermissionDeniedError,
-    StorageError,
     StreamCkptError,
     TruncatedError,
+    error_for,
 )
 from streamckpt.storage.claim import Claim, StoreClaim
 from streamckpt.storage.retry import StoreStats, http_status
@@ -382,37 +377,4 @@ def translate_error(exc: Exception, uri: str) -> StreamCkptError:
     """The streamckpt error for one backend exception (see ``map_errors``)."""
     if isinstance(exc, StreamCkptError):
         return exc.with_context(uri=uri)
-    code = _errno_of(exc)
-    status = http_status(exc)
-    text = str(exc) if isinstance(exc, OSError) else repr(exc)
-    error: StreamCkptError
-    if isinstance(exc, FileNotFoundError) or code == errno.ENOENT or status == 404:
-        error = CheckpointNotFoundError(f"not found: {text}", uri=uri)
-    elif isinstance(exc, FileExistsError) or code == errno.EEXIST:
-        error = CheckpointExistsError(f"already exists: {text}", uri=uri)
-    elif (
-        isinstance(exc, PermissionError)
-        or code in (errno.EACCES, errno.EPERM)
-        or status in (401, 403)
-        or text.startswith("Forbidden")  # gcsfs raises a bare OSError("Forbidden: ...")
-    ):
-        error = PermissionDeniedError(f"permission denied: {text}", uri=uri)
-    else:
-        error = StorageError(f"storage error: {text}", uri=uri)
-    if isinstance(error, OSError):
-        error.errno = code
-        if code is not None:
-            error.strerror = os.strerror(code)
-    return error
-
-
-def _errno_of(exc: BaseException) -> int | None:
-    """The first errno in the exception's chain (a client may wrap the OSError it got)."""
-    current: BaseException | None = exc
-    for _ in range(8):
-        if current is None:
-            return None
-        if isinstance(current, OSError) and isinstance(current.errno, int):
-            return current.errno
-        current = current.__cause__ or current.__context__
-    return None
+    return error_for(exc, uri, status=http_status(exc))

@@ -25,6 +25,7 @@ FUNCTIONS = [
     (streamckpt.save, streamckpt.sync.save),
     (streamckpt.load, streamckpt.sync.load),
     (streamckpt.read_tensor, streamckpt.sync.read_tensor),
+    (streamckpt.list_tensors, streamckpt.sync.list_tensors),
     (streamckpt.open, streamckpt.sync.open),
     (streamckpt.latest_checkpoint, streamckpt.sync.latest_checkpoint),
     (streamckpt.load_nested, streamckpt.sync.load_nested),

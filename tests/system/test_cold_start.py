@@ -1,8 +1,9 @@
 """What a fresh process imports: the modules behind a cold start (issue 15.1, issue 14.8).
 
 Every module a process imports is paid for on each start, before the first byte is read. A
-process that reads one local tensor needs numpy, anyio, crc32c, cramjam and the read pipeline;
-not fsspec and its backends, protobuf, ml_dtypes, the high level or the save pipeline. These
+process that reads one local tensor needs numpy, crc32c, cramjam, the format code and the
+blocking local reader; not anyio and the event loop's pipeline, fsspec and its backends,
+protobuf, ml_dtypes, the high level or the save pipeline. These
 tests run real subprocesses and pin the modules each step loads, so that an eager import that
 slips back in fails here (its cost is measured by ``python -m benchmarks cold-start``).
 """
@@ -43,11 +44,22 @@ steps["import"] = loaded()
 import streamckpt.sync
 streamckpt.sync.read_tensor(sys.argv[1], "dense/kernel")
 steps["read_tensor"] = loaded()
+streamckpt.sync.list_tensors(sys.argv[1])
+steps["list_tensors"] = loaded()
 print(json.dumps(steps))
 """
 
 # Never loaded by ``import streamckpt`` and a local read (their top-level names).
-HEAVY_THIRD_PARTY = {"fsspec", "gcsfs", "s3fs", "google", "ml_dtypes", "aiohttp", "botocore"}
+HEAVY_THIRD_PARTY = {
+    "fsspec",
+    "gcsfs",
+    "s3fs",
+    "google",
+    "ml_dtypes",
+    "aiohttp",
+    "botocore",
+    "anyio",
+}
 HEAVY_OURS = {
     "streamckpt.checkpoint",
     "streamckpt.manager",
@@ -57,13 +69,16 @@ HEAVY_OURS = {
     "streamckpt.distributed",
     "streamckpt.storage.fsspec_store",
     "streamckpt.proto",
-}
-
-READ_THIRD_PARTY = ["anyio", "cramjam", "crc32c", "numpy", "typing_extensions"]
-READ_OURS = [
-    "streamckpt",
+    # the event loop's side: a whole local tensor is read with plain file reads
     "streamckpt.api",
     "streamckpt.bridge",
+    "streamckpt.pipeline.read",
+    "streamckpt.storage",
+}
+
+READ_THIRD_PARTY = ["cramjam", "crc32c", "numpy"]
+READ_OURS = [
+    "streamckpt",
     "streamckpt.errors",
     "streamckpt.format",
     "streamckpt.format.block",
@@ -79,16 +94,8 @@ READ_OURS = [
     "streamckpt.format.variant",
     "streamckpt.format.varint",
     "streamckpt.pipeline",
-    "streamckpt.pipeline.index",
-    "streamckpt.pipeline.plan",
-    "streamckpt.pipeline.read",
-    "streamckpt.pipeline.region",
-    "streamckpt.sharding",
-    "streamckpt.storage",
-    "streamckpt.storage.base",
-    "streamckpt.storage.claim",
-    "streamckpt.storage.local",
-    "streamckpt.storage.retry",
+    "streamckpt.pipeline.info",
+    "streamckpt.pipeline.local_read",
     "streamckpt.sync",
 ]
 
@@ -128,6 +135,12 @@ def test_a_local_read_loads_no_heavy_module(steps: dict[str, Any]) -> None:
 def test_a_local_read_loads_exactly_the_read_path(steps: dict[str, Any]) -> None:
     """Pinned whole: a new module on this path is a choice to make here, with its cost."""
     assert steps["read_tensor"] == {"third_party": READ_THIRD_PARTY, "streamckpt": READ_OURS}
+
+
+def test_a_local_listing_loads_nothing_more(steps: dict[str, Any]) -> None:
+    """``streamckpt.sync.list_tensors`` (and so ``streamckpt ls PREFIX``) of a local
+    checkpoint needs no module beyond the read's."""
+    assert steps["list_tensors"] == steps["read_tensor"]
 
 
 def test_the_api_default_chunk_is_the_save_pipelines() -> None:

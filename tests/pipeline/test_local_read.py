@@ -1,0 +1,204 @@
+"""The blocking local reads answer as the async pipeline does, values and errors alike.
+
+``streamckpt.sync.read_tensor`` of a whole local tensor and ``streamckpt.sync.list_tensors``
+of a local checkpoint skip the event loop (``streamckpt.pipeline.local_read``). A user must
+not be able to tell, except by the clock: every golden TensorFlow fixture reads the same both
+ways, and every damaged checkpoint below fails with the same error class, message, URI,
+tensor, shard and offset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import ml_dtypes
+import numpy as np
+import pytest
+from support import TF_FIXTURES, load_manifest
+
+import streamckpt
+import streamckpt.sync
+from streamckpt.pipeline import local_read
+
+PREFIXES = sorted(
+    {bundle["prefix"] for fixture in load_manifest()["fixtures"] for bundle in fixture["bundles"]}
+)
+
+
+def async_read(prefix: str, name: str) -> np.ndarray[Any, Any]:
+    streamckpt.clear_index_cache()
+    return anyio.run(lambda: streamckpt.read_tensor(prefix, name))
+
+
+def async_list(prefix: str) -> dict[str, streamckpt.TensorInfo]:
+    streamckpt.clear_index_cache()
+    return anyio.run(lambda: streamckpt.list_tensors(prefix))
+
+
+def same_array(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> None:
+    assert (a.dtype, a.shape) == (b.dtype, b.shape)
+    if a.dtype == object:
+        assert a.tolist() == b.tolist()
+    else:
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_golden_checkpoints_read_the_same_both_ways(prefix: str) -> None:
+    path = str(TF_FIXTURES / prefix)
+    listed = streamckpt.sync.list_tensors(path)
+    assert listed == async_list(path)
+    assert listed
+    for name in listed:
+        same_array(streamckpt.sync.read_tensor(path, name), async_read(path, name))
+
+
+def test_the_shortcut_is_taken_for_whole_local_tensors_only(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "ckpt")
+    value = np.arange(24, dtype=np.float32).reshape(4, 6)
+    streamckpt.sync.save(prefix, {"w": value})
+    assert local_read.local_path(prefix, None) == prefix
+    assert local_read.local_path(f"file://{prefix}", None) == prefix
+    assert local_read.local_path(Path(prefix), None) == prefix
+    assert local_read.local_path("memory://x/ckpt", None) is None
+    assert local_read.local_path("simplecache::file:///x", None) is None
+    assert local_read.local_path(prefix, object()) is None
+    same_array(local_read.read_whole(prefix, "w"), value)  # type: ignore[arg-type]
+    same_array(streamckpt.sync.read_tensor(f"file://{prefix}", "w"), value)
+    # a box goes the async way and still reads only its part
+    same_array(streamckpt.sync.read_tensor(prefix, "w", index=np.s_[1:3, 2]), value[1:3, 2])
+    stats: dict[str, float] = {}
+    streamckpt.sync.read_tensor(prefix, "w", stats=stats)
+    assert stats["requests"] >= 1  # stats asked: the pipeline that counts them ran
+
+
+def test_dtypes_numpy_lacks_read_back_exactly(tmp_path: Path) -> None:
+    prefix = str(tmp_path / "ckpt")
+    tensors = {
+        "bf16": np.linspace(-3, 3, 7).astype(ml_dtypes.bfloat16),
+        "empty": np.zeros((0, 5), np.int64),
+        "scalar": np.float64(2.5),
+        "strings": np.array([b"a", b"", b"\x00" * 300], dtype=object),
+    }
+    streamckpt.sync.save(prefix, tensors)
+    for name, value in tensors.items():
+        got = streamckpt.sync.read_tensor(prefix, name)
+        same_array(got, np.asarray(value))
+        same_array(got, async_read(prefix, name))
+
+
+def test_partitioned_tensors_are_assembled_by_the_pipeline() -> None:
+    path = str(TF_FIXTURES / "partitioned_v1" / "model-7")
+    partitioned = [i.name for i in streamckpt.sync.list_tensors(path).values() if i.slices]
+    assert partitioned
+    for name in partitioned:
+        assert local_read.read_whole(path, name) is None
+        same_array(streamckpt.sync.read_tensor(path, name), async_read(path, name))
+
+
+# -- damaged checkpoints: the same error both ways ---------------------------------------------
+
+
+def _shard(prefix: str) -> str:
+    return f"{prefix}.data-00000-of-00001"
+
+
+def _flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def _truncate(path: str, size: int) -> None:
+    os.truncate(path, size)
+
+
+def _entry_offset(prefix: str, name: str) -> int:
+    return streamckpt.sync.list_tensors(prefix)[name].offset
+
+
+DAMAGE: dict[str, tuple[Callable[[str], None], str, type[Exception]]] = {
+    "no index": (lambda p: os.remove(f"{p}.index"), "w", streamckpt.CheckpointNotFoundError),
+    "no shard": (lambda p: os.remove(_shard(p)), "w", streamckpt.CheckpointNotFoundError),
+    "no such tensor": (lambda p: None, "nope", streamckpt.TensorNotFoundError),
+    "the header's key": (lambda p: None, "", streamckpt.TensorNotFoundError),
+    "shard cut short": (lambda p: _truncate(_shard(p), 100), "w", streamckpt.TruncatedError),
+    "a flipped data byte": (
+        lambda p: _flip(_shard(p), _entry_offset(p, "w") + 17),
+        "w",
+        streamckpt.ChecksumError,
+    ),
+    "a flipped footer byte": (
+        lambda p: _flip(f"{p}.index", os.path.getsize(f"{p}.index") - 1),
+        "w",
+        streamckpt.CorruptCheckpointError,
+    ),
+    "a flipped index block byte": (
+        lambda p: _flip(f"{p}.index", os.path.getsize(f"{p}.index") - 60),
+        "w",
+        streamckpt.CorruptCheckpointError,
+    ),
+    "a flipped data block byte": (
+        lambda p: _flip(f"{p}.index", 3),
+        "w",
+        streamckpt.CorruptCheckpointError,
+    ),
+    "index cut to 10 bytes": (
+        lambda p: _truncate(f"{p}.index", 10),
+        "w",
+        streamckpt.CorruptCheckpointError,
+    ),
+    "empty index": (lambda p: _truncate(f"{p}.index", 0), "w", streamckpt.CorruptCheckpointError),
+}
+
+
+def _failure(call: Callable[[], Any]) -> streamckpt.StreamCkptError:
+    with pytest.raises(streamckpt.StreamCkptError) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damage_fails_the_same_way_both_ways(tmp_path: Path, damage: str) -> None:
+    prefix = str(tmp_path / "ckpt")
+    rng = np.random.default_rng(3)
+    streamckpt.sync.save(
+        prefix, {"a": rng.standard_normal(50), "w": rng.standard_normal((64, 64)).astype("f4")}
+    )
+    harm, name, expected = DAMAGE[damage]
+    harm(prefix)
+    blocking = _failure(lambda: streamckpt.sync.read_tensor(prefix, name))
+    looped = _failure(lambda: async_read(prefix, name))
+    assert isinstance(blocking, expected), repr(blocking)
+    assert type(blocking) is type(looped)
+    assert str(blocking) == str(looped)
+    context = ("uri", "tensor", "shard", "offset")
+    assert [getattr(blocking, k) for k in context] == [getattr(looped, k) for k in context]
+    if name and damage != "no index":
+        assert blocking.uri is not None
+
+
+def test_a_hostile_size_is_refused_before_any_allocation(tmp_path: Path) -> None:
+    """An entry that claims 2**40 bytes in a small shard: refused from the shard's size."""
+    from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
+    from streamckpt.format.dtypes import DataType
+
+    prefix = str(tmp_path / "ckpt")
+    streamckpt.sync.save(prefix, {"w": np.zeros(4, np.float32)})
+    entry = BundleEntry(
+        dtype=DataType.DT_FLOAT, shape=(1 << 38,), shard_id=0, offset=0, size=1 << 40, crc32c=0
+    )
+    Path(f"{prefix}.index").write_bytes(encode_index(BundleHeader(num_shards=1), [(b"w", entry)]))
+    blocking = _failure(lambda: streamckpt.sync.read_tensor(prefix, "w"))
+    looped = _failure(lambda: async_read(prefix, "w"))
+    assert isinstance(blocking, streamckpt.TruncatedError)
+    assert type(blocking) is type(looped)
+    # the async reader words a claim this large as the shard's size check does
+    context = ("uri", "tensor", "shard", "offset")
+    assert [getattr(blocking, k) for k in context] == [getattr(looped, k) for k in context]
