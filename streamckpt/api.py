@@ -181,7 +181,7 @@ async def load(
     wanted = None if names is None else list(names)
 
     async def read(reader: CheckpointReader) -> dict[str, np.ndarray[Any, Any]]:
-        return await reader.read_many(list(reader.entries) if wanted is None else wanted)
+        return await reader.read_many(wanted)
 
     opener = functools.partial(
         open,

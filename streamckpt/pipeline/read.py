@@ -410,9 +410,20 @@ class CheckpointReader:
         if self._s.entries is None and lookups > len(self._s.index.handles):
             await self.load_index()
 
-    async def read_many(self, names: Iterable[str | bytes]) -> dict[str, np.ndarray[Any, Any]]:
-        """Whole tensors, fetched with merged ranged reads, each verified by its crc32c."""
-        keys = [name_to_key(n) for n in names]
+    async def read_many(
+        self, names: Iterable[str | bytes] | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Whole tensors, fetched with merged ranged reads, each verified by its crc32c.
+
+        ``None`` reads every tensor (the whole index is loaded); its keys are taken straight
+        from the entries, not through ``entries``' per-tensor descriptions.
+        """
+        if names is None:
+            await self.load_index()
+            assert self._s.entries is not None
+            keys = tensor_keys(self._s.entries)
+        else:
+            keys = [name_to_key(n) for n in names]
         plain, pieces = await self._plain_entries(keys)
         placements = [Placement(k, e.shard_id, e.offset, e.size) for k, e in plain.items()]
         await self._check_fits(placements)
