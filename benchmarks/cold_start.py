@@ -7,10 +7,15 @@ One untimed round first writes the children's bytecode caches (``PYTHONDONTWRITE
 unset for them: an installed package has its ``.pyc`` files) and warms the page cache.
 
 - read one tensor: ``streamckpt.sync.read_tensor(prefix, name)``, 4 MiB of a 256 MiB local
-  checkpoint, beside safetensors' ``safe_open(..., framework="numpy").get_tensor(name)`` of
-  the same tensors in one ``.safetensors`` file, and TensorFlow's
-  ``tf.train.load_checkpoint(prefix).get_tensor(name)`` (its import takes seconds: a peer row,
-  fewer rounds);
+  checkpoint (64 tensors of 4 MiB), beside each peer reading the same tensor of the same
+  tensors saved by it (``benchmarks.peers``' savers), in its own way of reading one tensor:
+  safetensors ``safe_open(..., framework="numpy").get_tensor(name)``; TensorFlow
+  ``tf.train.load_checkpoint(prefix).get_tensor(name)`` of streamckpt's checkpoint (the
+  same format); ``torch.load(path, mmap=True, weights_only=True)[name].clone()``; torch DCP
+  ``load`` of a one-key state dict sized from the checkpoint's metadata; orbax
+  ``PyTreeCheckpointer().restore(..., partial_restore=True)`` of one key; TensorStore
+  ``open(...).read()`` of one array. Peers other than safetensors import for seconds: they
+  run --peer-rounds rounds;
 - the command line: ``streamckpt --help`` and ``streamckpt ls PREFIX`` of a two-tensor
   checkpoint;
 - the floor beside them: ``python -c pass`` and ``python -c "import numpy"``.
@@ -21,7 +26,6 @@ within 1.5x of the numpy floor (which includes the interpreter's start).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,29 +34,72 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import harness
+from benchmarks import harness, peers
 from benchmarks.report import Times, loadavg, median, print_table, ratio, spread
 from benchmarks.workloads import MIB
 
 NAME = "layer3/kernel"
-READ_STREAMCKPT = "import streamckpt.sync as s, sys; s.read_tensor(sys.argv[1], sys.argv[2])"
-READ_SAFETENSORS = (
-    "import sys\nfrom safetensors import safe_open\n"
-    "with safe_open(sys.argv[1], framework='numpy') as f: f.get_tensor(sys.argv[2])"
-)
-READ_TF = (
-    "import sys, tensorflow as tf; tf.train.load_checkpoint(sys.argv[1]).get_tensor(sys.argv[2])"
-)
+#: tool id of ``benchmarks.peers`` -> a script reading tensor ``argv[2]`` of ``argv[1]``
+READERS = {
+    "streamckpt": "import streamckpt.sync as s, sys; s.read_tensor(sys.argv[1], sys.argv[2])",
+    "safetensors": (
+        "import sys\nfrom safetensors import safe_open\n"
+        "with safe_open(sys.argv[1], framework='numpy') as f: f.get_tensor(sys.argv[2])"
+    ),
+    "tensorflow": (
+        "import sys, tensorflow as tf\n"
+        "tf.train.load_checkpoint(sys.argv[1]).get_tensor(sys.argv[2])"
+    ),
+    "torch-save": (
+        "import sys, torch\n"
+        "torch.load(sys.argv[1], mmap=True, weights_only=True)[sys.argv[2]].clone()"
+    ),
+    "torch-dcp": (
+        "import sys, torch, torch.distributed.checkpoint as dcp\n"
+        "reader, name = dcp.FileSystemReader(sys.argv[1]), sys.argv[2]\n"
+        "meta = reader.read_metadata().state_dict_metadata[name]\n"
+        "target = {name: torch.empty(meta.size, dtype=meta.properties.dtype)}\n"
+        "dcp.load(target, storage_reader=reader)"
+    ),
+    "orbax": (
+        "import sys, numpy as np, orbax.checkpoint as ocp\n"
+        "name = sys.argv[2]\n"
+        "args = ocp.args.PyTreeRestore(item={name: 0}, partial_restore=True,\n"
+        "    restore_args={name: ocp.RestoreArgs(restore_type=np.ndarray)})\n"
+        "ocp.PyTreeCheckpointer().restore(sys.argv[1], args=args)[name]"
+    ),
+    "tensorstore": (  # the layout of peers.TensorStore
+        "import sys, tensorstore as ts\n"
+        "kv = {'driver': 'ocdbt', 'base': f'file://{sys.argv[1]}/', 'path': f'{sys.argv[2]}/'}\n"
+        "ts.open({'driver': 'zarr', 'kvstore': kv}, open=True).result().read().result()"
+    ),
+}
+LABELS = {
+    "streamckpt": "streamckpt read_tensor",
+    "safetensors": "safetensors get_tensor",
+    "tensorflow": "tf load_checkpoint get_tensor",
+    "torch-save": "torch.load(mmap=True)[name]",
+    "torch-dcp": "torch DCP load of one key",
+    "orbax": "orbax partial restore",
+    "tensorstore": "TensorStore open + read",
+}
+FLOOR = "python -c 'import numpy'"
+LIGHT = ("streamckpt", "safetensors")  # every round; the other peers --peer-rounds rounds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, help="rounds of every command (default 9; quick 2)")
-    p.add_argument("--tf-runs", type=int, help="rounds with TensorFlow (default 3; quick 0)")
+    p.add_argument(
+        "--peer-rounds",
+        type=int,
+        help="rounds with the peers but safetensors (default 3; quick 0: not run)",
+    )
     p.add_argument("--size-mib", type=int, help="checkpoint size (default 256; quick 16)")
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child: the checkpoints and the safetensors file that the timed children read."""
+    """Child: streamckpt's two checkpoints, and each of ``spec["peers"]`` that saves its own
+    (TensorFlow reads streamckpt's) under ``spec["dir"]/TOOL``, with ``peers``' savers."""
     import numpy as np
 
     import streamckpt.sync
@@ -68,27 +115,25 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
         {"dense/kernel": np.ones((3, 4), np.float32), "step": np.int64(7)},
         overwrite=True,
     )
-    out: dict[str, Any] = {"safetensors": False}
-    if importlib.util.find_spec("safetensors") is not None:
-        from safetensors.numpy import save_file
+    for tool in spec["peers"]:
+        if tool != "tensorflow":
+            saver, root = peers.make_tool(tool), os.path.join(spec["dir"], tool)
+            os.makedirs(root, exist_ok=True)
+            saver.save(saver.prepare_save(dict(tensors)), root)
+    return {}
 
-        save_file(tensors, spec["safetensors"])
-        out["safetensors"] = True
-    return out
 
-
-def _commands(directory: Path, have: dict[str, Any]) -> dict[str, list[str]]:
+def _commands(directory: Path, tools: list[str]) -> dict[str, list[str]]:
+    """label -> argv: the floors, each tool's read of one tensor, the command line."""
     py = sys.executable
     cli = shutil.which("streamckpt", path=os.path.dirname(py)) or ""
     big, small = str(directory / "big"), str(directory / "small")
-    commands = {
-        "python -c pass": [py, "-c", "pass"],
-        "python -c 'import numpy'": [py, "-c", "import numpy"],
-        "streamckpt read_tensor": [py, "-c", READ_STREAMCKPT, big, NAME],
-    }
-    if have.get("safetensors"):
-        path = str(directory / "model.safetensors")
-        commands["safetensors get_tensor"] = [py, "-c", READ_SAFETENSORS, path, NAME]
+    commands = {"python -c pass": [py, "-c", "pass"], FLOOR: [py, "-c", "import numpy"]}
+    for tool in tools:
+        path = big if tool in ("streamckpt", "tensorflow") else str(directory / tool)
+        if tool not in ("streamckpt", "tensorflow"):
+            path = peers.checkpoint_path(tool, path)
+        commands[LABELS[tool]] = [py, "-c", READERS[tool], path, NAME]
     if cli:
         commands["streamckpt --help"] = [cli, "--help"]
         commands["streamckpt ls PREFIX"] = [cli, "ls", small]
@@ -96,47 +141,73 @@ def _commands(directory: Path, have: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _time(argv: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one child; its stderr (the peers' warnings) is kept, shown on failure."""
     started = time.perf_counter()
-    subprocess.run(
-        argv, check=True, env=env, cwd=harness.ROOT, stdout=subprocess.DEVNULL, timeout=600
-    )
-    return time.perf_counter() - started
+    done = subprocess.run(
+        argv, env=env, cwd=harness.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        timeout=600, check=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        tail = done.stderr.decode(errors="replace")[-1500:]
+        raise RuntimeError(f"{argv[1:3]} exited with {done.returncode}:\n{tail}")
+    return seconds
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    runs = args.runs or (2 if args.quick else 9)
-    tf_runs = args.tf_runs if args.tf_runs is not None else (0 if args.quick else 3)
-    size_mib = args.size_mib or (16 if args.quick else 256)
-    directory = Path(args.dir or "bench-out") / "cold-start"
+def measure(
+    directory: Path, *, runs: int, peer_rounds: int, size_mib: int, tools: list[str]
+) -> dict[str, list[float]]:
+    """Label -> seconds of each round (``tools``: peers' ids, streamckpt always; the
+    installed ones run, all but safetensors in the first ``peer_rounds`` rounds only)."""
+    directory = directory.resolve()
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    wanted = ["streamckpt"] + [t for t in tools if t != "streamckpt"]
+    wanted = [t for t in wanted if t in LIGHT or peer_rounds]
+    installed, _skipped = peers.available(wanted)
     spec = {
         "size_mib": size_mib,
+        "dir": str(directory),
         "big": str(directory / "big"),
         "small": str(directory / "small"),
-        "safetensors": str(directory / "model.safetensors"),
+        "peers": [t for t in installed if t != "streamckpt"],
     }
-    have = harness.run_child("cold_start.prepare", spec, workdir=str(directory), label="prepare")
-    if not have.get("ok"):
-        return {"ok": False, "error": have.get("error")}
-    commands = _commands(directory, have)
-    if tf_runs and importlib.util.find_spec("tensorflow") is not None:
-        commands["tf load_checkpoint get_tensor"] = [
-            sys.executable, "-c", READ_TF, str(directory / "big"), NAME,
-        ]  # fmt: skip
+    made = harness.run_child("cold_start.prepare", spec, workdir=str(directory), label="prepare")
+    if not made.get("ok"):
+        raise RuntimeError(f"cold start: the checkpoints were not written: {made.get('error')}")
+    commands = _commands(directory, installed)
+    heavy = {LABELS[t] for t in installed if t not in LIGHT}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env |= harness.CHILD_ENV
     for argv in commands.values():  # untimed: bytecode caches, page cache
         _time(argv, env)
     seconds: dict[str, list[float]] = {label: [] for label in commands}
-    print(f"{runs} alternating rounds ({tf_runs} with TensorFlow); load average {loadavg()}")
+    print(f"{runs} alternating rounds ({peer_rounds} with the peers); load average {loadavg()}")
     for round_number in range(runs):
         for label, argv in commands.items():
-            if label.startswith("tf ") and round_number >= tf_runs:
+            if label in heavy and round_number >= peer_rounds:
                 continue
             seconds[label].append(_time(argv, env))
-    floor = median(seconds["python -c 'import numpy'"])
-    safetensors = median(seconds.get("safetensors get_tensor", []))
+    return seconds
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    runs = args.runs or (2 if args.quick else 9)
+    peer_rounds = args.peer_rounds if args.peer_rounds is not None else (0 if args.quick else 3)
+    size_mib = args.size_mib or (16 if args.quick else 256)
+    try:
+        seconds = measure(
+            Path(args.dir or "bench-out") / "cold-start",
+            runs=runs,
+            peer_rounds=peer_rounds,
+            size_mib=size_mib,
+            tools=list(READERS),
+        )
+    except RuntimeError as exc:
+        print(f"FAILED: {exc}")
+        return {"ok": False, "error": str(exc)}
+    floor = median(seconds[FLOOR])
+    safetensors = median(seconds.get(LABELS["safetensors"], []))
     rows = [
         [
             label,
@@ -154,7 +225,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ["command", "median ms", "min..max ms", "÷ numpy floor", "÷ safetensors", "runs"],
         rows,
     )
-    read = median(seconds["streamckpt read_tensor"])
+    read = median(seconds[LABELS["streamckpt"]])
     goals = {
         "read_at_most_safetensors": None if safetensors is None else bool(read <= safetensors),
         "help_within_1.5x_floor": _within(seconds.get("streamckpt --help"), floor),

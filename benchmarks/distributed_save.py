@@ -131,8 +131,8 @@ def _can_drop_caches() -> bool:
 def _disk_limit(size: int, workdir: str) -> float | None:
     """One writer's sequential write of ``size`` bytes + fsync here (``harness.limits``)."""
     got = harness.run_child(
-        "harness.limits", {"size": size, "repeats": 1, "dir": workdir}, workdir=workdir,
-        label="limits",
+        "harness.limits", {"size": size, "repeats": 1, "dir": workdir, "direct": False},
+        workdir=workdir, label="limits",
     )  # fmt: skip
     seconds = got.get("seconds", {}).get("disk_write") if got.get("ok") else None
     if not seconds:

@@ -182,6 +182,22 @@ def can_evict(workdir: str) -> bool:
         os.unlink(probe)
 
 
+def load_into_page_cache(root: str) -> None:
+    """Read every file under ``root`` (a file or a directory) once, so that the next read of
+    it comes from the page cache (files written with O_DIRECT are not cached otherwise)."""
+    paths = [root] if os.path.isfile(root) else []
+    for dirpath, _dirs, files in os.walk(root):
+        paths.extend(os.path.join(dirpath, f) for f in files)
+    buffer = memoryview(bytearray(8 * MIB))
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while os.readv(fd, [buffer]):
+                pass
+        finally:
+            os.close(fd)
+
+
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -214,26 +230,75 @@ def disk_usage(root: str) -> int:
 
 LIMIT_NAMES = {
     "disk_write": "disk sequential write (8 MiB os.write + fsync)",
+    "direct_write_1": "disk O_DIRECT write, 1 request in flight (8 MiB pwrite + fsync)",
+    "direct_write_16": "disk O_DIRECT write, 16 requests in flight (8 MiB pwrite + fsync)",
     "disk_read_cold": "disk sequential read, cold cache",
-    "memcpy": "memcpy (np.copyto, pre-faulted)",
+    "memcpy": "memcpy into mapped memory (np.copyto, pre-faulted)",
+    "copy_fresh": "copy into fresh memory (ndarray.copy)",
     "first_touch": "first touch of fresh memory (np.empty + fill)",
     "crc32c": "crc32c (crc32c package, 1 thread)",
 }
+DIRECT_DEPTHS = (1, 16)  # O_DIRECT requests in flight: one thread each
+
+
+def direct_write(path: str, size: int, source: Any, depth: int) -> float | None:
+    """Seconds to write ``size`` bytes with O_DIRECT, ``depth`` 8 MiB pwrites in flight (one
+    thread each, the GIL released in the call), then fsync of the file and its directory;
+    None where the filesystem refuses O_DIRECT (tmpfs). ``source``: an aligned 8 MiB buffer."""
+    import concurrent.futures
+
+    chunk = len(source)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+    if flags == os.O_WRONLY | os.O_CREAT | os.O_TRUNC:
+        return None
+    os.sync()
+    t0 = time.perf_counter()
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        return None
+    try:
+
+        def writer(first: int) -> None:
+            for index in range(first, size // chunk, depth):
+                offset, rest = index * chunk, memoryview(source)
+                while rest:
+                    done = os.pwrite(fd, rest, offset)
+                    rest, offset = rest[done:], offset + done
+
+        with concurrent.futures.ThreadPoolExecutor(depth) as pool:
+            list(pool.map(writer, range(depth)))
+        os.fsync(fd)
+    except OSError:
+        return None  # EINVAL: O_DIRECT accepted at open, refused at write
+    finally:
+        os.close(fd)
+        fsync_path(os.path.dirname(path))
+    seconds = time.perf_counter() - t0
+    os.unlink(path)
+    return seconds
 
 
 def limits(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: each limit ``repeats`` times over ``size`` bytes; seconds per run.
 
     Disk write: 8 MiB os.write calls, then fsync of the file and its directory (one untimed
-    warm-up round first). Cold read: the file evicted from the page cache, os.readv into one
-    reused 8 MiB buffer (with ``cold``). memcpy: np.copyto between two pre-faulted buffers.
-    First touch: np.empty + fill. crc32c: the ``crc32c`` package over 8 MiB pieces.
+    warm-up round first). O_DIRECT write: 8 MiB pwrites from one page-aligned buffer, 1 and
+    16 in flight (``direct_write``). Cold read: the file evicted from the page cache, os.readv
+    into one reused 8 MiB buffer (with ``cold``). memcpy into mapped memory: np.copyto
+    between two pre-faulted buffers. Copy into fresh memory: ``ndarray.copy()`` of one
+    contiguous block (allocation and page faults included). First touch: np.empty + fill.
+    crc32c: the ``crc32c`` package over 8 MiB pieces.
     """
+    import mmap
+
     import crc32c
     import numpy as np
 
     size, repeats, chunk = spec["size"], spec["repeats"], 8 * MIB
     view = np.random.default_rng(3).integers(0, 256, chunk, dtype=np.uint8).data
+    aligned = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    aligned[:] = view
     out: dict[str, list[float]] = {name: [] for name in LIMIT_NAMES}
     path = os.path.join(spec["dir"], "limits.bin")
     for i in range(repeats + 1):
@@ -263,6 +328,10 @@ def limits(spec: dict[str, Any]) -> dict[str, Any]:
             if i:
                 out["disk_read_cold"].append(time.perf_counter() - t0)
         os.unlink(path)
+        for depth in DIRECT_DEPTHS if spec.get("direct", True) else ():
+            seconds = direct_write(path, size, aligned, depth)
+            if i and seconds is not None:
+                out[f"direct_write_{depth}"].append(seconds)
     os.sync()
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -271,6 +340,11 @@ def limits(spec: dict[str, Any]) -> dict[str, Any]:
         out["first_touch"].append(time.perf_counter() - t0)
         del fresh  # freed outside the timed region
     src = np.full(size, 7, np.uint8)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fresh = src.copy()
+        out["copy_fresh"].append(time.perf_counter() - t0)
+        del fresh
     dst = np.zeros(size, np.uint8)
     for _ in range(repeats):
         t0 = time.perf_counter()

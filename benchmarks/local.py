@@ -2,21 +2,24 @@
 
 Workloads A (~1 GiB in 200 tensors of 4 KiB to 32 MiB) and B (20,000 tensors of 1 to 64 KiB);
 tools: streamckpt with 1 and 4 shards, tf.train.Checkpoint (the baseline of every ratio),
-orbax-checkpoint, torch.distributed.checkpoint and safetensors where installed.
+orbax-checkpoint, torch.distributed.checkpoint, safetensors, torch.save and TensorStore where
+installed.
 
 Method, the same for every tool (see ``benchmarks.peers`` for what is timed):
 - save: one child per (tool, workload) does one untimed warm-up save ("1st save"), then
   --repeats timed saves, each into an empty directory after ``sync``;
 - restore: up to --repeats children, each timing the first restore in a fresh process (as at
   job start), the checkpoint's files evicted from the page cache first (cold reads from disk;
-  --warm-cache reads from the page cache for every tool alike); the first one compares every
-  tensor with the data;
+  --warm-cache: read into the page cache first, for every tool alike); the first one compares
+  every tensor with the data;
 - a peer's cell stops repeating once its runs took --cell-budget seconds (the TF baseline
   always runs --repeats times); n says how many runs the median has;
 - peak RSS: VmHWM reset right before the timed call, read right after; "+RSS" is the peak
   minus the RSS before;
-- the machine's limits in the same run: sequential write, cold read, memcpy, first touch,
-  crc32c; the target checks compare save A with the write limit and each op with TF.
+- the machine's limits in the same run (``harness.limits``): sequential write, O_DIRECT
+  write at 1 and 16 requests in flight, cold read, copies into mapped and fresh memory,
+  first touch, crc32c; the target checks compare save A with the write limit and each op
+  with TF.
 GB/s = workload bytes / median seconds / 1e9; "vs TF" = TF seconds / tool seconds.
 
 --quick: tiny workloads, one run, one child per cell doing save and restore, workload B with
@@ -44,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="timed runs per cell (default 3; 1 with --quick)")
     p.add_argument("--tools", help=f"comma list of {', '.join(peers.TOOLS)} (default: all)")
     p.add_argument("--workloads", default="A,B", help="comma list of A,B (default A,B)")
-    p.add_argument("--warm-cache", action="store_true", help="restore from the page cache")
+    p.add_argument(
+        "--warm-cache", action="store_true", help="restore with the files in the page cache"
+    )
     p.add_argument("--no-warmup", action="store_true", help="time the first save in a process")
     p.add_argument("--timeout", type=float, default=600, help="seconds per child (default 600)")
     p.add_argument(
@@ -67,56 +72,83 @@ def workloads(quick: bool, names: str) -> dict[str, tuple[str, int, int]]:
     return {name: specs[name] for name in names.split(",")}
 
 
-def measure_limits(args: argparse.Namespace, workdir: str, cold: bool) -> dict[str, float]:
-    """The limits child; prints each limit and returns GB/s by name."""
-    size = 16 * MIB if args.quick else GIB
-    spec = {"dir": workdir, "size": size, "repeats": args.repeats, "cold": cold}
+def limit_runs(workdir: str, cold: bool, *, size: int, repeats: int) -> dict[str, list[float]]:
+    """The limits child over ``size`` bytes; prints each limit and returns its runs' GB/s."""
+    spec = {"dir": workdir, "size": size, "repeats": repeats, "cold": cold}
     result = harness.run_child("harness.limits", spec, workdir=workdir, label="limits")
     speeds = {}
     for key, seconds in result.get("seconds", {}).items():
-        speeds[key] = size / statistics.median(seconds) / 1e9
-        runs = ", ".join(f"{size / s / 1e9:.2f}" for s in seconds)
-        print(f"{harness.LIMIT_NAMES[key]}: {speeds[key]:.3f} GB/s (runs: {runs})")
+        speeds[key] = [size / s / 1e9 for s in seconds]
+        runs = ", ".join(f"{v:.2f}" for v in speeds[key])
+        print(
+            f"{harness.LIMIT_NAMES[key]}: {statistics.median(speeds[key]):.3f} GB/s (runs: {runs})"
+        )
     return speeds
 
 
+def measure_limits(args: argparse.Namespace, workdir: str, cold: bool) -> dict[str, float]:
+    """The limits child at this mode's size; GB/s by name (medians)."""
+    size = 16 * MIB if args.quick else GIB
+    runs = limit_runs(workdir, cold, size=size, repeats=args.repeats)
+    return {key: statistics.median(v) for key, v in runs.items()}
+
+
 def run_cell(
-    args: argparse.Namespace, tool: str, spec: tuple[str, int, int], workdir: str, cold: bool
+    args: argparse.Namespace,
+    tool: str,
+    spec: tuple[str, int, int],
+    workdir: str,
+    restores: dict[str, bool],
+    *,
+    background: bool = False,
+    exempt: str | None = peers.BASELINE,
 ) -> dict[str, dict[str, Any]]:
-    """One tool on one workload: the save and restore cells, with runs and failures."""
+    """One tool on one workload: its cells (``save``, each restore of ``restores`` = op ->
+    cold, and ``background`` when asked), with runs and failures.
+
+    One child saves (and, with --quick, also does every other op once); then --repeats
+    rounds of one child per restore op, the ops alternating, each op stopping once its
+    children took --cell-budget seconds (not ``exempt``'s); then one child for the
+    background saves.
+    """
     name = spec[0]
     tool_dir = os.path.join(workdir, f"{tool}-{name}")
     os.makedirs(tool_dir)
-    budget = math.inf if tool == peers.BASELINE or not args.cell_budget else args.cell_budget
-    common = {"tool": tool, "workload": spec, "dir": tool_dir, "cold": cold, "budget": budget}
-    common |= {"repeats": args.repeats, "warmup": not args.no_warmup}
-    save: dict[str, Any] = {"runs": []}
-    restore: dict[str, Any] = {"runs": []}
+    budget = math.inf if tool == exempt or not args.cell_budget else args.cell_budget
+    common = {"tool": tool, "workload": spec, "dir": tool_dir, "restores": restores}
+    common |= {"budget": budget, "repeats": args.repeats, "warmup": not args.no_warmup}
+    later = ["background"] if background else []
+    cells: dict[str, dict[str, Any]] = {op: {"runs": []} for op in ["save", *restores, *later]}
 
     def child(ops: list[str], label: str, verify: bool) -> dict[str, Any]:
         spec = common | {"ops": ops, "verify": verify}
-        return harness.run_child(
+        result = harness.run_child(
             "peers.run_op", spec, workdir=workdir, label=label, timeout=args.timeout
         )
+        for op in ops:
+            got = result.get(op, {})
+            cells[op] |= {k: v for k, v in got.items() if k != "runs"}
+            cells[op]["runs"] += got.get("runs", [])
+            if not result.get("ok"):
+                cells[op]["failed"] = result.get("error")
+        return result
 
-    first = child(["save", "restore"] if args.quick else ["save"], f"{tool}-{name}", True)
-    save |= first.get("save", {})
-    restore["runs"] += first.get("restore", {}).get("runs", [])
+    first = child(list(cells) if args.quick else ["save"], f"{tool}-{name}", True)
     if not first.get("ok"):
-        save["failed"] = restore["failed"] = first.get("error")
-    wall = 0.0
-    for i in range(0 if args.quick or not first.get("ok") else args.repeats):
-        if i and wall > budget:
-            break  # a slow cell: fewer repeats (the table's n shows it)
-        result = child(["restore"], f"{tool}-{name}-restore-{i}", i == 0)
-        wall += result["wall_seconds"]
-        if not result.get("ok"):
-            restore["failed"] = result.get("error")
-            break
-        restore["runs"] += result["restore"]["runs"]
+        for cell in cells.values():
+            cell["failed"] = first.get("error")
+    elif not args.quick:
+        wall = dict.fromkeys(restores, 0.0)
+        for i in range(args.repeats):
+            for op in restores:
+                if (i and wall[op] > budget) or cells[op].get("failed"):
+                    continue  # a slow cell: fewer repeats (the table's n shows it)
+                wall[op] += child([op], f"{tool}-{name}-{op}-{i}", i == 0)["wall_seconds"]
+        if later:
+            child(later, f"{tool}-{name}-background", False)
     shutil.rmtree(tool_dir, ignore_errors=True)
     os.sync()
-    return {"save": save, "restore": restore}
+    return cells
 
 
 def summarize(cells: dict[tuple[str, str, str], dict[str, Any]], wls: dict[str, Workload]) -> Any:
@@ -218,7 +250,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="local-", dir=base)
     specs = workloads(args.quick, args.workloads)
     wls = {name: by_name(*spec) for name, spec in specs.items()}
-    requested = args.tools.split(",") if args.tools else list(peers.TOOLS)
+    everything = [t for t in peers.TOOLS if t != "streamckpt"]  # that is streamckpt-1 here
+    requested = args.tools.split(",") if args.tools else everything
     if args.quick and not args.tools:
         requested.remove("streamckpt-1")  # the same code as 4 shards
     tools, skipped = peers.available(requested)
@@ -241,7 +274,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for tool in tools:
             if args.quick and name == "B" and not tool.startswith("streamckpt"):
                 continue
-            for op, cell in run_cell(args, tool, spec, workdir, cold).items():
+            for op, cell in run_cell(args, tool, spec, workdir, {"restore": cold}).items():
                 cells[(tool, name, op)] = cell
             save_s = median(r["seconds"] for r in cells[(tool, name, "save")]["runs"])
             load_s = median(r["seconds"] for r in cells[(tool, name, "restore")]["runs"])
