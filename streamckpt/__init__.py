@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from streamckpt.pipeline.info import TensorInfo
     from streamckpt.pipeline.read import CheckpointReader
     from streamckpt.pipeline.save import SaveInfo
-    from streamckpt.pipeline.tensors import Typed
+    from streamckpt.pipeline.tensors import Deferred, Typed
     from streamckpt.sharding import Slice
 
 # The I/O layers load on first use, so that ``import streamckpt.format`` (pure, no I/O)
@@ -62,6 +62,7 @@ _LAZY = {
     "TensorInfo": "streamckpt.pipeline.info",
     "SaveInfo": "streamckpt.pipeline.save",
     "Typed": "streamckpt.pipeline.tensors",
+    "Deferred": "streamckpt.pipeline.tensors",
     "Slice": "streamckpt.sharding",
     "Checkpoint": "streamckpt.checkpoint",
     "RestoreStatus": "streamckpt.checkpoint",
@@ -103,6 +104,7 @@ __all__ = [
     "CoordinationError",
     "CorruptCheckpointError",
     "DataType",
+    "Deferred",
     "NameMismatchError",
     "NamingError",
     "ObjectMatchError",

@@ -56,8 +56,9 @@ async def save(
     and several shards are joined side by side; one shard on local disk and elsewhere.
 
     Values may be numpy arrays and scalars, Python numbers, ``bytes``/``str`` (DT_STRING),
-    object arrays of bytes, anything with ``__array__`` or DLPack, or
-    :class:`streamckpt.Typed` for an explicit dtype.
+    object arrays of bytes, anything with ``__array__`` or DLPack,
+    :class:`streamckpt.Typed` for an explicit dtype, or :class:`streamckpt.Deferred` for bytes
+    fetched only as they are written (at most ``max_inflight_bytes`` of them held at once).
 
     With a ``coordinator`` (:mod:`streamckpt.distributed`) every process of the job calls
     ``save`` with its own values and one checkpoint comes out: a value may then also be a

@@ -16,14 +16,18 @@ Invariants:
   a failure after it (the index is visible) removes nothing, and its error says the
   checkpoint is committed and whole; a save that lost its claim removes nothing;
 - a tensor's bytes are never copied whole: each shard task streams views of the caller's
-  arrays in chunks of ``chunk_bytes``, extending the tensor's crc32c as it goes.
+  arrays in chunks of ``chunk_bytes``, extending the tensor's crc32c as it goes;
+- a deferred tensor (``tensors.Deferred``) is fetched by its shard's thread right before it
+  is written and dropped right after; the arrays fetched and not yet written hold at most
+  the store's in-flight budget together (``_FetchBudget``; one larger tensor alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +45,7 @@ from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit,
 from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
-from streamckpt.storage.base import ShardWriter, wait_from_thread
+from streamckpt.storage.base import ByteBudget, ShardWriter, wait_from_thread
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Payloads up to this size are copied into a shared write buffer instead of written alone.
@@ -107,18 +111,47 @@ class ShardResult:
     shard_crc: int | None
 
 
+class _FetchBudget:
+    """Bytes of deferred tensors fetched and not yet written, across a save's shard threads.
+
+    Without it every shard thread would hold its current deferred tensor at once: as many
+    tensors as shards stream side by side, whatever the caller's memory budget.
+    """
+
+    def __init__(self, total: int) -> None:
+        self._budget = ByteBudget(total)
+
+    @contextlib.contextmanager
+    def holding(self, nbytes: int) -> Iterator[None]:
+        """From a writer thread: wait until ``nbytes`` may be held, hold them for the block."""
+        taken = 0
+
+        async def acquire() -> None:
+            nonlocal taken
+            taken = await self._budget.acquire(nbytes)
+
+        wait_from_thread(acquire)
+        try:
+            yield
+        finally:
+            anyio.from_thread.run(self._budget.release, taken)
+
+
 def _stream_shard(
     writer: ShardWriter,
     placements: Sequence[Placement],
     prepared: Mapping[bytes, PreparedTensor],
     chunk_bytes: int,
     whole_crc: bool,
+    fetch_budget: _FetchBudget | None = None,
 ) -> ShardResult:
     """Runs in a worker thread: write one shard's tensors in order, in bounded chunks.
 
     Small payloads are gathered into one buffer of up to ``chunk_bytes`` and written together
     (one system call or upload part for thousands of small tensors); large ones are written
     straight from the caller's memory, chunk by chunk. Every write is a cancellation point.
+    A tensor's view lives only in ``write_tensor``'s frame: a deferred tensor's fetched
+    array is gone before the next one is fetched.
     """
     crcs: dict[bytes, int] = {}
     shard_crc = 0
@@ -135,12 +168,12 @@ def _stream_shard(
             writer.write(memoryview(pending))
             del pending[:]
 
-    for placement in placements:
-        tensor = prepared[placement.key]
-        view = tensor.data()  # a device array's: once its transfer is done
+    def write_tensor(tensor: PreparedTensor, view: memoryview) -> int:
+        """Write one payload; its masked crc32c."""
+        nonlocal shard_crc, size
         if len(view) <= small:
             crc = crc32c(view) if tensor.crc32c is None else 0
-            pending += view
+            pending.extend(view)
             if len(pending) >= chunk_bytes:
                 flush()
         else:
@@ -155,7 +188,16 @@ def _stream_shard(
                     shard_crc = crc32c(chunk, shard_crc)
                 writer.write(chunk)
         size += len(view)
-        crcs[placement.key] = tensor.crc32c if tensor.crc32c is not None else mask(crc)
+        return tensor.crc32c if tensor.crc32c is not None else mask(crc)
+
+    for placement in placements:
+        tensor = prepared[placement.key]
+        if tensor.deferred is None or fetch_budget is None:
+            # a device array's view: once its transfer is done
+            crcs[placement.key] = write_tensor(tensor, tensor.data())
+        else:
+            with fetch_budget.holding(tensor.size):
+                crcs[placement.key] = write_tensor(tensor, tensor.data())
     flush()
     return ShardResult(crcs, size, shard_crc if whole_crc else None)
 
@@ -267,13 +309,21 @@ async def write_shards(
     writers = anyio.CapacityLimiter(min(max_concurrent_shards, store.plan_writers(sizes)))
     threads = anyio.CapacityLimiter(2 * writers.total_tokens)
     results: list[ShardResult | None] = [None] * plan.num_shards
+    # the store's in-flight budget, as the bytes its writers may buffer are
+    deferred = any(tensor.deferred is not None for tensor in prepared.values())
+    fetch_budget = _FetchBudget(store.budget.total) if deferred else None
 
     async def run_shard(shard_id: int) -> None:
         path = shard_paths[shard_id]
 
         def stream(writer: ShardWriter) -> ShardResult:
             return _stream_shard(
-                writer, plan.shards[shard_id], prepared, chunk_bytes, store.reports_crc32c
+                writer,
+                plan.shards[shard_id],
+                prepared,
+                chunk_bytes,
+                store.reports_crc32c,
+                fetch_budget,
             )
 
         # The writer's thread takes the slot itself (stream_into), so no slot is ever held

@@ -3,17 +3,23 @@
 On save a numeric tensor's payload is a view of the caller's (contiguous, little-endian)
 array: nothing is copied unless the layout demands it or the caller asked for a snapshot.
 DT_STRING / DT_VARIANT payloads are encoded up front; they are small next to numeric ones.
+
+Two kinds of value bring their bytes late: a :class:`HostTransfer` (a device array's copy,
+started at once and kept: it is the save's snapshot) and a :class:`Deferred` (fetched when
+streamed, asked again on a retry, never kept: the save holds no more of it than it writes).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 
 from streamckpt.device import HostTransfer
-from streamckpt.errors import UnsupportedError
+from streamckpt.errors import NamingError, UnsupportedError
 from streamckpt.format.dtypes import DataType, from_numpy, is_fixed_size, numpy_dtype
 from streamckpt.format.strings import encode_strings
 from streamckpt.format.variant import encode_variants
@@ -33,11 +39,55 @@ class Typed:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """A tensor whose bytes are fetched only when the save streams them.
+
+    Why: a source that produces bytes on demand (a safetensors file, another checkpoint, as
+    ``streamckpt convert`` reads them) can then be saved however much larger than memory it
+    is. The save plans the tensor from ``shape`` and ``dtype``; right before writing it, a
+    writer thread calls ``fetch()``, streams the array it returns and lets go of it. Arrays
+    fetched and not yet written stay within the save's ``max_inflight_bytes`` (a single
+    tensor larger than that is fetched alone).
+
+    ``fetch`` is called once per tensor, from a worker thread of the save's event loop (it
+    may block, and may reach async code with ``anyio.from_thread.run``); only a store that
+    starts a shard's upload over after a transient failure calls it again, so it must give
+    the same bytes each time. Its array must have exactly ``shape`` and ``dtype``, else the
+    save fails with :class:`~streamckpt.NamingError` naming the tensor. A string dtype, a
+    big-endian one or a :class:`Typed` around it are fetched while the save prepares.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fetch: Callable[[], np.ndarray[Any, Any]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def fetched(self, name: str) -> np.ndarray[Any, Any]:
+        """``fetch()``, checked against the promised shape and dtype."""
+        array = np.asarray(self.fetch())
+        if array.shape != self.shape or array.dtype != self.dtype:
+            raise NamingError(
+                f"deferred value fetched as {array.dtype}{list(array.shape)}, "
+                f"promised {self.dtype}{list(self.shape)}",
+                tensor=name,
+            )
+        return array
+
+
+@dataclass(frozen=True, slots=True)
 class PreparedTensor:
     """A tensor ready to stream: its payload bytes and what the entry will say about them.
 
-    A device array's bytes may still be on their way (``transfer``): the save plans it by its
-    size and waits for the bytes only when it streams them (:meth:`data`).
+    A device array's bytes may still be on their way (``transfer``), a deferred value's are
+    not fetched yet (``deferred``): the save plans either by its size and gets the bytes only
+    when it streams them (:meth:`data`).
     """
 
     key: bytes
@@ -46,16 +96,29 @@ class PreparedTensor:
     payload: memoryview
     crc32c: int | None  # masked; known up front for encoded payloads, else computed while writing
     transfer: HostTransfer | None = None
+    deferred: Deferred | None = None
 
     @property
     def size(self) -> int:
-        return self.payload.nbytes if self.transfer is None else self.transfer.nbytes
+        if self.transfer is not None:
+            return self.transfer.nbytes
+        if self.deferred is not None:
+            return self.deferred.nbytes
+        return self.payload.nbytes
 
     def data(self) -> memoryview:
-        """The payload; for a device array, once its transfer to the host is complete."""
-        if self.transfer is None:
+        """The payload; a device array's once its transfer is complete, a deferred one fetched.
+
+        A deferred value is fetched anew on every call and not kept here: the caller's view
+        is the only reference, so its bytes go once the caller has written them.
+        """
+        if self.transfer is not None:
+            array = self.transfer.result()
+        elif self.deferred is not None:
+            array = self.deferred.fetched(self.key.decode("utf-8", "replace"))
+        else:
             return self.payload
-        flat = np.ascontiguousarray(self.transfer.result()).reshape(-1)
+        flat = np.ascontiguousarray(array).reshape(-1)
         return memoryview(cast(Any, flat.view(np.uint8)))
 
 
@@ -71,10 +134,16 @@ def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:
     forced: DataType | None = None
     if isinstance(value, Typed):
         forced, value = value.dtype, value.value
-    if isinstance(value, HostTransfer) and forced is None:
+    if isinstance(value, HostTransfer | Deferred) and forced is None:
         dtype = from_numpy(value.dtype)
         if value.dtype.byteorder != ">" and is_fixed_size(dtype):
+            if isinstance(value, Deferred):
+                return PreparedTensor(
+                    key, dtype, value.shape, memoryview(b""), None, deferred=value
+                )
             return PreparedTensor(key, dtype, value.shape, memoryview(b""), None, value)
+    if isinstance(value, Deferred):  # strings, big-endian, a forced dtype: needed now
+        value = value.fetched(key.decode("utf-8", "replace"))
     array = as_array(value)
     dtype = forced if forced is not None else from_numpy(array.dtype)
     shape = tuple(int(d) for d in array.shape)

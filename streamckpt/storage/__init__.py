@@ -38,6 +38,13 @@ def __getattr__(name: str) -> Any:
     return FsspecStore
 
 
+def _local_store(max_inflight_bytes: int | None) -> LocalStore:
+    """The local store; a budget given bounds the fetched bytes of a save's deferred values."""
+    if max_inflight_bytes is None:
+        return LocalStore()
+    return LocalStore(max_inflight_bytes=max_inflight_bytes)
+
+
 def resolve(
     prefix: PathLike,
     *,
@@ -54,9 +61,9 @@ def resolve(
     """
     text = os.fspath(prefix)
     if filesystem is None and "://" not in text:
-        return LocalStore(), text
+        return _local_store(max_inflight_bytes), text
     if filesystem is None and text.startswith("file://"):
-        return LocalStore(), text[len("file://") :]
+        return _local_store(max_inflight_bytes), text[len("file://") :]
     from streamckpt.storage.fsspec_store import (
         DEFAULT_MAX_INFLIGHT_BYTES,
         FsspecStore,
@@ -75,6 +82,6 @@ def resolve(
     protocol = text.split("://", 1)[0]
     fs = owned_filesystem(protocol, storage_options or {})
     if type(fs).__name__ == "LocalFileSystem":
-        return LocalStore(), str(fs._strip_protocol(text))
+        return _local_store(max_inflight_bytes), str(fs._strip_protocol(text))
     store = FsspecStore(fs, max_inflight_bytes=budget, retry_policy=retry_policy)
     return store, str(fs._strip_protocol(text))
