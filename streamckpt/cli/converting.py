@@ -8,8 +8,10 @@ Rules:
 - names and dtypes are kept (bfloat16 included); ``--name-map`` renames (``null`` drops);
   TensorFlow's object graph (``_CHECKPOINTABLE_OBJECT_GRAPH``) is not a weight and is
   dropped when writing a format that holds numbers only;
-- safetensors and Hugging Face outputs are streamed under ``--budget-mib``; a TF or torch
-  output is written in one call of its writer, which takes every tensor at once.
+- safetensors, Hugging Face and TF outputs are streamed under ``--budget-mib`` (a single
+  larger tensor is held whole); a TF output gets each tensor as a ``streamckpt.Deferred``,
+  read from SRC when the save writes it; a torch output is written in one call of
+  ``torch.save``, which takes every tensor at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from typing import Any
 
 import anyio
@@ -118,6 +121,16 @@ class _Renamed:
         values = await self.source.read([self.old_of[name] for name in names])
         return {name: values[self.old_of[name]] for name in names}
 
+    def fetch(self, name: str) -> Any:
+        return self.source.fetch(self.old_of[name])
+
+    def deferred(self) -> dict[str, streamckpt.Deferred]:
+        """Every tensor as a value the save fetches when it writes it, one at a time."""
+        return {
+            spec.name: streamckpt.Deferred(spec.shape, spec.dtype, partial(self.fetch, spec.name))
+            for spec in self.specs
+        }
+
 
 def cmd_convert(args: argparse.Namespace, out: Output) -> int:
     src = args.src if args.src.endswith("/") else prefix_arg(args.src)
@@ -185,9 +198,14 @@ async def _write(
         raise CheckpointExistsError(f"{dst} already exists (add --overwrite to replace it)")
     with out.progress("converting", total) as advance, writing_to(dst):
         if kind_out == "tf":
-            values = await renamed_source.read([spec.name for spec in specs])
+            # the save holds at most about the budget of fetched tensors at once
             info = await streamckpt.save(
-                dst, values, num_shards=args.shards, overwrite=args.overwrite, progress=advance
+                dst,
+                renamed_source.deferred(),
+                num_shards=args.shards,
+                overwrite=args.overwrite,
+                max_inflight_bytes=budget,
+                progress=advance,
             )
             files = list(info.files)
             dst = info.prefix
