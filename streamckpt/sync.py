@@ -7,19 +7,19 @@ Calls run through the one bridge (:mod:`streamckpt.bridge`): in the calling thre
 runs no event loop, else on the bridge's loop thread; an open checkpoint keeps that thread
 while it is open.
 
-One shortcut: :func:`read_tensor` of a whole tensor and :func:`list_tensors` of a checkpoint
-on local disk run the format's decoders over plain file reads in the calling thread
-(:mod:`streamckpt.pipeline.local_read`), with no event loop; everything else here, and the
+One shortcut: :func:`load`, :func:`read_tensor` of whole tensors and :func:`list_tensors` of
+a checkpoint on local disk run the format's decoders over plain file reads in the calling
+thread (:mod:`streamckpt.pipeline.local_read`), with no event loop; everything else here, and the
 bridge and anyio themselves, load on first use. A fresh process that reads one local tensor
 pays for numpy and the format code alone (issue 15.1, pinned by test_cold_start).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from streamckpt.pipeline.local_read import list_local_tensors, local_path, read_whole
+from streamckpt.pipeline.local_read import list_local_tensors, load_whole, local_path, read_whole
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,12 +32,12 @@ if TYPE_CHECKING:
     from streamckpt.manager import latest_checkpoint as _latest_checkpoint
     from streamckpt.pipeline import bytewise
     from streamckpt.pipeline.info import TensorInfo
+    from streamckpt.pipeline.save import ProgressCallback
     from streamckpt.storage import PathLike
     from streamckpt.sync_reader import SyncCheckpointReader as SyncCheckpointReader
     from streamckpt.sync_reader import blocking_open
 
     save = blocking(api.save)
-    load = blocking(api.load)
     open = blocking_open
     latest_checkpoint = blocking(_latest_checkpoint)
     load_nested = blocking(_load_nested)
@@ -69,6 +69,42 @@ def run(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     from streamckpt.bridge import default_bridge
 
     return default_bridge.run(fn, *args, **kwargs)
+
+
+def load(
+    prefix: PathLike,
+    *,
+    names: Iterable[str | bytes] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+    max_inflight_bytes: int | None = None,
+    progress: ProgressCallback | None = None,
+    stats: dict[str, float] | None = None,
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Blocking :func:`streamckpt.api.load`.
+
+    Every tensor (or those in ``names``), each verified by its crc32c. A local checkpoint
+    whose tensors are stored whole is read without an event loop (no ``progress``, ``stats``
+    or ``max_inflight_bytes`` asked).
+    """
+    plain = progress is None and stats is None and max_inflight_bytes is None
+    path = local_path(prefix, filesystem) if plain else None
+    if path is not None:
+        wanted = None if names is None else list(names)
+        loaded = load_whole(path, wanted)
+        if loaded is not None:
+            return loaded
+        names = wanted
+    value = _twin("load")(
+        prefix,
+        names=names,
+        storage_options=storage_options,
+        filesystem=filesystem,
+        max_inflight_bytes=max_inflight_bytes,
+        progress=progress,
+        stats=stats,
+    )
+    return cast("dict[str, np.ndarray[Any, Any]]", value)
 
 
 def read_tensor(
@@ -188,7 +224,6 @@ def _reader_class() -> Any:
 # pinned by test_cold_start).
 _LAZY: dict[str, Callable[[], Any]] = {
     "save": _from_api("save"),
-    "load": _from_api("load"),
     "open": _open_twin,
     "SyncCheckpointReader": _reader_class,
     "Checkpoint": _checkpoint,

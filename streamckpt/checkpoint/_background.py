@@ -34,9 +34,9 @@ import numpy as np
 from streamckpt.bridge import Job
 from streamckpt.device import HostTransfer, is_device_array, start_transfer
 from streamckpt.errors import StreamCkptError, UnsupportedError
+from streamckpt.fileio import fresh_buffer
 from streamckpt.format.dtypes import from_numpy
 from streamckpt.pipeline.save import SaveInfo
-from streamckpt.storage.base import fresh_buffer
 from streamckpt.tree import to_numpy
 
 __all__ = ["OnBusy", "SaveHandle", "SnapshotBuffer", "wait_for_future", "wait_until_done"]

@@ -6,9 +6,11 @@ a third of a fresh process's time, and what a cold process pays first is what a 
 ``streamckpt.sync.read_tensor`` or ``streamckpt ls`` feels (issues 15.1 and 14.8). This module
 imports neither anyio nor the storage layer.
 
-It covers what a cold process most often asks: a whole tensor stored whole, and the list of
-tensors. A partitioned tensor (pieces to assemble) is left to the async pipeline, which
-handles every case: :func:`read_whole` then returns ``None``.
+It covers what a cold process most often asks: a whole tensor stored whole, every tensor (or
+some) stored whole, and the list of tensors. A partitioned tensor (pieces to assemble) is
+left to the async pipeline, which handles every case: :func:`read_whole` and
+:func:`load_whole` then return ``None``. Both executors run the same plans
+(:func:`streamckpt.pipeline.plan.plan_reads`) with the same checks.
 
 Invariants, the same as :mod:`streamckpt.pipeline.read`'s, whose decoders these are: a value
 is returned only after its crc32c matched; nothing is allocated from a size the index claims
@@ -18,6 +20,7 @@ before the shard is known to hold those bytes; errors name URI, tensor, shard an
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from streamckpt.errors import (
     TruncatedError,
     error_for,
 )
+from streamckpt.fileio import fresh_buffer, read_exact_into
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
@@ -54,12 +58,17 @@ from streamckpt.format.table import (
     lookup_in_block,
 )
 from streamckpt.pipeline.info import TensorInfo, info_of
+from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
 
 # The first read of an index, as the async reader's: footer and index block of any realistic
 # checkpoint, and every data block of one with up to ~1,000 tensors.
 TAIL_BYTES = 64 << 10
 # One read call at most this long (Linux moves at most ~2 GiB per call).
 _MAX_READ = 1 << 30
+# As the async reader: neighbouring tensors are read together, each merged read below this.
+MAX_GROUP_BYTES = 64 << 20
+# Reads in flight when a load has several (threads: preads and crc32c release the GIL).
+MAX_THREADS = 8
 
 
 def local_path(prefix: Any, filesystem: Any) -> str | None:
@@ -252,3 +261,135 @@ def read_whole(prefix_path: str, name: str | bytes) -> np.ndarray[Any, Any] | No
     except StreamCkptError as exc:
         inside, exc.offset = exc.offset, None  # the codecs count from the payload's start
         raise exc.with_context(uri=path, offset=entry.offset + (inside or 0), **context) from None
+
+
+def load_whole(
+    prefix_path: str, names: Iterable[str | bytes] | None = None
+) -> dict[str, np.ndarray[Any, Any]] | None:
+    """Every tensor of a local checkpoint (or those in ``names``), each verified by its crc32c.
+
+    ``None`` when one of them is partitioned. Neighbouring tensors are read in one merged
+    read (its buffer shared by their arrays, as the async reader's), several reads at a time.
+    """
+    with LocalIndex(prefix_path) as index:
+        keys = None if names is None else [name_to_key(n) for n in names]
+        if keys is None or len(keys) > len(index.index.handles):
+            decoded = index.entries()  # one read of every block beats a lookup per tensor
+            if keys is None:
+                keys = tensor_keys(decoded)
+            entries = {k: decoded[k] if k in decoded else index.entry(k) for k in keys}
+        else:
+            entries = {k: index.entry(k) for k in keys}
+        num_shards = index.header.num_shards
+        big_endian = index.header.big_endian
+    if any(entry.slices for entry in entries.values()):
+        return None
+    groups = plan_reads(
+        [Placement(k, e.shard_id, e.offset, e.size) for k, e in entries.items()],
+        max_gap=0,
+        max_group_bytes=MAX_GROUP_BYTES,
+    )
+    by_shard: dict[int, list[ReadGroup]] = {}
+    for group in groups:
+        by_shard.setdefault(group.shard_id, []).append(group)
+    # as the async reader: up to two merged reads per task, so several reads overlap
+    tasks = [
+        (shard_id, shard_groups[i : i + 2])
+        for shard_id, shard_groups in by_shard.items()
+        for i in range(0, len(shard_groups), 2)
+    ]
+    arrays: dict[bytes, np.ndarray[Any, Any]] = {}
+
+    def run(task: tuple[int, Sequence[ReadGroup]]) -> None:
+        shard_id, task_groups = task
+        path = data_filename(prefix_path, shard_id, num_shards)
+        for key, array in _read_groups(path, shard_id, task_groups, entries, big_endian):
+            arrays[key] = array
+
+    if len(tasks) == 1:
+        run(tasks[0])
+    elif tasks:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(MAX_THREADS, len(tasks))) as pool:
+            for _ in pool.map(run, tasks):
+                pass
+    return {key_to_name(k): arrays[k] for k in keys}
+
+
+def _read_groups(
+    path: str,
+    shard_id: int,
+    groups: Sequence[ReadGroup],
+    entries: dict[bytes, BundleEntry],
+    big_endian: bool,
+) -> list[tuple[bytes, np.ndarray[Any, Any]]]:
+    """The tensors of ``groups`` of one shard, each verified; errors as the async reader's."""
+    single = len(groups) == 1 and len(groups[0].members) == 1
+    context: dict[str, Any] = {"shard": shard_id}
+    if single:
+        context["tensor"] = key_to_name(groups[0].members[0].key)
+    fd = _open(path, missing="data shard is missing", **context)
+    out: list[tuple[bytes, np.ndarray[Any, Any]]] = []
+    try:
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise error_for(exc, path).with_context(**context) from exc
+        for group in groups:
+            if group.end > size:  # refuse before allocating what the index claims
+                raise TruncatedError(
+                    f"wanted bytes up to {group.end}, the file has {size}",
+                    uri=path,
+                    offset=group.start,
+                    **context,
+                )
+            buffer = fresh_buffer(group.length)
+            view = memoryview(buffer)
+            try:
+                got = read_exact_into(fd, group.start, view)
+            except OSError as exc:
+                raise error_for(exc, path).with_context(**context) from exc
+            if got != group.length:
+                raise TruncatedError(
+                    f"file ends after {group.start + got} bytes, "
+                    f"{group.length - got} more expected",
+                    uri=path,
+                    offset=group.start + got,
+                    **context,
+                )
+            for p in group.members:
+                start = p.offset - group.start
+                out.append(
+                    (
+                        p.key,
+                        _decode(
+                            path, p.key, entries[p.key], view[start : start + p.size], big_endian
+                        ),
+                    )
+                )
+    finally:
+        os.close(fd)
+    return out
+
+
+def _decode(
+    path: str, key: bytes, entry: BundleEntry, payload: memoryview, big_endian: bool
+) -> np.ndarray[Any, Any]:
+    """Entry ``key`` checked by its crc32c; errors name file, tensor, shard and file offset."""
+    try:
+        return decode_tensor(
+            payload,
+            dtype=entry.dtype,
+            shape=entry.shape,
+            big_endian=big_endian,
+            expected_crc=entry.crc32c,
+        )
+    except StreamCkptError as exc:
+        inside, exc.offset = exc.offset, None  # the codecs count from the payload's start
+        raise exc.with_context(
+            uri=path,
+            tensor=key_to_name(key),
+            shard=entry.shard_id,
+            offset=entry.offset + (inside or 0),
+        ) from None

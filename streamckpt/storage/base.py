@@ -26,6 +26,7 @@ from streamckpt.errors import (
     TruncatedError,
     error_for,
 )
+from streamckpt.fileio import fresh_buffer as fresh_buffer
 from streamckpt.storage.claim import Claim, StoreClaim
 from streamckpt.storage.retry import StoreStats, http_status
 
@@ -46,22 +47,6 @@ class ByteRange:
     @property
     def length(self) -> int:
         return self.end - self.start
-
-
-# Buffers of at least this size are anonymous mappings the kernel fills with zero pages up
-# front (MAP_POPULATE): much cheaper than faulting them in one page at a time while they are
-# filled (on a small VM, a third of the time of numpy's fresh memory), and without the
-# transparent-hugepage compaction that numpy's allocations may trigger.
-_POPULATE_MIN = 1 << 20
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-def fresh_buffer(nbytes: int) -> bytearray | mmap.mmap:
-    """Writable zeroed memory of ``nbytes``, cheap to fill when large."""
-    if nbytes >= _POPULATE_MIN and _MAP_POPULATE:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
-        return mmap.mmap(-1, nbytes, flags=flags)
-    return bytearray(nbytes)
 
 
 class ShardWriter(abc.ABC):

@@ -29,6 +29,7 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from streamckpt.errors import SaveInProgressError, StorageError, TruncatedError
+from streamckpt.fileio import read_exact_into
 from streamckpt.storage.base import (
     Buffer,
     ByteBudget,
@@ -74,16 +75,6 @@ def _close_quietly(fd: int) -> None:
     """Close an fd on a path that is already failing (the fd is released even on EIO)."""
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-def _read_exact_into(fd: int, offset: int, out: memoryview) -> int:
-    done = 0
-    while done < len(out):
-        n = os.preadv(fd, [out[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
 
 
 # Shards go to disk with O_DIRECT where the filesystem allows it: the page cache's copy and
@@ -364,7 +355,7 @@ class LocalStore(Store):
                                 offset=r.start,
                             )
                         buf = fresh_buffer(r.length)
-                        got = _read_exact_into(fd, r.start, memoryview(buf))
+                        got = read_exact_into(fd, r.start, memoryview(buf))
                         self.stats.add(requests=1, bytes_read=got)
                         if got != r.length:  # (slicing a bytearray would copy it)
                             check_length(buf[:got], r.length, uri=path, offset=r.start)
@@ -383,7 +374,7 @@ class LocalStore(Store):
                     size = os.fstat(fd).st_size
                     start = max(0, size - length)
                     buf = bytearray(size - start)
-                    got = _read_exact_into(fd, start, memoryview(buf))
+                    got = read_exact_into(fd, start, memoryview(buf))
                     self.stats.add(requests=1, bytes_read=got)
                 finally:
                     os.close(fd)
@@ -397,7 +388,7 @@ class LocalStore(Store):
                 fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
                 try:
                     buf = bytearray(os.fstat(fd).st_size)
-                    got = _read_exact_into(fd, 0, memoryview(buf))
+                    got = read_exact_into(fd, 0, memoryview(buf))
                     self.stats.add(requests=1, bytes_read=got)
                 finally:
                     os.close(fd)

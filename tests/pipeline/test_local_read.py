@@ -34,6 +34,11 @@ def async_read(prefix: str, name: str) -> np.ndarray[Any, Any]:
     return anyio.run(lambda: streamckpt.read_tensor(prefix, name))
 
 
+def async_load(prefix: str, names: list[str] | None = None) -> dict[str, np.ndarray[Any, Any]]:
+    streamckpt.clear_index_cache()
+    return anyio.run(lambda: streamckpt.load(prefix, names=names))
+
+
 def async_list(prefix: str) -> dict[str, streamckpt.TensorInfo]:
     streamckpt.clear_index_cache()
     return anyio.run(lambda: streamckpt.list_tensors(prefix))
@@ -55,6 +60,30 @@ def test_golden_checkpoints_read_the_same_both_ways(prefix: str) -> None:
     assert listed
     for name in listed:
         same_array(streamckpt.sync.read_tensor(path, name), async_read(path, name))
+    loaded, looped = streamckpt.sync.load(path), async_load(path)
+    assert list(loaded) == list(looped)
+    for name in loaded:
+        same_array(loaded[name], looped[name])
+
+
+def test_loads_merge_reads_and_run_them_on_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small merged reads (forced) over three shards: many tasks, each value exact."""
+    monkeypatch.setattr(local_read, "MAX_GROUP_BYTES", 3000)
+    prefix = str(tmp_path / "ckpt")
+    rng = np.random.default_rng(5)
+    tensors = {f"t{i:03d}": rng.standard_normal(rng.integers(0, 900)) for i in range(120)}
+    streamckpt.sync.save(prefix, tensors, num_shards=3)
+    loaded = local_read.load_whole(prefix)
+    assert loaded is not None and list(loaded) == sorted(tensors)
+    for name, value in tensors.items():
+        same_array(loaded[name], value)
+    some = ["t007", "t100", "t003"]
+    picked = local_read.load_whole(prefix, some)
+    assert picked is not None and list(picked) == some
+    for name in some:
+        same_array(picked[name], tensors[name])
 
 
 def test_the_shortcut_is_taken_for_whole_local_tensors_only(tmp_path: Path) -> None:
@@ -97,7 +126,9 @@ def test_partitioned_tensors_are_assembled_by_the_pipeline() -> None:
     assert partitioned
     for name in partitioned:
         assert local_read.read_whole(path, name) is None
+        assert local_read.load_whole(path, [name]) is None
         same_array(streamckpt.sync.read_tensor(path, name), async_read(path, name))
+        same_array(streamckpt.sync.load(path, names=[name])[name], async_read(path, name))
 
 
 # -- damaged checkpoints: the same error both ways ---------------------------------------------
@@ -164,8 +195,9 @@ def _failure(call: Callable[[], Any]) -> streamckpt.StreamCkptError:
     return caught.value
 
 
+@pytest.mark.parametrize("call", ["read_tensor", "load"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damage_fails_the_same_way_both_ways(tmp_path: Path, damage: str) -> None:
+def test_damage_fails_the_same_way_both_ways(tmp_path: Path, damage: str, call: str) -> None:
     prefix = str(tmp_path / "ckpt")
     rng = np.random.default_rng(3)
     streamckpt.sync.save(
@@ -173,8 +205,13 @@ def test_damage_fails_the_same_way_both_ways(tmp_path: Path, damage: str) -> Non
     )
     harm, name, expected = DAMAGE[damage]
     harm(prefix)
-    blocking = _failure(lambda: streamckpt.sync.read_tensor(prefix, name))
-    looped = _failure(lambda: async_read(prefix, name))
+    if call == "read_tensor":
+        blocking = _failure(lambda: streamckpt.sync.read_tensor(prefix, name))
+        looped = _failure(lambda: async_read(prefix, name))
+    else:  # both tensors: "a"'s read comes first and must not hide "w"'s failure
+        names = ["a", name]
+        blocking = _failure(lambda: streamckpt.sync.load(prefix, names=names))
+        looped = _failure(lambda: async_load(prefix, names))
     assert isinstance(blocking, expected), repr(blocking)
     assert type(blocking) is type(looped)
     assert str(blocking) == str(looped)
