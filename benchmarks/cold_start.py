@@ -123,10 +123,10 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _commands(directory: Path, tools: list[str]) -> dict[str, list[str]]:
+def _commands(directory: Path, tools: list[str], cli: bool) -> dict[str, list[str]]:
     """label -> argv: the floors, each tool's read of one tensor, the command line."""
     py = sys.executable
-    cli = shutil.which("streamckpt", path=os.path.dirname(py)) or ""
+    script = shutil.which("streamckpt", path=os.path.dirname(py)) if cli else None
     big, small = str(directory / "big"), str(directory / "small")
     commands = {"python -c pass": [py, "-c", "pass"], FLOOR: [py, "-c", "import numpy"]}
     for tool in tools:
@@ -134,9 +134,9 @@ def _commands(directory: Path, tools: list[str]) -> dict[str, list[str]]:
         if tool not in ("streamckpt", "tensorflow"):
             path = peers.checkpoint_path(tool, path)
         commands[LABELS[tool]] = [py, "-c", READERS[tool], path, NAME]
-    if cli:
-        commands["streamckpt --help"] = [cli, "--help"]
-        commands["streamckpt ls PREFIX"] = [cli, "ls", small]
+    if script:
+        commands["streamckpt --help"] = [script, "--help"]
+        commands["streamckpt ls PREFIX"] = [script, "ls", small]
     return commands
 
 
@@ -155,10 +155,17 @@ def _time(argv: list[str], env: dict[str, str]) -> float:
 
 
 def measure(
-    directory: Path, *, runs: int, peer_rounds: int, size_mib: int, tools: list[str]
+    directory: Path,
+    *,
+    runs: int,
+    peer_rounds: int,
+    size_mib: int,
+    tools: list[str],
+    cli: bool = True,
 ) -> dict[str, list[float]]:
     """Label -> seconds of each round (``tools``: peers' ids, streamckpt always; the
-    installed ones run, all but safetensors in the first ``peer_rounds`` rounds only)."""
+    installed ones run, all but safetensors in the first ``peer_rounds`` rounds only; the
+    command line's two commands with ``cli``)."""
     directory = directory.resolve()
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
@@ -175,7 +182,7 @@ def measure(
     made = harness.run_child("cold_start.prepare", spec, workdir=str(directory), label="prepare")
     if not made.get("ok"):
         raise RuntimeError(f"cold start: the checkpoints were not written: {made.get('error')}")
-    commands = _commands(directory, installed)
+    commands = _commands(directory, installed, cli)
     heavy = {LABELS[t] for t in installed if t not in LIGHT}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env |= harness.CHILD_ENV

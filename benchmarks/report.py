@@ -26,6 +26,8 @@ VERSIONS = (
     "tensorflow-cpu",
     "tensorflow",
     "orbax-checkpoint",
+    "jax",
+    "tensorstore",
     "torch",
     "safetensors",
     "fsspec",

@@ -54,7 +54,8 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     assert local["ok"] and local["limits_gb_per_s"]["disk_write"] > 0
     measured = {(r["tool"], r["workload"], r["op"]) for r in local["rows"] if r["seconds"]}
     assert {("streamckpt-4", wl, op) for wl in "AB" for op in ("save", "restore")} <= measured
-    for tool in ("tensorflow", "torch-dcp", "safetensors", "orbax"):  # installed, or skipped
+    peers = ("tensorflow", "torch-dcp", "safetensors", "orbax", "torch-save", "tensorstore")
+    for tool in peers:  # installed, or skipped
         assert tool in local["skipped"] or (tool, "A", "restore") in measured
     assert set(results["async-save"]) >= {"blocking", "cold", "training"}
     objectstore = results["objectstore"]
@@ -63,3 +64,40 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     assert {r["tool"] for r in rows} >= {"naive (1 req at a time)"}
     assert {r["endpoint"] for r in rows if r["direct"]}, "nothing measured through the proxy"
     assert all(r["warm_requests"] for r in objectstore["part2"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_table_runs_in_quick_mode(tmp_path: Path) -> None:
+    """``table --quick``: every tool's save, restores, background save and cold start, and
+    one markdown table with a cell for each (not in ``all``: it repeats the other modes)."""
+    out, table = tmp_path / "results.json", tmp_path / "table.md"
+    command = [sys.executable, "-m", "benchmarks", "table", "--quick", "--dir", str(tmp_path)]
+    done = subprocess.run(
+        [*command, "--json", str(out), "--table", str(table)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert json.loads(out.read_text())["table"]["ok"]
+    text = table.read_text()
+    assert text in done.stdout
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[1] == "streamckpt" and header[-2:] == ["limit", "verdict"]
+    measures = [r for r in rows[2:] if not r.startswith("| limit:")]
+    assert len(measures) == 8  # cold start; A save, warm, cold, background; B save, warm, cold
+    for row in measures:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:-2]
+        for tool, cell in zip(header[1:-2], cells, strict=True):
+            if "background" in row and tool in ("safetensors", "torch.save"):
+                assert cell == "n/a (none)"
+            elif cell != "not installed":
+                assert "n=1" in cell, (tool, row)
+    limits = {r.split("|")[1].strip() for r in rows if r.startswith("| limit:")}
+    for name in ("copy into fresh memory", "memcpy into mapped memory", "crc32c"):
+        assert any(name in limit for limit in limits), (name, limits)
