@@ -9,13 +9,21 @@ lie inside the shard files, which only the storage layer can know.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
+
 from streamckpt.errors import CorruptCheckpointError, TruncatedError, UnsupportedError
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, to_datatype
-from streamckpt.format.entries import entry_head, entry_tail, slice_field
+from streamckpt.format.entries import (
+    entry_columns,
+    entry_fields,
+    entry_head,
+    entry_tail,
+    slice_field,
+)
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.strings import min_string_payload_size
 from streamckpt.format.table import (
@@ -26,8 +34,8 @@ from streamckpt.format.table import (
     decode_block,
     decode_footer,
     decode_index_block,
-    iter_data_block,
     lookup_in_block,
+    split_data_block,
 )
 from streamckpt.format.variant import min_variant_payload_size
 from streamckpt.format.varint import decode_varint
@@ -239,7 +247,7 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
     if len(value) > _MAX_ENTRY_BYTES:
         raise CorruptCheckpointError(f"entry of {len(value)} bytes is implausibly large")
     raw = bytes(value)
-    fields = _fast_fields(raw)
+    fields = entry_fields(raw)
     if fields is not None:
         dtype_number, shape, shard_id, offset, size, crc = fields
         return _validated(
@@ -264,90 +272,6 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
     )
 
 
-_Fields = tuple[int, tuple[int, ...], int, int, int, int]
-
-
-def _fast_fields(raw: bytes) -> _Fields | None:
-    """Decode the entries TF and we write (fields 1-6, dims with sizes only) without protobuf.
-
-    A plain Python walk over a few dozen bytes is several times faster than building a proto
-    message, which matters for indexes of 100,000 tensors. Anything else (slices, dimension
-    names, unknown fields, odd encodings, values protobuf would read as negative, malformed
-    bytes) returns None and goes through protobuf, so that the two paths never disagree and
-    protobuf alone judges what is malformed. Every position is checked against the end of the
-    enclosing field before it is read.
-    """
-    try:
-        return _walk_fields(raw)
-    except CorruptCheckpointError:  # a varint running past the bytes: protobuf decides
-        return None
-
-
-def _walk_fields(raw: bytes) -> _Fields | None:
-    dtype = shard = offset = size = crc = 0
-    shape: list[int] = []
-    pos, end = 0, len(raw)
-    while pos < end:
-        tag = raw[pos]
-        pos += 1
-        if tag in (0x08, 0x18, 0x20, 0x28):  # varint fields 1, 3, 4, 5
-            if pos < end and raw[pos] < 0x80:  # one byte: most dtypes, shards, small sizes
-                number = raw[pos]
-                pos += 1
-            else:
-                number, pos = decode_varint(raw, pos)
-            if tag == 0x08:
-                if number >= 1 << 31:
-                    return None  # an enum protobuf reads as negative
-                dtype = number
-            elif tag == 0x18:
-                if number >= 1 << 31:
-                    return None  # a negative int32: let protobuf and the checks say so
-                shard = number
-            elif number >= 1 << 63:
-                return None  # a negative int64
-            elif tag == 0x20:
-                offset = number
-            else:
-                size = number
-        elif tag == 0x35:  # fixed32 field 6
-            if pos + 4 > end:
-                return None
-            crc = int.from_bytes(raw[pos : pos + 4], "little")
-            pos += 4
-        elif tag == 0x12:  # field 2, the shape
-            length, pos = decode_varint(raw, pos)
-            stop = pos + length
-            if stop > end:
-                return None
-            while pos < stop:
-                if raw[pos] != 0x12:  # only `dim` entries
-                    return None
-                if pos + 1 < stop and raw[pos + 1] < 0x80:  # a dim's length: one byte
-                    dim_length, pos = raw[pos + 1], pos + 2
-                else:
-                    dim_length, pos = decode_varint(raw, pos + 1)
-                dim_stop = pos + dim_length
-                if dim_stop > stop:
-                    return None  # a dim running past its shape (`12 02 12 05`)
-                dim = 0
-                while pos < dim_stop:
-                    if raw[pos] != 0x08:  # only `size`
-                        return None
-                    if pos + 1 < dim_stop and raw[pos + 1] < 0x80:
-                        dim, pos = raw[pos + 1], pos + 2
-                    else:
-                        dim, pos = decode_varint(raw, pos + 1)
-                if pos != dim_stop or dim >= 1 << 63:
-                    return None
-                shape.append(dim)
-            if pos != stop:
-                return None
-        else:
-            return None
-    return dtype, tuple(shape), shard, offset, size, crc
-
-
 def _validated(
     dtype: DataType,
     shape: tuple[int, ...],
@@ -358,16 +282,7 @@ def _validated(
     slices: tuple[TensorSlice, ...],
     num_shards: int | None,
 ) -> BundleEntry:
-    if any(d < 0 for d in shape):
-        raise CorruptCheckpointError(f"entry shape {list(shape)} has a negative dimension")
-    # numpy holds at most 64 dimensions, and refuses a shape whose non-zero extents multiply
-    # past its address space even when another extent is 0 (and so the tensor is empty)
-    if len(shape) > _MAX_RANK:
-        raise UnsupportedError(
-            f"entry shape has rank {len(shape)}; numpy holds at most {_MAX_RANK}"
-        )
-    if math.prod(d for d in shape if d) * (itemsize(dtype) or 8) > _MAX_INT64:
-        raise UnsupportedError(f"entry shape {list(shape)} is too large for numpy")
+    _check_shape(dtype, shape)
     entry = BundleEntry(
         dtype=dtype,
         shape=shape,
@@ -383,6 +298,19 @@ def _validated(
         return entry
     _check_extent(entry, num_shards)
     return entry
+
+
+def _check_shape(dtype: DataType, shape: tuple[int, ...]) -> None:
+    if any(d < 0 for d in shape):
+        raise CorruptCheckpointError(f"entry shape {list(shape)} has a negative dimension")
+    # numpy holds at most 64 dimensions, and refuses a shape whose non-zero extents multiply
+    # past its address space even when another extent is 0 (and so the tensor is empty)
+    if len(shape) > _MAX_RANK:
+        raise UnsupportedError(
+            f"entry shape has rank {len(shape)}; numpy holds at most {_MAX_RANK}"
+        )
+    if math.prod(d for d in shape if d) * (itemsize(dtype) or 8) > _MAX_INT64:
+        raise UnsupportedError(f"entry shape {list(shape)} is too large for numpy")
 
 
 def _check_extent(entry: BundleEntry, num_shards: int | None) -> None:
@@ -480,37 +408,105 @@ def decode_index(index_file: bytes | memoryview) -> DecodedIndex:
 
 
 def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedIndex:
-    """Header and entries from the data blocks of a table, given in order with their offsets."""
+    """Header and entries from the data blocks of a table, given in order with their offsets.
+
+    The same entries and errors as :func:`decode_entry` of each record, at a few µs an entry:
+    a block's entries are read at once, as columns (:func:`_usual_entries`); the records
+    spelled in any other way, or failing any check there, go through :func:`decode_entry`.
+    """
     header: BundleHeader | None = None
     entries: dict[bytes, BundleEntry] = {}
     previous: bytes | None = None
-    for key, value, offset in _records(blocks):
-        if previous is not None and key <= previous:
-            raise CorruptCheckpointError(
-                f"index keys are not sorted: {key[:64]!r} after {previous[:64]!r}", offset=offset
-            )
-        previous = key
-        if key == HEADER_KEY:
-            header = decode_header(value)
-            continue
-        if header is None:
-            raise CorruptCheckpointError("index has no bundle header", offset=offset)
-        try:
-            entries[key] = decode_entry(value, num_shards=header.num_shards)
-        except (CorruptCheckpointError, UnsupportedError) as exc:
-            raise exc.with_context(tensor=key_to_name(key), offset=offset) from None
+    for stored, offset in blocks:
+        block = bytes(decode_block(stored, offset=offset))
+        keys, bounds, error = split_data_block(block, offset=offset)
+        usual: list[BundleEntry | None] | None = None
+        for i, key in enumerate(keys):
+            if previous is not None and key <= previous:
+                raise CorruptCheckpointError(
+                    f"index keys are not sorted: {key[:64]!r} after {previous[:64]!r}",
+                    offset=offset,
+                )
+            previous = key
+            if not key:  # HEADER_KEY
+                header = decode_header(block[bounds[2 * i] : bounds[2 * i + 1]])
+                continue
+            if header is None:
+                raise CorruptCheckpointError("index has no bundle header", offset=offset)
+            if usual is None:
+                usual = _usual_entries(block, bounds, header.num_shards)
+            entry = usual[i]
+            if entry is None:
+                value = block[bounds[2 * i] : bounds[2 * i + 1]]
+                try:
+                    entry = decode_entry(value, num_shards=header.num_shards)
+                except (CorruptCheckpointError, UnsupportedError) as exc:
+                    raise exc.with_context(tensor=key_to_name(key), offset=offset) from None
+            entries[key] = entry
+        if error is not None:
+            raise error from None
     if header is None:
         raise CorruptCheckpointError("index has no bundle header")
     return DecodedIndex(header, entries)
 
 
-def _records(
-    blocks: Iterable[tuple[bytes | memoryview, int]],
-) -> Iterator[tuple[bytes, memoryview, int]]:
-    for stored, offset in blocks:
-        block = decode_block(stored, offset=offset)
-        for key, value in iter_data_block(block, offset=offset):
-            yield key, value, offset
+# By one-byte dtype number: the fixed-size types ``to_datatype`` accepts, and their bytes
+# per element (0 for any other number)
+_DATATYPES: list[DataType | None] = [None] * 128
+for _dtype in DataType:
+    if is_fixed_size(_dtype) and _dtype not in (DataType.DT_INVALID, DataType.DT_RESOURCE):
+        _DATATYPES[_dtype] = _dtype
+_FIXED_ITEMSIZE = np.array([itemsize(d) if d else 0 for d in _DATATYPES], dtype=np.uint64)
+_NEW = object.__new__
+# a frozen dataclass is built slot by slot below, as its __init__ does, at half the cost
+_SLOT_SETTERS = tuple(
+    getattr(BundleEntry, name).__set__
+    for name in ("dtype", "shape", "shard_id", "offset", "size", "crc32c", "slices")
+)
+
+
+def _usual_entries(block: bytes, bounds: list[int], num_shards: int) -> list[BundleEntry | None]:
+    """The entries at ``bounds`` as :func:`decode_entry` returns them, or None, from columns.
+
+    The columns are :func:`~streamckpt.format.entries.entry_columns`'; taken from them are
+    entries of fixed-size types whose shape needs under 2**62 bytes, whose size is that, and
+    whose shard and extent :func:`_check_extent` accepts: rows that :func:`decode_entry`
+    reads with ``entry_fields`` and validates without raising.
+    """
+    columns = entry_columns(block, bounds[::2], bounds[1::2])
+    item = _FIXED_ITEMSIZE[columns.dtype]
+    width = int(columns.rank.max(initial=0))
+    dims = columns.dims[:, :width]
+    nonzero = np.where(dims > 0, dims, 1).astype(np.float64).prod(axis=1)
+    usual = columns.usual & (item > 0) & (nonzero * item < 2.0**62)  # so these are exact:
+    usual &= columns.size == dims.prod(axis=1) * item
+    usual &= (columns.shard_id < num_shards) & (columns.offset + columns.size <= _MAX_INT64)
+    found: list[BundleEntry | None] = []
+    set_dtype, set_shape, set_shard, set_offset, set_size, set_crc, set_slices = _SLOT_SETTERS
+    for ok, number, rank, row, shard, offset, size, crc in zip(
+        usual.tolist(),
+        columns.dtype.tolist(),
+        columns.rank.tolist(),
+        dims.tolist(),
+        columns.shard_id.tolist(),
+        columns.offset.tolist(),
+        columns.size.tolist(),
+        columns.crc32c.tolist(),
+        strict=True,
+    ):
+        if not ok:
+            found.append(None)
+            continue
+        entry = _NEW(BundleEntry)
+        set_dtype(entry, _DATATYPES[number])
+        set_shape(entry, tuple(row[:rank]))
+        set_shard(entry, shard)
+        set_offset(entry, offset)
+        set_size(entry, size)
+        set_crc(entry, crc)
+        set_slices(entry, ())
+        found.append(entry)
+    return found
 
 
 def key_to_name(key: bytes) -> str:

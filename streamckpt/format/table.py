@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import cramjam
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedError
-from streamckpt.format.block import BlockBuilder, iter_block, seek_block
+from streamckpt.format.block import (
+    MAX_KEY_EXPANSION,
+    BlockBuilder,
+    _records_end,  # the restart array's checks, shared with split_data_block's loop
+    iter_block,
+    seek_block,
+)
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
 
@@ -335,6 +341,72 @@ def iter_data_block(
         yield from iter_block(block)
     except CorruptCheckpointError as exc:
         raise exc.with_context(offset=offset) from None
+
+
+def split_data_block(
+    block: bytes, *, offset: int
+) -> tuple[list[bytes], list[int], CorruptCheckpointError | None]:
+    """Every record of a data block at once: ``(keys, bounds, error)``.
+
+    The value of ``keys[i]`` is ``block[bounds[2 * i] : bounds[2 * i + 1]]``: positions, not
+    slices, so that a caller decoding values in place builds no object per value. The
+    records, bounds and errors are those of :func:`iter_data_block`; a malformed record ends
+    the list and comes back as ``error``, for the caller to raise once it has used the records
+    before it (as it would have met them one at a time).
+    """
+    keys: list[bytes] = []
+    bounds: list[int] = []
+    try:
+        _split_records(block, keys, bounds)
+    except CorruptCheckpointError as exc:
+        exc.with_context(offset=offset)
+        return keys, bounds, exc
+    return keys, bounds, None
+
+
+def _split_records(block: bytes, keys: list[bytes], bounds: list[int]) -> None:
+    """``block.iter_block`` as one loop, with one-byte varints read inline."""
+    end = _records_end(block)
+    size = len(block)
+    budget = MAX_KEY_EXPANSION * size
+    key = b""
+    pos = 0
+    while pos < end:  # each check, message and offset as in block._read_record
+        shared = block[pos]
+        if shared < 0x80:
+            pos += 1
+        else:
+            shared, pos = decode_varint(block, pos, max_bytes=5)
+        if pos < size and block[pos] < 0x80:
+            non_shared = block[pos]
+            pos += 1
+        else:
+            non_shared, pos = decode_varint(block, pos, max_bytes=5)
+        if pos < size and block[pos] < 0x80:
+            value_length = block[pos]
+            pos += 1
+        else:
+            value_length, pos = decode_varint(block, pos, max_bytes=5)
+        if shared > len(key):
+            raise CorruptCheckpointError(
+                f"record shares {shared} bytes with a previous key of {len(key)}", offset=pos
+            )
+        value_start = pos + non_shared
+        value_end = value_start + value_length
+        if value_end > end:
+            raise CorruptCheckpointError("record runs past the end of its block", offset=pos)
+        if shared + non_shared > budget:
+            raise CorruptCheckpointError(
+                f"the keys of a {size}-byte block spell more than"
+                f" {MAX_KEY_EXPANSION * size} bytes (each extends the one before)",
+                offset=pos,
+            )
+        key = key[:shared] + block[pos:value_start]
+        budget -= len(key)
+        keys.append(key)
+        bounds.append(value_start)
+        bounds.append(value_end)
+        pos = value_end
 
 
 def lookup_in_block(block: bytes | memoryview, key: bytes, *, offset: int) -> memoryview | None:

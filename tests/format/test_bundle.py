@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from support import TF_FIXTURES
 
 from streamckpt.errors import CorruptCheckpointError, StreamCkptError
-from streamckpt.format.bundle import BundleEntry, _fast_fields, decode_entry, min_payload_size
+from streamckpt.format.bundle import BundleEntry, decode_entry, min_payload_size
 from streamckpt.format.crc import mask
 from streamckpt.format.dtypes import DataType
+from streamckpt.format.entries import entry_fields
 from streamckpt.proto import tensor_bundle_pb2
 
 
@@ -39,7 +40,7 @@ entries = st.builds(
 @given(entries)
 def test_fast_decoder_matches_protobuf(entry: BundleEntry) -> None:
     raw = entry.encode()
-    assert _fast_fields(raw) == via_protobuf(raw)
+    assert entry_fields(raw) == via_protobuf(raw)
 
 
 @settings(max_examples=500)
@@ -49,7 +50,7 @@ def test_fast_decoder_matches_protobuf(entry: BundleEntry) -> None:
 @example(bytes.fromhex("20ffffffffffffffff7f"))  # an offset protobuf reads as negative
 def test_fast_decoder_never_raises_and_never_disagrees(raw: bytes) -> None:
     """The fast walk returns None for anything it does not take, and protobuf judges it."""
-    fast = _fast_fields(raw)
+    fast = entry_fields(raw)
     if fast is not None:
         assert fast == via_protobuf(raw)
     with contextlib.suppress(StreamCkptError):  # anything else fails the test
@@ -83,7 +84,7 @@ def test_every_fixture_entry_decodes_the_same_both_ways() -> None:
         for bundle in fixture["bundles"]:
             for entry in bundle["entries"]:
                 raw = bytes.fromhex(entry["entry_proto_hex"])
-                fast = _fast_fields(raw)
+                fast = entry_fields(raw)
                 if entry.get("slices"):
                     assert fast is None  # slices go through protobuf
                     continue
