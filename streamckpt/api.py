@@ -76,7 +76,8 @@ async def save(
     )
     from streamckpt.pipeline.save import save_tensors
 
-    if coordinator is None and any(_given_in_pieces(value) for value in tensors.values()):
+    pieces = (v for v in tensors.values() if isinstance(v, Slice | list))  # arrays: skipped
+    if coordinator is None and any(_given_in_pieces(value) for value in pieces):
         from streamckpt.distributed.solo import SOLO
 
         coordinator = SOLO  # one process holding pieces: the same planner and merge

@@ -9,11 +9,16 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """One tensor's bytes: ``[offset, offset + size)`` of data shard ``shard_id``."""
+class Placement(NamedTuple):
+    """One tensor's bytes: ``[offset, offset + size)`` of data shard ``shard_id``.
+
+    A named tuple, not a dataclass: plans of many small tensors make one per tensor on save
+    and on load, and a frozen dataclass costs four times as much to build (1.4 against
+    0.33 µs).
+    """
 
     key: bytes
     shard_id: int
