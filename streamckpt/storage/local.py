@@ -312,6 +312,18 @@ class LocalStore(Store):
     # a checkpoint under 128 MiB stays one file.
     shard_bytes = 256 << 20
 
+    # Shards written at once. Each writer holds two staging buffers of a write chunk (16 MiB
+    # at the default 8 MiB chunk), so 64 at once, a 16 GiB checkpoint's count, would pin 1 GiB;
+    # and a disk gains little past a few streams (workload A: 8 shards no faster than 4).
+    max_writers = 8
+    #: staging memory one writer holds at the default chunk (two alternating buffers)
+    writer_bytes = 2 * (8 << 20)
+
+    def plan_writers(self, sizes: Sequence[int]) -> int:
+        """At most ``max_writers`` files at once, and no more than the budget's staging."""
+        affordable = self.budget.total // self.writer_bytes
+        return max(1, min(len(sizes), self.max_writers, affordable))
+
     async def rename(self, source: str, target: str) -> None:
         with map_errors(target):
             await anyio.to_thread.run_sync(os.replace, source, target)

@@ -148,3 +148,13 @@ def test_failed_direct_write_removes_the_partial_shard(
         writer.write(memoryview(os.urandom(3 * DIRECT_ALIGN)))
     writer.abort()
     assert not path.exists()
+
+
+def test_local_saves_write_a_few_files_at_once_within_the_budget() -> None:
+    """Each local writer stages two write chunks: 64 shards at once would pin 1 GiB, and a
+    small budget (``convert --budget-mib``) must bound the staging too."""
+    LocalStore = local.LocalStore
+    assert LocalStore().plan_writers([1 << 28] * 64) == LocalStore.max_writers == 8
+    assert LocalStore().plan_writers([1 << 28] * 3) == 3
+    assert LocalStore(max_inflight_bytes=48 << 20).plan_writers([1 << 28] * 64) == 3
+    assert LocalStore(max_inflight_bytes=1 << 20).plan_writers([1 << 28] * 64) == 1
