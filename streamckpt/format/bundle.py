@@ -31,11 +31,11 @@ from streamckpt.format.table import (
     BlockHandle,
     IndexBlock,
     TableWriter,
+    data_block_chunks,
     decode_block,
     decode_footer,
     decode_index_block,
     lookup_in_block,
-    split_data_block,
 )
 from streamckpt.format.variant import min_variant_payload_size
 from streamckpt.format.varint import decode_varint
@@ -411,7 +411,7 @@ def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedI
     """Header and entries from the data blocks of a table, given in order with their offsets.
 
     The same entries and errors as :func:`decode_entry` of each record, at a few µs an entry:
-    a block's entries are read at once, as columns (:func:`_usual_entries`); the records
+    a block's entries are read a chunk at a time, as columns (:func:`_usual_entries`); the records
     spelled in any other way, or failing any check there, go through :func:`decode_entry`.
     """
     header: BundleHeader | None = None
@@ -419,32 +419,30 @@ def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedI
     previous: bytes | None = None
     for stored, offset in blocks:
         block = bytes(decode_block(stored, offset=offset))
-        keys, bounds, error = split_data_block(block, offset=offset)
-        usual: list[BundleEntry | None] | None = None
-        for i, key in enumerate(keys):
-            if previous is not None and key <= previous:
-                raise CorruptCheckpointError(
-                    f"index keys are not sorted: {key[:64]!r} after {previous[:64]!r}",
-                    offset=offset,
-                )
-            previous = key
-            if not key:  # HEADER_KEY
-                header = decode_header(block[bounds[2 * i] : bounds[2 * i + 1]])
-                continue
-            if header is None:
-                raise CorruptCheckpointError("index has no bundle header", offset=offset)
-            if usual is None:
-                usual = _usual_entries(block, bounds, header.num_shards)
-            entry = usual[i]
-            if entry is None:
-                value = block[bounds[2 * i] : bounds[2 * i + 1]]
-                try:
-                    entry = decode_entry(value, num_shards=header.num_shards)
-                except (CorruptCheckpointError, UnsupportedError) as exc:
-                    raise exc.with_context(tensor=key_to_name(key), offset=offset) from None
-            entries[key] = entry
-        if error is not None:
-            raise error from None
+        for keys, bounds in data_block_chunks(block, offset=offset):
+            usual: list[BundleEntry | None] | None = None
+            for i, key in enumerate(keys):
+                if previous is not None and key <= previous:
+                    raise CorruptCheckpointError(
+                        f"index keys are not sorted: {key[:64]!r} after {previous[:64]!r}",
+                        offset=offset,
+                    )
+                previous = key
+                if not key:  # HEADER_KEY
+                    header = decode_header(block[bounds[2 * i] : bounds[2 * i + 1]])
+                    continue
+                if header is None:
+                    raise CorruptCheckpointError("index has no bundle header", offset=offset)
+                if usual is None:
+                    usual = _usual_entries(block, bounds, header.num_shards)
+                entry = usual[i]
+                if entry is None:
+                    value = block[bounds[2 * i] : bounds[2 * i + 1]]
+                    try:
+                        entry = decode_entry(value, num_shards=header.num_shards)
+                    except (CorruptCheckpointError, UnsupportedError) as exc:
+                        raise exc.with_context(tensor=key_to_name(key), offset=offset) from None
+                entries[key] = entry
     if header is None:
         raise CorruptCheckpointError("index has no bundle header")
     return DecodedIndex(header, entries)

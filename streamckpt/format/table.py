@@ -23,7 +23,7 @@ from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedEr
 from streamckpt.format.block import (
     MAX_KEY_EXPANSION,
     BlockBuilder,
-    _records_end,  # the restart array's checks, shared with split_data_block's loop
+    _records_end,  # the restart array's checks, shared with data_block_chunks
     iter_block,
     seek_block,
 )
@@ -343,35 +343,55 @@ def iter_data_block(
         raise exc.with_context(offset=offset) from None
 
 
-def split_data_block(
-    block: bytes, *, offset: int
-) -> tuple[list[bytes], list[int], CorruptCheckpointError | None]:
-    """Every record of a data block at once: ``(keys, bounds, error)``.
+def data_block_chunks(
+    block: bytes, *, offset: int, rows: int = 4096
+) -> Iterator[tuple[list[bytes], list[int]]]:
+    """The records of a data block in chunks of ``rows``: ``(keys, bounds)`` each.
 
     The value of ``keys[i]`` is ``block[bounds[2 * i] : bounds[2 * i + 1]]``: positions, not
-    slices, so that a caller decoding values in place builds no object per value. The
-    records, bounds and errors are those of :func:`iter_data_block`; a malformed record ends
-    the list and comes back as ``error``, for the caller to raise once it has used the records
-    before it (as it would have met them one at a time).
+    slices, so that a caller decoding values in place builds no object per value. Records,
+    errors and their offsets are those of :func:`iter_data_block`, and in the same order: a
+    malformed record is raised after the chunk of the records before it. A chunk also ends
+    after about a MiB of keys, so that what a chunk holds stays small whatever the block.
     """
-    keys: list[bytes] = []
-    bounds: list[int] = []
     try:
-        _split_records(block, keys, bounds)
+        end = _records_end(block)
     except CorruptCheckpointError as exc:
-        exc.with_context(offset=offset)
-        return keys, bounds, exc
-    return keys, bounds, None
+        raise exc.with_context(offset=offset) from None
+    state = (0, b"", MAX_KEY_EXPANSION * len(block))
+    while state[0] < end:
+        keys: list[bytes] = []
+        bounds: list[int] = []
+        try:
+            state = _split_records(block, end, state, keys, bounds, rows)
+        except CorruptCheckpointError as exc:
+            if keys:
+                yield keys, bounds
+            raise exc.with_context(offset=offset) from None
+        yield keys, bounds
 
 
-def _split_records(block: bytes, keys: list[bytes], bounds: list[int]) -> None:
-    """``block.iter_block`` as one loop, with one-byte varints read inline."""
-    end = _records_end(block)
+_CHUNK_KEY_BYTES = 1 << 20
+
+
+def _split_records(
+    block: bytes,
+    end: int,
+    state: tuple[int, bytes, int],
+    keys: list[bytes],
+    bounds: list[int],
+    rows: int,
+) -> tuple[int, bytes, int]:
+    """One chunk of ``block._scan``'s records, in one loop with one-byte varints inline.
+
+    ``state`` is where the chunk starts (position, previous key, key budget left); the
+    state after it is returned.
+    """
+    pos, key, budget = state
     size = len(block)
-    budget = MAX_KEY_EXPANSION * size
-    key = b""
-    pos = 0
-    while pos < end:  # each check, message and offset as in block._read_record
+    stop_budget = budget - _CHUNK_KEY_BYTES
+    while pos < end and len(keys) < rows and budget > stop_budget:
+        # each check, message and offset as in block._read_record
         shared = block[pos]
         if shared < 0x80:
             pos += 1
@@ -407,6 +427,7 @@ def _split_records(block: bytes, keys: list[bytes], bounds: list[int]) -> None:
         bounds.append(value_start)
         bounds.append(value_end)
         pos = value_end
+    return pos, key, budget
 
 
 def lookup_in_block(block: bytes | memoryview, key: bytes, *, offset: int) -> memoryview | None:

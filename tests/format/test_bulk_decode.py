@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from support import TF_FIXTURES
 
 from streamckpt.errors import CorruptCheckpointError, StreamCkptError, UnsupportedError
+from streamckpt.format.block import BlockBuilder
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
@@ -39,12 +40,12 @@ from streamckpt.format.table import (
     FOOTER_SIZE,
     TRAILER_SIZE,
     TableWriter,
+    data_block_chunks,
     decode_block,
     decode_footer,
     decode_index_block,
     encode_block_trailer,
     iter_data_block,
-    split_data_block,
 )
 from streamckpt.format.varint import encode_varint
 from streamckpt.proto import tensor_bundle_pb2
@@ -220,10 +221,11 @@ def columns_take(entry: BundleEntry) -> bool:
 def columns_read(stored: bytes, offset: int, num_shards: int) -> list[BundleEntry | None]:
     """What the columns take of a block's entries (the header record left out)."""
     block = bytes(decode_block(stored, offset=offset))
-    keys, bounds, error = split_data_block(block, offset=offset)
-    assert error is None
-    read = _usual_entries(block, bounds, num_shards)
-    return [entry for key, entry in zip(keys, read, strict=True) if key]
+    read = []
+    for keys, bounds in data_block_chunks(block, offset=offset):
+        found = _usual_entries(block, bounds, num_shards)
+        read += [entry for key, entry in zip(keys, found, strict=True) if key]
+    return read
 
 
 # --- one entry at a time: the columns read what entry_fields reads ---------------------------
@@ -359,3 +361,66 @@ def test_mutated_indexes_decode_or_fail_as_before(which: int, seed: int) -> None
     blocks = data_blocks(CORPUS[which])
     for _ in range(20):
         assert_same(mutate(rng, blocks))
+
+
+# --- chunks of records ---------------------------------------------------------------------
+
+
+def records_or_error(chunks: Callable[[], Iterable[Any]]) -> tuple[list[Any], Any]:
+    got: list[Any] = []
+    try:
+        for chunk in chunks():
+            got.append(chunk)
+    except StreamCkptError as exc:
+        return got, (type(exc), str(exc), exc.offset)
+    return got, None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(st.tuples(st.binary(max_size=6), st.binary(max_size=6)), max_size=30),
+    rows=st.integers(1, 5),
+    cut=st.integers(0, 300),
+    noise=st.binary(max_size=3),
+)
+def test_chunks_hold_the_records_of_iter_data_block(
+    records: list[tuple[bytes, bytes]], rows: int, cut: int, noise: bytes
+) -> None:
+    builder = BlockBuilder(4)
+    for key, value in sorted(dict(records).items()):
+        builder.add(key, value)
+    block = builder.finish()
+    block = block[:cut] + noise + block[cut:]  # often malformed
+    singles, error = records_or_error(lambda: iter_data_block(block, offset=7))
+    chunks, chunk_error = records_or_error(lambda: data_block_chunks(block, offset=7, rows=rows))
+    assert chunk_error == error
+    flat = [
+        (key, block[bounds[2 * i] : bounds[2 * i + 1]])
+        for keys, bounds in chunks
+        for i, key in enumerate(keys)
+    ]
+    assert flat == [(key, bytes(value)) for key, value in singles]
+    assert all(0 < len(keys) <= rows for keys, _ in chunks)
+
+
+def test_a_chunk_ends_after_a_mib_of_keys() -> None:
+    builder = BlockBuilder(16)
+    for i in range(64):
+        builder.add(b"k" * 65536 + b"%03d" % i, b"")
+    block = builder.finish()
+    sizes = [len(keys) for keys, _ in data_block_chunks(block, offset=0)]
+    assert sum(sizes) == 64 and max(sizes) <= 17
+
+
+@pytest.mark.parametrize("broken_at", [None, 1, 4095, 4096, 9000])
+def test_a_block_of_many_chunks_decodes_as_before(broken_at: int | None) -> None:
+    values = [
+        BundleEntry(DataType.DT_INT32, (i % 7,), offset=4 * i, size=4 * (i % 7)).encode()
+        for i in range(10_000)
+    ]
+    if broken_at is not None:
+        values[broken_at] = values[broken_at][:-1]
+    blocks = data_blocks(index_of(values, num_shards=1, block_size=1 << 30))
+    assert len(blocks) == 1
+    decoded = assert_same(blocks)
+    assert decoded[0] == ("decoded" if broken_at is None else "error")
