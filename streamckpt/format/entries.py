@@ -1,4 +1,4 @@
-"""BundleEntryProto bytes written by hand: one entry, or many at once from columns.
+"""BundleEntryProto bytes written and read by hand: one entry, or many at once as columns.
 
 An index of a million entries (a job of 1,024 processes) spent most of its encoding time
 building protobuf messages, about 10 µs an entry. The message is small and fixed, so its
@@ -18,6 +18,12 @@ proto3 zeros left out, a ``oneof`` length written even when 0, the shape always 
 ``tests/format/test_entries.py`` holds every function here to protobuf's own bytes.
 Entries that share a dtype and shape share their head (:func:`entry_head`); what differs
 between them (fields 3 to 6) is spelled for many entries at once by :func:`entry_tails`.
+
+Reading mirrors it: :func:`entry_fields` walks one entry (anything unusual is left to
+protobuf), :func:`entry_columns` reads a block's worth of entries spelled as above at once
+in numpy (anything else is left to :func:`entry_fields`). Neither raises: they return what
+they read or say they did not, and ``bundle.decode_entry`` judges (``test_bundle.py``,
+``test_bulk_decode.py``).
 """
 
 from __future__ import annotations

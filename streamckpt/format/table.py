@@ -41,6 +41,8 @@ SNAPPY_COMPRESSION = 1
 # A Snappy block may not claim to inflate past this factor of its stored size (Snappy's real
 # worst case is far lower), so a hostile length header cannot make us allocate gigabytes.
 _MAX_SNAPPY_RATIO = 64
+# data_block_chunks ends a chunk after this many bytes of keys
+_CHUNK_KEY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,9 +371,6 @@ def data_block_chunks(
                 yield keys, bounds
             raise exc.with_context(offset=offset) from None
         yield keys, bounds
-
-
-_CHUNK_KEY_BYTES = 1 << 20
 
 
 def _split_records(

@@ -54,7 +54,7 @@ Blocks = list[tuple[bytes, int]]
 
 
 def reference_decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedIndex:
-    """decode_records as it was before the column decoder (commit 42aee54)."""
+    """decode_records as it was before the column decoder (the parent of commit d511315)."""
     header: BundleHeader | None = None
     entries: dict[bytes, BundleEntry] = {}
     previous: bytes | None = None
