@@ -234,7 +234,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     read = median(seconds[LABELS["streamckpt"]])
     goals = {
-        "read_at_most_safetensors": None if safetensors is None else bool(read <= safetensors),
+        "read_at_most_safetensors": None
+        if read is None or safetensors is None
+        else bool(read <= safetensors),
         "help_within_1.5x_floor": _within(seconds.get("streamckpt --help"), floor),
         "ls_within_1.5x_floor": _within(seconds.get("streamckpt ls PREFIX"), floor),
     }

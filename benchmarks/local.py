@@ -115,7 +115,8 @@ def run_cell(
     tool_dir = os.path.join(workdir, f"{tool}-{name}")
     os.makedirs(tool_dir)
     budget = math.inf if tool == exempt or not args.cell_budget else args.cell_budget
-    common = {"tool": tool, "workload": spec, "dir": tool_dir, "restores": restores}
+    common: dict[str, Any] = {"tool": tool, "workload": spec, "dir": tool_dir}
+    common["restores"] = restores
     common |= {"budget": budget, "repeats": args.repeats, "warmup": not args.no_warmup}
     later = ["background"] if background else []
     cells: dict[str, dict[str, Any]] = {op: {"runs": []} for op in ["save", *restores, *later]}

@@ -22,6 +22,7 @@ reported as skipped.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -420,9 +421,8 @@ def run_background(spec: dict[str, Any], tool: Tool, wl: Workload) -> dict[str, 
             harness.fsync_path(spec["dir"])
             run = harness.measure(lambda: tool.save_background(state, target))
             handle = run.pop("value")
-            run["finish_seconds"] = harness.seconds_of(
-                lambda h=handle: tool.finish_background(h, target)
-            )
+            finish = functools.partial(tool.finish_background, handle, target)
+            run["finish_seconds"] = harness.seconds_of(finish)
             runs.append(run)
         out["bytes_on_disk"] = harness.disk_usage(target)
     finally:

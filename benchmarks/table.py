@@ -42,6 +42,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,15 @@ from benchmarks import cold_start, harness, local, peers
 from benchmarks.report import loadavg, machine_info
 from benchmarks.workloads import GIB, MIB, by_name
 
-TOOLS = ("streamckpt", "tensorflow", "safetensors", "torch-save", "torch-dcp", "orbax")
-TOOLS += ("tensorstore",)
+TOOLS = (
+    "streamckpt",
+    "tensorflow",
+    "safetensors",
+    "torch-save",
+    "torch-dcp",
+    "orbax",
+    "tensorstore",
+)
 HEADS = {
     "streamckpt": "streamckpt",
     "tensorflow": "TensorFlow",
@@ -81,8 +89,15 @@ LIMIT_OF = {
     "restore_cold": (("disk_read_cold",), "cold read"),
     "background": (("memcpy", "copy_fresh"), "copy into mapped / fresh memory"),
 }
-LIMIT_ROWS = ("direct_write_1", "direct_write_16", "disk_read_cold", "copy_fresh", "memcpy")
-LIMIT_ROWS += ("crc32c", "disk_write")
+LIMIT_ROWS = (
+    "direct_write_1",
+    "direct_write_16",
+    "disk_read_cold",
+    "copy_fresh",
+    "memcpy",
+    "crc32c",
+    "disk_write",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -219,9 +234,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.no_warmup = False
     cold_runs = args.cold_runs or (1 if args.quick else 7)
-    cold_peers = (
-        args.cold_peer_rounds if args.cold_peer_rounds is not None else 1 if args.quick else 3
-    )
+    cold_peers = args.cold_peer_rounds
+    if cold_peers is None:
+        cold_peers = 1 if args.quick else 3
     base = os.path.abspath(args.dir or "bench-out")
     info = machine_info(base)
     workdir = tempfile.mkdtemp(prefix="table-", dir=base)
@@ -238,25 +253,37 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print("page cache: cannot evict files here: no cold rows")
     for tool, why in skipped.items():
         print(f"skipped: {HEADS[tool]} ({why})")
+    phases: dict[str, float] = {}  # wall seconds of each part, to plan a full run's time
+    errors: dict[str, str] = {}
+    cold: dict[str, list[float]] = {}
     try:
         print("== limits", flush=True)
+        started = time.perf_counter()
         size = 16 * MIB if args.quick else GIB
         limits = local.limit_runs(workdir, evicts, size=size, repeats=args.repeats)
-        print("== one tensor from a fresh process", flush=True)
-        cold = cold_start.measure(
-            Path(workdir) / "cold-start",
-            runs=cold_runs,
-            peer_rounds=cold_peers,
-            size_mib=16 if args.quick else 256,
-            tools=tools,
-            cli=False,
-        )
+        phases["limits"] = time.perf_counter() - started
+        print(f"== one tensor from a fresh process ({phases['limits']:.0f} s so far)", flush=True)
+        try:
+            cold = cold_start.measure(
+                Path(workdir) / "cold-start",
+                runs=cold_runs,
+                peer_rounds=cold_peers,
+                size_mib=16 if args.quick else 256,
+                tools=tools,
+                cli=False,
+            )
+        except RuntimeError as exc:
+            print(f"FAILED: {exc}")
+            errors["cold start"] = str(exc)
+        phases["cold start"] = time.perf_counter() - started - sum(phases.values())
         for label, values in cold.items():
             print(f"  {label:<32} {figure(values)}")
         cells: dict[tuple[str, str, str], dict[str, Any]] = {}
         for name, spec in specs.items():
-            print(f"== workload {name}: {wls[name].description}", flush=True)
+            elapsed = time.perf_counter() - started
+            print(f"== workload {name}: {wls[name].description} ({elapsed:.0f} s)", flush=True)
             for tool in tools:
+                cell_started = time.perf_counter()
                 background = name == "A" and tool in peers.BACKGROUND
                 got = local.run_cell(
                     args, tool, spec, workdir, restores, background=background, exempt=None
@@ -267,7 +294,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     f"{op} {figure([r['seconds'] for r in cell['runs']])}"
                     for op, cell in got.items()
                 )
-                print(f"  {HEADS[tool]:<12} {done}", flush=True)
+                phases[f"{tool} {name}"] = time.perf_counter() - cell_started
+                print(f"  {HEADS[tool]:<12} {phases[f'{tool} {name}']:3.0f} s: {done}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -280,6 +308,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f.write(text + "\n")
         print(f"\nwrote {args.table}")
     failed = {f"{t} {w} {op}": c["failed"] for (t, w, op), c in cells.items() if c.get("failed")}
+    failed |= errors
     for what, why in failed.items():
         print(f"FAILED {what}: {why}")
     return {
@@ -289,4 +318,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "cold_start": cold,
         "cells": {" ".join(k): v for k, v in cells.items()},
         "skipped": skipped,
+        "phase_seconds": phases,
     }
