@@ -434,7 +434,11 @@ def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedI
                 if header is None:
                     raise CorruptCheckpointError("index has no bundle header", offset=offset)
                 if usual is None:
-                    usual = _usual_entries(block, bounds, header.num_shards)
+                    usual = (
+                        _usual_entries(block, bounds, header.num_shards)
+                        if len(keys) >= _MIN_COLUMN_ROWS
+                        else [None] * len(keys)
+                    )
                 entry = usual[i]
                 if entry is None:
                     value = block[bounds[2 * i] : bounds[2 * i + 1]]
@@ -448,6 +452,9 @@ def decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedI
     return DecodedIndex(header, entries)
 
 
+# Columns cost a quarter of a millisecond, what ~30 entries cost one at a time: fewer records
+# (a small checkpoint's index, a block's last few) are decoded one at a time.
+_MIN_COLUMN_ROWS = 32
 # By one-byte dtype number: the fixed-size types ``to_datatype`` accepts, and their bytes
 # per element (0 for any other number)
 _DATATYPES: list[DataType | None] = [None] * 128
