@@ -120,7 +120,7 @@ class BlockBuilder:
         return bytes(out)
 
 
-def _records_end(block: bytes | memoryview) -> int:
+def records_end(block: bytes | memoryview) -> int:
     """Offset where the records stop and the restart array starts; validates the array."""
     if len(block) < 4:
         raise CorruptCheckpointError(f"block of {len(block)} bytes is too short")
@@ -175,7 +175,7 @@ def _scan(block: bytes | memoryview, pos: int, end: int) -> Iterator[tuple[bytes
 
 def iter_block(block: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
     """Yield every ``(key, value)`` record in block order."""
-    for key, value, _ in _scan(block, 0, _records_end(block)):
+    for key, value, _ in _scan(block, 0, records_end(block)):
         yield key, value
 
 
@@ -184,7 +184,7 @@ def seek_block(block: bytes | memoryview, target: bytes) -> tuple[bytes, memoryv
 
     Binary search over the restart points (whose records store whole keys), then a short scan.
     """
-    end = _records_end(block)
+    end = records_end(block)
     num_restarts = (len(block) - 4 - end) // 4
     lo, hi = 0, num_restarts - 1
     start = 0

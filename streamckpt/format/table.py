@@ -23,8 +23,8 @@ from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedEr
 from streamckpt.format.block import (
     MAX_KEY_EXPANSION,
     BlockBuilder,
-    _records_end,  # the restart array's checks, shared with data_block_chunks
     iter_block,
+    records_end,
     seek_block,
 )
 from streamckpt.format.crc import crc32c, mask
@@ -357,7 +357,7 @@ def data_block_chunks(
     after about a MiB of keys, so that what a chunk holds stays small whatever the block.
     """
     try:
-        end = _records_end(block)
+        end = records_end(block)
     except CorruptCheckpointError as exc:
         raise exc.with_context(offset=offset) from None
     state = (0, b"", MAX_KEY_EXPANSION * len(block))
