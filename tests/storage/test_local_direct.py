@@ -158,3 +158,15 @@ def test_local_saves_write_a_few_files_at_once_within_the_budget() -> None:
     assert LocalStore().plan_writers([1 << 28] * 3) == 3
     assert LocalStore(max_inflight_bytes=48 << 20).plan_writers([1 << 28] * 64) == 3
     assert LocalStore(max_inflight_bytes=1 << 20).plan_writers([1 << 28] * 64) == 1
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, (1 << 20) - 1, 1 << 20, (4 << 20) + 3, 9 << 20])
+def test_fresh_buffers_are_zeroed_writable_and_exact(nbytes: int) -> None:
+    """Small ones are bytearrays, large ones mappings (huge pages where offered): all alike."""
+    from streamckpt.fileio import fresh_buffer
+
+    buffer = fresh_buffer(nbytes)
+    view = np.frombuffer(buffer, np.uint8)
+    assert len(view) == nbytes and not view.any()
+    view[:] = 7
+    assert bytes(memoryview(buffer)[-1:]) == (b"\x07" if nbytes else b"")
