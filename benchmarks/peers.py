@@ -117,8 +117,9 @@ class Tool:
 
 class StreamCkpt(Tool):
     """``streamckpt.sync.save`` / ``load`` with ``num_shards`` (None: the store's default,
-    about 256 MiB a shard on local disk); background: ``streamckpt.Checkpoint(model=arrays).write_async``,
-    which returns once the arrays are copied into the checkpoint's reused buffer."""
+    about 256 MiB a shard on local disk); background:
+    ``streamckpt.Checkpoint(model=arrays).write_async``, which returns once the arrays are
+    copied into the checkpoint's reused buffer."""
 
     def __init__(self, tool: str) -> None:
         super().__init__(tool)
