@@ -222,7 +222,11 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         help="largest file of a Hugging Face directory, in MiB (default: 5120)",
     )
     _shards_and_overwrite(convert)
-    _budget(convert, larger="read whole; a torch output is written from memory at once")
+    _budget(
+        convert,
+        larger="written in blocks of rows to safetensors, fetched alone for TF; a torch output "
+        "is written from memory at once",
+    )
 
     demo = command("demo", "copying", "save a sample model, load it back, read part of a tensor")
     demo.add_argument("--dir", help="directory to write to (default: a temporary one, removed)")

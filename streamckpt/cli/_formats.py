@@ -82,6 +82,10 @@ class Source(Protocol):
         """One tensor, from a worker thread of the event loop that opened the source."""
         ...
 
+    async def read_rows(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """Rows ``start:stop`` of one tensor's first axis, reading only their bytes."""
+        ...
+
 
 def batches(specs: Sequence[Spec], budget: int) -> list[list[Spec]]:
     """Specs in order, grouped so that each group's bytes fit ``budget`` (one may exceed it)."""
@@ -112,6 +116,9 @@ class CheckpointSource:
     def fetch(self, name: str) -> np.ndarray[Any, Any]:
         return anyio.from_thread.run(self.reader.read, name)
 
+    async def read_rows(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
+        return await self.reader.read(name, index=np.s_[start:stop])
+
 
 class SafetensorsSource:
     """One or more safetensors files (a Hugging Face directory has several)."""
@@ -130,7 +137,19 @@ class SafetensorsSource:
 
     def fetch(self, name: str) -> np.ndarray[Any, Any]:
         """One tensor: one ranged read of its bytes (blocking)."""
-        path, start, end = self.where[name]
+        spec = self.by_name[name]
+        return self._span(name, 0, spec.nbytes).reshape(spec.shape)
+
+    async def read_rows(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
+        spec = self.by_name[name]
+        row = math.prod(spec.shape[1:]) * spec.dtype.itemsize
+        flat = await anyio.to_thread.run_sync(self._span, name, start * row, stop * row)
+        return flat.reshape((stop - start, *spec.shape[1:]))
+
+    def _span(self, name: str, lo: int, hi: int) -> np.ndarray[Any, Any]:
+        """Bytes ``lo..hi`` of one tensor's data as a flat array of its dtype (blocking)."""
+        path, first, _ = self.where[name]
+        start, end = first + lo, first + hi
         spec = self.by_name[name]
         data: Any = b""
         if end > start and is_local_filesystem(self.fs):
@@ -143,7 +162,7 @@ class SafetensorsSource:
                 uri=path,
                 offset=start,
             )
-        return np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+        return np.frombuffer(data, dtype=spec.dtype)
 
     async def read(self, names: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
         def work() -> dict[str, np.ndarray[Any, Any]]:
@@ -225,6 +244,9 @@ class ArraySource:
 
     def fetch(self, name: str) -> np.ndarray[Any, Any]:
         return self.arrays[name]
+
+    async def read_rows(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
+        return self.arrays[name][start:stop]
 
 
 def _torch() -> Any:
@@ -335,13 +357,39 @@ async def write_safetensors(
     try:
         await anyio.to_thread.run_sync(stream.write, struct.pack("<Q", len(text)) + text)
         for group in batches(specs, budget):
+            if len(group) == 1 and group[0].nbytes > budget and group[0].shape:
+                await _write_in_rows(stream, group[0], source, budget, advance)
+                continue
             values = await source.read([spec.name for spec in group])
             for spec in group:
                 data = np.ascontiguousarray(values.pop(spec.name), dtype=spec.dtype)
-                await anyio.to_thread.run_sync(
-                    stream.write, memoryview(cast(Any, data.reshape(-1).view(np.uint8)))
-                )
+                await _write_array(stream, data)
                 advance(spec.nbytes)
     finally:
         await anyio.to_thread.run_sync(stream.close)
     return 8 + len(text) + offset
+
+
+async def _write_array(stream: Any, data: np.ndarray[Any, Any]) -> None:
+    await anyio.to_thread.run_sync(
+        stream.write, memoryview(cast(Any, data.reshape(-1).view(np.uint8)))
+    )
+
+
+async def _write_in_rows(
+    stream: Any, spec: Spec, source: Source, budget: int, advance: Callable[[int], None]
+) -> None:
+    """A tensor larger than the budget, a block of rows at a time (one row at least)."""
+    rows = spec.shape[0]
+    row_bytes = math.prod(spec.shape[1:]) * spec.dtype.itemsize
+    step = max(1, budget // max(1, row_bytes))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = await source.read_rows(spec.name, start, stop)
+        data = np.ascontiguousarray(block, dtype=spec.dtype)
+        if data.shape != (stop - start, *spec.shape[1:]):
+            raise CorruptCheckpointError(
+                f"tensor {spec.name!r}: rows {start}:{stop} came back as {data.shape}"
+            )
+        await _write_array(stream, data)
+        advance((stop - start) * row_bytes)

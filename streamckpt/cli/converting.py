@@ -124,6 +124,9 @@ class _Renamed:
     def fetch(self, name: str) -> Any:
         return self.source.fetch(self.old_of[name])
 
+    async def read_rows(self, name: str, start: int, stop: int) -> Any:
+        return await self.source.read_rows(self.old_of[name], start, stop)
+
     def deferred(self) -> dict[str, streamckpt.Deferred]:
         """Every tensor as a value the save fetches when it writes it, one at a time."""
         return {

@@ -15,6 +15,8 @@ import threading
 import weakref
 from pathlib import Path
 
+import anyio
+import fsspec
 import ml_dtypes
 import numpy as np
 import pytest
@@ -249,3 +251,64 @@ def test_a_fetch_of_the_wrong_shape_or_dtype_fails_naming_the_tensor(
         streamckpt.sync.save(str(tmp_path / "ckpt"), values)
     assert caught.value.tensor == "liar"
     assert list(tmp_path.iterdir()) == []  # the save removed what it wrote
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
+def test_a_tensor_larger_than_the_budget_goes_to_safetensors_in_rows(tmp_path: Path) -> None:
+    """One 96 MiB tensor through an 8 MiB budget, from TF and from safetensors.
+
+    Reading it whole adds at least its 96 MiB to the peak; in blocks of rows a few MiB.
+    """
+    rng = np.random.default_rng(2)
+    big = rng.standard_normal((3 * 1024, 8192), dtype=np.float32)  # 96 MiB, 32 KiB rows
+    values = {"big": big, "small": np.arange(5, dtype=np.int64)}
+    src = str(tmp_path / "src")
+    streamckpt.sync.save(src, values)
+    safetensors.numpy.save_file(values, tmp_path / "src.safetensors")
+    del big
+    tiny = tmp_path / "tiny.safetensors"
+    safetensors.numpy.save_file({"a": np.ones(4, np.float32)}, tiny)
+    baseline = _peak_mib("convert", str(tiny), str(tmp_path / "tiny.out.safetensors"), "-q")
+    budget = ("--budget-mib", "8", "-q")
+    peaks = {
+        "tf": _peak_mib("convert", src, str(tmp_path / "a.safetensors"), *budget),
+        "safetensors": _peak_mib(
+            "convert", str(tmp_path / "src.safetensors"), str(tmp_path / "hf") + "/", *budget
+        ),
+    }
+    extra = {kind: peak - baseline for kind, peak in peaks.items()}
+    print(f"peak RSS above a tiny convert ({baseline:.0f} MiB):", extra)
+    assert all(mib < 48 for mib in extra.values()), (baseline, extra)
+    out = safetensors.numpy.load_file(tmp_path / "a.safetensors")
+    assert all(_same(out[k], v) for k, v in values.items())
+    hf_files = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    merged: dict[str, np.ndarray] = {}
+    for file in hf_files:
+        merged.update(safetensors.numpy.load_file(file))
+    assert all(_same(merged[k], v) for k, v in values.items())
+
+
+@pytest.mark.parametrize("kind", ["tf", "safetensors"])
+def test_rows_are_read_exactly(tmp_path: Path, kind: str) -> None:
+    """``read_rows`` of each source gives the rows ``fetch`` would, for every block size."""
+    value = np.arange(7 * 3 * 2, dtype=np.float32).reshape(7, 3, 2)
+    if kind == "tf":
+        streamckpt.sync.save(str(tmp_path / "c"), {"v": value})
+
+        async def rows() -> list[np.ndarray]:
+            async with streamckpt.open(str(tmp_path / "c")) as reader:
+                source = formats.CheckpointSource(reader)
+                return [await source.read_rows("v", a, min(7, a + 3)) for a in range(0, 7, 3)]
+
+    else:
+        safetensors.numpy.save_file({"v": value}, tmp_path / "c.safetensors")
+        source = formats.SafetensorsSource(
+            fsspec.filesystem("file"), [str(tmp_path / "c.safetensors")]
+        )
+
+        async def rows() -> list[np.ndarray]:
+            return [await source.read_rows("v", a, min(7, a + 3)) for a in range(0, 7, 3)]
+
+    blocks = anyio.run(rows)
+    assert _same(np.concatenate(blocks), value)
