@@ -138,15 +138,15 @@ class SafetensorsSource:
     def fetch(self, name: str) -> np.ndarray[Any, Any]:
         """One tensor: one ranged read of its bytes (blocking)."""
         spec = self.by_name[name]
-        return self._span(name, 0, spec.nbytes).reshape(spec.shape)
+        return self.span(name, 0, spec.nbytes).reshape(spec.shape)
 
     async def read_rows(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         spec = self.by_name[name]
         row = math.prod(spec.shape[1:]) * spec.dtype.itemsize
-        flat = await anyio.to_thread.run_sync(self._span, name, start * row, stop * row)
+        flat = await anyio.to_thread.run_sync(self.span, name, start * row, stop * row)
         return flat.reshape((stop - start, *spec.shape[1:]))
 
-    def _span(self, name: str, lo: int, hi: int) -> np.ndarray[Any, Any]:
+    def span(self, name: str, lo: int, hi: int) -> np.ndarray[Any, Any]:
         """Bytes ``lo..hi`` of one tensor's data as a flat array of its dtype (blocking)."""
         path, first, _ = self.where[name]
         start, end = first + lo, first + hi

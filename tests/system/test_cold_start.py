@@ -80,6 +80,7 @@ READ_THIRD_PARTY = ["cramjam", "crc32c", "numpy"]
 READ_OURS = [
     "streamckpt",
     "streamckpt.errors",
+    "streamckpt.fileio",
     "streamckpt.format",
     "streamckpt.format.block",
     "streamckpt.format.bundle",
@@ -96,6 +97,7 @@ READ_OURS = [
     "streamckpt.pipeline",
     "streamckpt.pipeline.info",
     "streamckpt.pipeline.local_read",
+    "streamckpt.pipeline.plan",
     "streamckpt.sync",
 ]
 
