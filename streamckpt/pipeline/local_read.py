@@ -250,17 +250,7 @@ def read_whole(prefix_path: str, name: str | bytes) -> np.ndarray[Any, Any] | No
             raise exc.with_context(**context) from None
     finally:
         os.close(fd)
-    try:
-        return decode_tensor(
-            payload.data,
-            dtype=entry.dtype,
-            shape=entry.shape,
-            big_endian=big_endian,
-            expected_crc=entry.crc32c,
-        )
-    except StreamCkptError as exc:
-        inside, exc.offset = exc.offset, None  # the codecs count from the payload's start
-        raise exc.with_context(uri=path, offset=entry.offset + (inside or 0), **context) from None
+    return _decode(path, name_to_key(name), entry, payload.data, big_endian)
 
 
 def load_whole(
