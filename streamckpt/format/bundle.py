@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -24,6 +23,7 @@ from streamckpt.format.entries import (
     entry_tail,
     slice_field,
 )
+from streamckpt.format.record import Record
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.strings import min_string_payload_size
 from streamckpt.format.table import (
@@ -50,17 +50,32 @@ HEADER_KEY = b""
 _MAX_ENTRY_BYTES = 64 << 20
 _MAX_INT64 = (1 << 63) - 1
 _MAX_RANK = 64
+_set = object.__setattr__
 
 
-@dataclass(frozen=True, slots=True)
-class BundleHeader:
+class BundleHeader(Record):
     """Value of key ``""``: how many shards, the byte order of payloads, the version."""
 
+    __slots__ = ("bad_consumers", "big_endian", "min_consumer", "num_shards", "producer")
     num_shards: int
-    big_endian: bool = False
-    producer: int = 1
-    min_consumer: int = 0
-    bad_consumers: tuple[int, ...] = ()
+    big_endian: bool
+    producer: int
+    min_consumer: int
+    bad_consumers: tuple[int, ...]
+
+    def __init__(
+        self,
+        num_shards: int,
+        big_endian: bool = False,
+        producer: int = 1,
+        min_consumer: int = 0,
+        bad_consumers: tuple[int, ...] = (),
+    ) -> None:
+        _set(self, "num_shards", num_shards)
+        _set(self, "big_endian", big_endian)
+        _set(self, "producer", producer)
+        _set(self, "min_consumer", min_consumer)
+        _set(self, "bad_consumers", bad_consumers)
 
     def encode(self) -> bytes:
         from streamckpt.proto import tensor_bundle_pb2
@@ -185,21 +200,39 @@ def header_in_block(block: bytes | memoryview, *, offset: int) -> BundleHeader:
     return decode_header(value)
 
 
-@dataclass(frozen=True, slots=True)
-class BundleEntry:
+class BundleEntry(Record):
     """Where one tensor's bytes are and what they mean.
 
     ``crc32c`` is the *masked* CRC as stored. A partitioned tensor's full entry has ``slices``
     and owns no bytes (its shard, offset, size and crc are meaningless).
     """
 
+    __slots__ = ("crc32c", "dtype", "offset", "shape", "shard_id", "size", "slices")
     dtype: DataType
     shape: tuple[int, ...]
-    shard_id: int = 0
-    offset: int = 0
-    size: int = 0
-    crc32c: int = 0
-    slices: tuple[TensorSlice, ...] = field(default=())
+    shard_id: int
+    offset: int
+    size: int
+    crc32c: int
+    slices: tuple[TensorSlice, ...]
+
+    def __init__(
+        self,
+        dtype: DataType,
+        shape: tuple[int, ...],
+        shard_id: int = 0,
+        offset: int = 0,
+        size: int = 0,
+        crc32c: int = 0,
+        slices: tuple[TensorSlice, ...] = (),
+    ) -> None:
+        _set(self, "dtype", dtype)
+        _set(self, "shape", shape)
+        _set(self, "shard_id", shard_id)
+        _set(self, "offset", offset)
+        _set(self, "size", size)
+        _set(self, "crc32c", crc32c)
+        _set(self, "slices", slices)
 
     @property
     def num_elements(self) -> int:
@@ -388,10 +421,14 @@ def encode_index_records(
     return writer.finish()
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedIndex:
+class DecodedIndex(Record):
+    __slots__ = ("entries", "header")
     header: BundleHeader
     entries: dict[bytes, BundleEntry]
+
+    def __init__(self, header: BundleHeader, entries: dict[bytes, BundleEntry]) -> None:
+        _set(self, "header", header)
+        _set(self, "entries", entries)
 
 
 def decode_index(index_file: bytes | memoryview) -> DecodedIndex:
@@ -463,7 +500,7 @@ for _dtype in DataType:
         _DATATYPES[_dtype] = _dtype
 _FIXED_ITEMSIZE = np.array([itemsize(d) if d else 0 for d in _DATATYPES], dtype=np.uint64)
 _NEW = object.__new__
-# a frozen dataclass is built slot by slot below, as its __init__ does, at half the cost
+# an entry is built slot by slot below, as its __init__ does, without the call's cost
 _SLOT_SETTERS = tuple(
     getattr(BundleEntry, name).__set__
     for name in ("dtype", "shape", "shard_id", "offset", "size", "crc32c", "slices")

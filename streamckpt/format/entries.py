@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from streamckpt.errors import CorruptCheckpointError
+from streamckpt.format.record import Record
 from streamckpt.format.varint import decode_varint, encode_varint
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 __all__ = [
     "EntryColumns",
@@ -55,6 +57,7 @@ _FIXED32 = struct.Struct("<I")
 _SHARD_ID, _OFFSET, _SIZE, _CRC32C = 0x18, 0x20, 0x28, 0x35
 _MAX_TAIL = 3 * (1 + 10) + 5
 _MAX_COLUMN_RANK = 8
+_set = object.__setattr__
 _HIGH_BITS = np.uint64(0x8080808080808080)
 _LOW_BITS = np.uint64(0x7F7F7F7F7F7F7F7F)
 _PACK_STEPS = tuple(  # join neighbouring groups: 7 bits in 8, 14 in 16, 28 in 32
@@ -255,8 +258,7 @@ def _walk_fields(raw: bytes) -> EntryFields | None:
     return dtype, tuple(shape), shard, offset, size, crc
 
 
-@dataclass(frozen=True, slots=True)
-class EntryColumns:
+class EntryColumns(Record):
     """The fields of many entries, one numpy row each (see :func:`entry_columns`).
 
     ``usual[i]`` says whether row ``i`` was read at all; the other columns of a row that was
@@ -264,6 +266,7 @@ class EntryColumns:
     dims are 1, so that its product is the number of elements.
     """
 
+    __slots__ = ("crc32c", "dims", "dtype", "offset", "rank", "shard_id", "size", "usual")
     usual: NDArray[np.bool_]
     dtype: NDArray[np.int64]
     rank: NDArray[np.int64]
@@ -272,6 +275,26 @@ class EntryColumns:
     offset: NDArray[np.uint64]
     size: NDArray[np.uint64]
     crc32c: NDArray[np.uint64]
+
+    def __init__(
+        self,
+        usual: NDArray[np.bool_],
+        dtype: NDArray[np.int64],
+        rank: NDArray[np.int64],
+        dims: NDArray[np.uint64],
+        shard_id: NDArray[np.uint64],
+        offset: NDArray[np.uint64],
+        size: NDArray[np.uint64],
+        crc32c: NDArray[np.uint64],
+    ) -> None:
+        _set(self, "usual", usual)
+        _set(self, "dtype", dtype)
+        _set(self, "rank", rank)
+        _set(self, "dims", dims)
+        _set(self, "shard_id", shard_id)
+        _set(self, "offset", offset)
+        _set(self, "size", size)
+        _set(self, "crc32c", crc32c)
 
 
 def entry_columns(block: bytes, starts: Sequence[int], stops: Sequence[int]) -> EntryColumns:

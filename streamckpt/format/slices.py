@@ -18,12 +18,11 @@ Invariants this module keeps:
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from streamckpt.errors import CorruptCheckpointError
+from streamckpt.format.record import Record
 
 if TYPE_CHECKING:  # protobuf loads only for the slices of partitioned tensors (issue 15.1)
     from streamckpt.proto.tensor_slice_pb2 import TensorSliceProto
@@ -45,9 +44,9 @@ _MAX_UNSIGNED_BYTES = 8
 _MAX_SIGNED_BYTES = 10
 # Every dimension takes at least two bytes in a key: a one-byte start and a one-byte length.
 _MIN_DIMENSION_BYTES = 2
-_NAME_SPECIAL = re.compile(b"[\x00\xff]")
 _NAME_ESCAPES = {b"\x00\xff": b"\x00", b"\xff\x00": b"\xff"}
 _NAME_TERMINATOR = b"\x00\x01"
+_set = object.__setattr__
 
 
 def _extent_problem(start: int, length: int | None) -> str | None:
@@ -63,24 +62,29 @@ def _extent_problem(start: int, length: int | None) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(Record):
     """One dimension of a slice; ``length=None`` takes the whole dimension, as the proto does."""
 
+    __slots__ = ("length", "start")
     start: int
     length: int | None
 
-    def __post_init__(self) -> None:
-        problem = _extent_problem(self.start, self.length)
+    def __init__(self, start: int, length: int | None) -> None:
+        problem = _extent_problem(start, length)
         if problem is not None:
             raise ValueError(problem)
+        _set(self, "start", start)
+        _set(self, "length", length)
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSlice:
+class TensorSlice(Record):
     """A rectangular piece of a tensor: one :class:`Extent` per dimension of the full tensor."""
 
+    __slots__ = ("extents",)
     extents: tuple[Extent, ...]
+
+    def __init__(self, extents: tuple[Extent, ...]) -> None:
+        _set(self, "extents", extents)
 
     def _problem_within(self, full_shape: Sequence[int]) -> str | None:
         if len(full_shape) != len(self.extents):
@@ -285,10 +289,10 @@ def _escape_name(name: bytes) -> bytes:
 def _decode_name(key: bytes, pos: int) -> tuple[bytes, int]:
     pieces: list[bytes] = []
     while True:
-        match = _NAME_SPECIAL.search(key, pos)
-        if match is None:
+        zero, high = key.find(b"\x00", pos), key.find(b"\xff", pos)
+        at = high if zero < 0 else zero if high < 0 else min(zero, high)
+        if at < 0:
             raise CorruptCheckpointError("slice key name has no terminator", offset=pos)
-        at = match.start()
         pieces.append(key[pos:at])
         pair = key[at : at + 2]
         if pair == _NAME_TERMINATOR:

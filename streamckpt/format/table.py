@@ -15,9 +15,6 @@ import bisect
 import itertools
 import operator
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
-import cramjam
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedError
 from streamckpt.format.block import (
@@ -28,6 +25,7 @@ from streamckpt.format.block import (
     seek_block,
 )
 from streamckpt.format.crc import crc32c, mask
+from streamckpt.format.record import Record
 from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
 
 TF_BLOCK_SIZE = 256 * 1024
@@ -43,14 +41,19 @@ SNAPPY_COMPRESSION = 1
 _MAX_SNAPPY_RATIO = 64
 # data_block_chunks ends a chunk after this many bytes of keys
 _CHUNK_KEY_BYTES = 1 << 20
+_set = object.__setattr__
 
 
-@dataclass(frozen=True, slots=True)
-class BlockHandle:
+class BlockHandle(Record):
     """Where a block lies in the .index file: its offset and stored size without trailer."""
 
+    __slots__ = ("offset", "size")
     offset: int
     size: int
+
+    def __init__(self, offset: int, size: int) -> None:
+        _set(self, "offset", offset)
+        _set(self, "size", size)
 
     def encode(self) -> bytes:
         return encode_varint(self.offset) + encode_varint(self.size)
@@ -66,10 +69,14 @@ def decode_handle(buf: bytes | memoryview, pos: int = 0) -> tuple[BlockHandle, i
     return BlockHandle(offset, size), pos
 
 
-@dataclass(frozen=True, slots=True)
-class Footer:
+class Footer(Record):
+    __slots__ = ("index", "metaindex")
     metaindex: BlockHandle
     index: BlockHandle
+
+    def __init__(self, metaindex: BlockHandle, index: BlockHandle) -> None:
+        _set(self, "metaindex", metaindex)
+        _set(self, "index", index)
 
 
 def encode_footer(footer: Footer) -> bytes:
@@ -150,6 +157,8 @@ def decode_block(stored_with_trailer: bytes | memoryview, *, offset: int) -> byt
 
 
 def _inflate_snappy(body: memoryview, *, offset: int) -> bytes:
+    import cramjam  # only a snappy block needs it: TF compresses none by default (issue 15.1)
+
     try:
         claimed = int(cramjam.snappy.decompress_raw_len(body))
     except Exception as exc:
@@ -255,6 +264,8 @@ class TableWriter:
     def _write_block(self, raw: bytes, snappy: bool) -> BlockHandle:
         stored, compression = raw, NO_COMPRESSION
         if snappy:
+            import cramjam
+
             packed = bytes(cramjam.snappy.compress_raw(raw))
             if len(packed) < len(raw) - len(raw) // 8:  # keep only if it saves 1/8, as TF would
                 stored, compression = packed, SNAPPY_COMPRESSION
@@ -279,12 +290,16 @@ class TableWriter:
         return bytes(self._out)
 
 
-@dataclass(frozen=True, slots=True)
-class IndexBlock:
+class IndexBlock(Record):
     """The decoded index block: separator keys and the handles of the data blocks."""
 
+    __slots__ = ("handles", "separators")
     separators: tuple[bytes, ...]
     handles: tuple[BlockHandle, ...]
+
+    def __init__(self, separators: tuple[bytes, ...], handles: tuple[BlockHandle, ...]) -> None:
+        _set(self, "separators", separators)
+        _set(self, "handles", handles)
 
     def find(self, key: bytes) -> BlockHandle | None:
         """The data block that would hold ``key``: the first whose separator is >= key."""

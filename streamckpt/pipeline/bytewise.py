@@ -21,7 +21,6 @@ Invariants:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -328,7 +327,7 @@ async def copy_checkpoint(
                     reader, dst_store, paths, stored, plan, chunk=chunk, concurrent=concurrent
                 )
                 await verify_shards(dst_store, paths, results)
-                header = dataclasses.replace(reader.header, num_shards=plan.num_shards)
+                header = reader.header.replace(num_shards=plan.num_shards)
                 placed = plan.placements
                 entries = [
                     (key, _moved(entry, placed.get(key))) for key, entry in sorted(stored.items())
@@ -385,7 +384,7 @@ def _layout(
 def _moved(entry: BundleEntry, placement: Placement | None) -> BundleEntry:
     if placement is None:  # a partitioned tensor's full entry owns no bytes
         return entry
-    return dataclasses.replace(entry, shard_id=placement.shard_id, offset=placement.offset)
+    return entry.replace(shard_id=placement.shard_id, offset=placement.offset)
 
 
 async def _write_shards(

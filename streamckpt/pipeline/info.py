@@ -7,20 +7,22 @@ the async reader describe tensors alike without the former importing the latter'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from streamckpt.format.bundle import BundleEntry, key_to_name
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize, numpy_dtype
+from streamckpt.format.record import Record
 from streamckpt.format.slices import TensorSlice
 
+_set = object.__setattr__
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
+
+class TensorInfo(Record):
     """What the index says about one tensor, without its data."""
 
+    __slots__ = ("crc32c", "key", "name", "offset", "shape", "shard", "size", "slices", "tf_dtype")
     name: str
     key: bytes
     tf_dtype: DataType
@@ -29,7 +31,29 @@ class TensorInfo:
     offset: int
     size: int
     crc32c: int
-    slices: tuple[TensorSlice, ...] = ()
+    slices: tuple[TensorSlice, ...]
+
+    def __init__(
+        self,
+        name: str,
+        key: bytes,
+        tf_dtype: DataType,
+        shape: tuple[int, ...],
+        shard: int,
+        offset: int,
+        size: int,
+        crc32c: int,
+        slices: tuple[TensorSlice, ...] = (),
+    ) -> None:
+        _set(self, "name", name)
+        _set(self, "key", key)
+        _set(self, "tf_dtype", tf_dtype)
+        _set(self, "shape", shape)
+        _set(self, "shard", shard)
+        _set(self, "offset", offset)
+        _set(self, "size", size)
+        _set(self, "crc32c", crc32c)
+        _set(self, "slices", slices)
 
     @property
     def dtype(self) -> np.dtype[Any]:

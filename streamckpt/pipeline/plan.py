@@ -6,10 +6,12 @@ their result *is* the I/O that will happen.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
+
+from streamckpt.format.record import Record
+
+_set = object.__setattr__
 
 
 class Placement(NamedTuple):
@@ -26,12 +28,16 @@ class Placement(NamedTuple):
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class SavePlan:
+class SavePlan(Record):
     """Which tensors each shard holds, in write order, with their offsets."""
 
+    __slots__ = ("num_shards", "shards")
     num_shards: int
     shards: tuple[tuple[Placement, ...], ...]
+
+    def __init__(self, num_shards: int, shards: tuple[tuple[Placement, ...], ...]) -> None:
+        _set(self, "num_shards", num_shards)
+        _set(self, "shards", shards)
 
     @property
     def placements(self) -> dict[bytes, Placement]:
@@ -75,6 +81,8 @@ def plan_save(*, sizes: Mapping[bytes, int], num_shards: int) -> SavePlan:
     Largest first onto the least-filled shard (ties: the lower shard id), the classic greedy
     that is within 4/3 of the best balance, deterministic for the same input.
     """
+    import heapq  # here: a process that only reads never needs it (issue 15.1)
+
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     members: list[list[bytes]] = [[] for _ in range(num_shards)]
@@ -100,14 +108,20 @@ def plan_in_order(*, shards: Sequence[Sequence[bytes]], sizes: Mapping[bytes, in
     return SavePlan(num_shards=len(shards), shards=tuple(placed))
 
 
-@dataclass(frozen=True, slots=True)
-class ReadGroup:
+class ReadGroup(Record):
     """One request: ``[start, end)`` of a shard, covering the ``members`` ranges."""
 
+    __slots__ = ("end", "members", "shard_id", "start")
     shard_id: int
     start: int
     end: int
     members: tuple[Placement, ...]
+
+    def __init__(self, shard_id: int, start: int, end: int, members: tuple[Placement, ...]) -> None:
+        _set(self, "shard_id", shard_id)
+        _set(self, "start", start)
+        _set(self, "end", end)
+        _set(self, "members", members)
 
     @property
     def length(self) -> int:

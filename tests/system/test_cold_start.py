@@ -1,9 +1,10 @@
 """What a fresh process imports: the modules behind a cold start (issue 15.1, issue 14.8).
 
 Every module a process imports is paid for on each start, before the first byte is read. A
-process that reads one local tensor needs numpy, crc32c, cramjam, the format code and the
-blocking local reader; not anyio and the event loop's pipeline, fsspec and its backends,
-protobuf, ml_dtypes, the high level or the save pipeline. These
+process that reads one local tensor needs numpy, crc32c, the format code and the blocking
+local reader; not anyio and the event loop's pipeline, fsspec and its backends, protobuf,
+ml_dtypes, cramjam (for snappy blocks alone), the high level or the save pipeline, nor the
+standard library's slow imports (``dataclasses`` builds each class with ``exec``). These
 tests run real subprocesses and pin the modules each step loads, so that an eager import that
 slips back in fails here (its cost is measured by ``python -m benchmarks cold-start``).
 """
@@ -44,6 +45,7 @@ steps["import"] = loaded()
 import streamckpt.sync
 streamckpt.sync.read_tensor(sys.argv[1], "dense/kernel")
 steps["read_tensor"] = loaded()
+steps["read_slow_stdlib"] = sorted(set(sys.argv[2].split(",")) & set(sys.modules))
 streamckpt.sync.list_tensors(sys.argv[1])
 steps["list_tensors"] = loaded()
 print(json.dumps(steps))
@@ -76,7 +78,20 @@ HEAVY_OURS = {
     "streamckpt.storage",
 }
 
-READ_THIRD_PARTY = ["cramjam", "crc32c", "numpy"]
+# Standard modules that numpy does not import and that cost a read's start real time:
+# ``dataclasses`` (about 1.5 ms a class, hence ``format.record``), ``numpy.typing`` (whose
+# aliases only annotations need), ``heapq`` (the save planner's).
+SLOW_STDLIB = {
+    "asyncio",
+    "concurrent.futures",
+    "dataclasses",
+    "heapq",
+    "importlib.metadata",
+    "logging",
+    "numpy.typing",
+}
+
+READ_THIRD_PARTY = ["crc32c", "numpy"]
 READ_OURS = [
     "streamckpt",
     "streamckpt.errors",
@@ -89,6 +104,7 @@ READ_OURS = [
     "streamckpt.format.entries",
     "streamckpt.format.partitioned",
     "streamckpt.format.payload",
+    "streamckpt.format.record",
     "streamckpt.format.slices",
     "streamckpt.format.strings",
     "streamckpt.format.table",
@@ -109,7 +125,7 @@ def steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = str(Path(streamckpt.__file__).parent.parent)
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, prefix],
+        [sys.executable, "-c", _PROBE, prefix, ",".join(sorted(SLOW_STDLIB))],
         capture_output=True,
         text=True,
         check=True,
@@ -132,6 +148,10 @@ def test_import_streamckpt_loads_only_the_errors(steps: dict[str, Any]) -> None:
 
 def test_a_local_read_loads_no_heavy_module(steps: dict[str, Any]) -> None:
     assert _heavy(steps["read_tensor"]) == []
+
+
+def test_a_local_read_loads_no_slow_standard_module(steps: dict[str, Any]) -> None:
+    assert steps["read_slow_stdlib"] == []
 
 
 def test_a_local_read_loads_exactly_the_read_path(steps: dict[str, Any]) -> None:
