@@ -39,10 +39,14 @@ def decode_tensor(
     shape: tuple[int, ...],
     big_endian: bool,
     expected_crc: int,
+    crc: int | None = None,
 ) -> np.ndarray[Any, Any]:
     """An array of ``shape`` over ``buffer``, checked against the masked ``expected_crc``.
 
-    Offsets in errors are relative to the payload start; the caller makes them file offsets.
+    ``crc``: the (unmasked) crc32c of ``buffer``, where the caller computed it while the
+    bytes arrived (still in cache: a second pass over memory saved); ignored for strings and
+    variants, whose checksum is not over their bytes. Offsets in errors are relative to the
+    payload start; the caller makes them file offsets.
     """
     count = math.prod(shape)
     if dtype == DataType.DT_STRING or dtype == DataType.DT_VARIANT:
@@ -56,7 +60,7 @@ def decode_tensor(
         out[:] = values
         return out.reshape(shape)
     check_payload_size(memoryview(buffer).nbytes, count * itemsize(dtype))
-    actual = mask(crc32c(buffer))
+    actual = mask(crc32c(buffer) if crc is None else crc)
     if actual != expected_crc:
         raise ChecksumError(
             f"tensor checksum mismatch (stored {expected_crc:#010x}, computed {actual:#010x})"

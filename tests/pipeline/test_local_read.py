@@ -239,3 +239,84 @@ def test_a_hostile_size_is_refused_before_any_allocation(tmp_path: Path) -> None
     # the async reader words a claim this large as the shard's size check does
     context = ("uri", "tensor", "shard", "offset")
     assert [getattr(blocking, k) for k in context] == [getattr(looped, k) for k in context]
+
+
+# --- a load checks each tensor's crc32c as its bytes arrive, chunk by chunk --------------------
+
+
+def _mixed(rng: np.random.Generator) -> dict[str, Any]:
+    tensors: dict[str, Any] = {
+        f"t{i:02d}": rng.standard_normal(int(rng.integers(0, 700))).astype("f4") for i in range(30)
+    }
+    tensors["s"] = np.array([b"x" * int(n) for n in rng.integers(0, 300, 9)], dtype=object)
+    return tensors
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 256, 4093, 1 << 20])
+def test_loads_check_crcs_across_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """Tensors spanning many chunks, ending inside one, strings among them: values exact."""
+    monkeypatch.setattr(local_read, "_CHUNK", chunk)
+    prefix = str(tmp_path / "ckpt")
+    tensors = _mixed(np.random.default_rng(chunk))
+    streamckpt.sync.save(prefix, tensors, num_shards=2)
+    loaded = streamckpt.sync.load(prefix)
+    assert list(loaded) == sorted(tensors)
+    for name, value in tensors.items():
+        assert loaded[name].tolist() == value.tolist()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_damage_in_a_later_chunk_fails_as_the_async_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, damage: str
+) -> None:
+    """A byte of a tensor deep in a merged read, or the shard cut inside that read."""
+    monkeypatch.setattr(local_read, "_CHUNK", chunk)
+    prefix = str(tmp_path / "ckpt")
+    tensors = _mixed(np.random.default_rng(1))
+    streamckpt.sync.save(prefix, tensors)
+    info = streamckpt.sync.list_tensors(prefix)
+    victim = max((i for i in info.values() if i.name != "s"), key=lambda i: i.offset)
+    assert victim.offset > 3 * chunk  # a tensor past the first chunks of its read
+    if damage == "flip":
+        _flip(_shard(prefix), victim.offset + victim.size - 1)
+    else:
+        _truncate(_shard(prefix), victim.offset + victim.size // 2)
+    blocking = _failure(lambda: streamckpt.sync.load(prefix))
+    looped = _failure(lambda: async_load(prefix))
+    expected = streamckpt.ChecksumError if damage == "flip" else streamckpt.TruncatedError
+    assert isinstance(blocking, expected) and type(blocking) is type(looped)
+    assert str(blocking) == str(looped)
+    context = ("uri", "tensor", "shard", "offset")
+    assert [getattr(blocking, k) for k in context] == [getattr(looped, k) for k in context]
+
+
+def test_entries_sharing_bytes_each_get_their_own_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crafted index whose entries overlap (one inside another): each is checked alone."""
+    from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
+    from streamckpt.format.crc import crc32c, mask
+    from streamckpt.format.dtypes import DataType
+
+    monkeypatch.setattr(local_read, "_CHUNK", 24)
+    prefix = str(tmp_path / "ckpt")
+    streamckpt.sync.save(prefix, {"w": np.arange(40, dtype=np.float32)})
+    data = Path(_shard(prefix)).read_bytes()
+
+    def entry(start: int, count: int) -> BundleEntry:
+        piece = data[start : start + 4 * count]
+        return BundleEntry(DataType.DT_FLOAT, (count,), 0, start, len(piece), mask(crc32c(piece)))
+
+    entries = [(b"inner", entry(40, 10)), (b"outer", entry(0, 40)), (b"tail", entry(100, 15))]
+    Path(f"{prefix}.index").write_bytes(encode_index(BundleHeader(num_shards=1), entries))
+    loaded = streamckpt.sync.load(prefix)
+    whole = np.arange(40, dtype=np.float32)
+    assert loaded["outer"].tolist() == whole.tolist()
+    assert loaded["inner"].tolist() == whole[10:20].tolist()
+    assert loaded["tail"].tolist() == whole[25:40].tolist()
+    _flip(_shard(prefix), 45)  # inside inner and outer
+    failed = _failure(lambda: streamckpt.sync.load(prefix))
+    assert isinstance(failed, streamckpt.ChecksumError) and failed.tensor in ("inner", "outer")
