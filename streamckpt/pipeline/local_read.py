@@ -19,6 +19,7 @@ before the shard is known to hold those bytes; errors name URI, tensor, shard an
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from streamckpt.errors import (
     TruncatedError,
     error_for,
 )
-from streamckpt.fileio import fresh_buffer, read_exact_into
+from streamckpt.fileio import ALIGN, CachedOrDirect, fresh_buffer
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
@@ -326,6 +327,7 @@ def _read_groups(
     if single:
         context["tensor"] = key_to_name(groups[0].members[0].key)
     fd = _open(path, missing="data shard is missing", **context)
+    file = CachedOrDirect(fd, path)
     out: list[tuple[bytes, np.ndarray[Any, Any]]] = []
     try:
         try:
@@ -340,51 +342,53 @@ def _read_groups(
                     offset=group.start,
                     **context,
                 )
-            view = memoryview(fresh_buffer(group.length))
-            crcs = _read_checksummed(fd, path, group, view, entries, context)
+            try:
+                view, crcs = _read_checksummed(file, group, entries)
+            except OSError as exc:
+                raise error_for(exc, path).with_context(**context) from exc
+            except StreamCkptError as exc:
+                raise exc.with_context(uri=path, **context) from None
             for p, crc in zip(group.members, crcs, strict=True):
                 start = p.offset - group.start
                 payload = view[start : start + p.size]
                 out.append((p.key, _decode(path, p.key, entries[p.key], payload, big_endian, crc)))
     finally:
+        file.close()
         os.close(fd)
     return out
 
 
 def _read_checksummed(
-    fd: int,
-    path: str,
-    group: ReadGroup,
-    view: memoryview,
-    entries: dict[bytes, BundleEntry],
-    context: dict[str, Any],
-) -> list[int | None]:
-    """Fill ``view`` with ``group``'s bytes; the crc32c of each fixed-size member's bytes.
+    file: CachedOrDirect, group: ReadGroup, entries: dict[bytes, BundleEntry]
+) -> tuple[memoryview, list[int | None]]:
+    """``group``'s bytes in fresh memory, and the crc32c of each fixed-size member's bytes.
 
     Read a cache-sized chunk at a time, each chunk's bytes go through crc32c right after the
-    read put them in cache: the check costs no second pass over memory (issue 15.4). A
+    read brought them in: the check costs no second pass over memory (issue 15.4). A
     member's crc runs on over the chunks it spans; None for strings and variants, whose
-    codecs check their own sums.
+    codecs check their own sums. The buffer starts at the aligned offset before the group,
+    so that chunks the page cache lacks can be read into it directly (``CachedOrDirect``).
     """
+    base = group.start - group.start % ALIGN
+    need = group.end - base  # bytes of the buffer that must be read
+    buffer = fresh_buffer(-(-need // ALIGN) * ALIGN)
+    view = memoryview(buffer)
+    aligned = isinstance(buffer, mmap.mmap) and _CHUNK % ALIGN == 0  # page-aligned memory
     members = group.members
     crcs: list[int | None] = [0 if is_fixed_size(entries[p.key].dtype) else None for p in members]
-    bounds = [(p.offset - group.start, p.offset - group.start + p.size) for p in members]
+    bounds = [(p.offset - base, p.offset - base + p.size) for p in members]
     first = 0  # members before this one are wholly read
-    pos, length = 0, group.length
-    while pos < length:
-        end = min(pos + _CHUNK, length)
-        try:
-            got = read_exact_into(fd, group.start + pos, view[pos:end])
-        except OSError as exc:
-            raise error_for(exc, path).with_context(**context) from exc
-        if got != end - pos:
+    skip = group.start - base
+    pos = 0 if aligned else skip  # a direct read starts aligned: a few bytes early
+    while pos < need:
+        end = min(pos - pos % _CHUNK + _CHUNK, len(view))
+        got = file.read(base + pos, view[pos:end], aligned=aligned)
+        if got < min(end, need) - pos:
+            at = base + pos + got
             raise TruncatedError(
-                f"file ends after {group.start + pos + got} bytes, "
-                f"{length - pos - got} more expected",
-                uri=path,
-                offset=group.start + pos + got,
-                **context,
+                f"file ends after {at} bytes, {group.end - at} more expected", offset=at
             )
+        end = min(end, need)
         for i in range(first, len(members)):
             lo, hi = bounds[i]
             if lo >= end:
@@ -395,7 +399,7 @@ def _read_checksummed(
         while first < len(members) and bounds[first][1] <= end:
             first += 1
         pos = end
-    return crcs
+    return view[skip : skip + group.length], crcs
 
 
 def _decode(
