@@ -233,31 +233,16 @@ def read_whole(prefix_path: str, name: str | bytes) -> np.ndarray[Any, Any] | No
         big_endian = index.header.big_endian
     if entry.slices:
         return None
-    tensor = key_to_name(name_to_key(name))
+    key = name_to_key(name)
+    group = ReadGroup(
+        entry.shard_id,
+        entry.offset,
+        entry.offset + entry.size,
+        (Placement(key, entry.shard_id, entry.offset, entry.size),),
+    )
     path = data_filename(prefix_path, entry.shard_id, num_shards)
-    context: dict[str, Any] = {"tensor": tensor, "shard": entry.shard_id}
-    fd = _open(path, missing="data shard is missing", **context)
-    try:
-        try:
-            shard_size = os.fstat(fd).st_size
-        except OSError as exc:
-            raise error_for(exc, path).with_context(**context) from exc
-        end = entry.offset + entry.size
-        if end > shard_size:  # refuse before allocating what the index claims
-            raise TruncatedError(
-                f"wanted bytes up to {end}, the file has {shard_size}",
-                uri=path,
-                offset=entry.offset,
-                **context,
-            )
-        payload = np.empty(entry.size, dtype=np.uint8)
-        try:
-            _read_into(fd, payload.data, entry.offset, uri=path)
-        except StreamCkptError as exc:
-            raise exc.with_context(**context) from None
-    finally:
-        os.close(fd)
-    return _decode(path, name_to_key(name), entry, payload.data, big_endian)
+    ((_, array),) = _read_groups(path, entry.shard_id, [group], {key: entry}, big_endian)
+    return array
 
 
 def load_whole(

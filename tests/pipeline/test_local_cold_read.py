@@ -218,3 +218,16 @@ def test_any_mix_of_cached_and_direct_chunks_reads_the_same_bytes(
         patch.setattr(local_read, "_CHUNK", chunk_pages * fileio.ALIGN)
         same(streamckpt.sync.load(prefix), values)
     assert spy.direct_bytes + spy.plain_bytes >= sum(v.nbytes for v in values.values())
+
+
+def test_one_cold_tensor_is_read_directly(
+    saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_tensor`` of a whole local tensor takes the same reads as a load."""
+    prefix, values = saved
+    evict(shard(prefix))
+    spy = OsSpy()
+    monkeypatch.setattr(fileio, "os", spy)
+    got = streamckpt.sync.read_tensor(prefix, "v")
+    assert got.tobytes() == values["v"].tobytes()
+    assert spy.direct_bytes >= values["v"].nbytes and spy.plain_bytes == 0
