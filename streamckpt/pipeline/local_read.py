@@ -379,7 +379,11 @@ def _read_checksummed(
             if lo >= end:
                 break
             crc = crcs[i]
-            if crc is not None and hi > pos:
+            if crc is None or hi <= pos:
+                continue
+            if pos <= lo and hi <= end:  # most small tensors: wholly inside the chunk
+                crcs[i] = crc32c(view[lo:hi], crc)
+            else:
                 crcs[i] = crc32c(view[max(lo, pos) : min(hi, end)], crc)
         while first < len(members) and bounds[first][1] <= end:
             first += 1
