@@ -29,7 +29,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.from_thread
@@ -42,7 +42,13 @@ from streamckpt.format.bundle import BundleHeader, encode_index_records, name_to
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.entries import entry_head, spell_entries
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
-from streamckpt.pipeline.plan import Placement, SavePlan, auto_num_shards, plan_save
+from streamckpt.pipeline.plan import (
+    Placement,
+    SavePlan,
+    auto_num_shards,
+    plan_in_order,
+    plan_save,
+)
 from streamckpt.pipeline.tensors import PreparedTensor, prepare
 from streamckpt.storage import Store
 from streamckpt.storage.base import ByteBudget, ShardWriter, wait_from_thread
@@ -77,25 +83,32 @@ class SaveInfo:
 async def prepare_all(tensors: Tensors, *, copy: bool) -> dict[bytes, PreparedTensor]:
     """Payloads for every tensor, in one worker thread (string encoding and copies are CPU)."""
     # every device array's copy is under way before the first is waited for
-    started: dict[str | bytes, Any] = start_transfers(
-        {name: value for name, value in tensors.items()}
-    )
+    started: dict[str | bytes, Any] = start_transfers(cast(Mapping[str | bytes, Any], tensors))
+    return await anyio.to_thread.run_sync(functools.partial(_prepare_values, started, copy=copy))
 
-    def work() -> dict[bytes, PreparedTensor]:
-        prepared: dict[bytes, PreparedTensor] = {}
-        for name, value in started.items():
-            key = name_to_key(name)
-            if not key:
-                raise ValueError("a tensor name must not be empty (it is the header's key)")
-            if key in prepared:
-                raise ValueError(f"duplicate tensor name {name!r}")
-            try:
-                prepared[key] = prepare(key, value, copy=copy)
-            except StreamCkptError as exc:
-                raise exc.with_context(tensor=str(name)) from None
-        return prepared
 
-    return await anyio.to_thread.run_sync(work)
+def _prepare_values(values: Mapping[Any, Any], *, copy: bool) -> dict[bytes, PreparedTensor]:
+    prepared: dict[bytes, PreparedTensor] = {}
+    for name, value in values.items():
+        key = name_to_key(name)
+        if not key:
+            raise ValueError("a tensor name must not be empty (it is the header's key)")
+        if key in prepared:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        try:
+            prepared[key] = prepare(key, value, copy=copy)
+        except StreamCkptError as exc:
+            raise exc.with_context(tensor=str(name)) from None
+    return prepared
+
+
+def _plan(sizes: Mapping[bytes, int], num_shards: int | None, shard_bytes: int | None) -> SavePlan:
+    """``plan_save``, the shard count the store's when not given; one shard: name order."""
+    if num_shards is None:
+        num_shards = auto_num_shards(sizes.values(), shard_bytes=shard_bytes)
+    if num_shards == 1:  # what plan_save gives, without its balancing of 20,000 sizes
+        return plan_in_order(shards=[sorted(sizes)], sizes=sizes)
+    return plan_save(sizes=sizes, num_shards=num_shards)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +157,7 @@ def _stream_shard(
     chunk_bytes: int,
     whole_crc: bool,
     fetch_budget: _FetchBudget | None = None,
+    tensor_crcs: bool = True,
 ) -> ShardResult:
     """Runs in a worker thread: write one shard's tensors in order, in bounded chunks.
 
@@ -151,8 +165,11 @@ def _stream_shard(
     (one system call or upload part for thousands of small tensors); large ones are written
     straight from the caller's memory, chunk by chunk. Every write is a cancellation point.
     A tensor's view lives only in ``write_tensor``'s frame: a deferred tensor's fetched
-    array is gone before the next one is fetched.
+    array is gone before the next one is fetched. ``tensor_crcs=False``: the caller
+    checksums the payloads itself (``payload_crcs``), and the result has none.
     """
+    if not tensor_crcs and fetch_budget is None:
+        return _stream_payloads(writer, placements, prepared, chunk_bytes, whole_crc)
     crcs: dict[bytes, int] = {}
     shard_crc = 0
     size = 0
@@ -200,6 +217,51 @@ def _stream_shard(
                 crcs[placement.key] = write_tensor(tensor, tensor.data())
     flush()
     return ShardResult(crcs, size, shard_crc if whole_crc else None)
+
+
+def _stream_payloads(
+    writer: ShardWriter,
+    placements: Sequence[Placement],
+    prepared: Mapping[bytes, PreparedTensor],
+    chunk_bytes: int,
+    whole_crc: bool,
+) -> ShardResult:
+    """``_stream_shard`` without per-tensor checksums: one extend per small tensor.
+
+    The loop of a save of many small tensors, whose checksums are computed beside it
+    (``payload_crcs``): what is left per tensor is a view and a copy into the chunk.
+    """
+    small = min(_SMALL_PAYLOAD, chunk_bytes)
+    pending = bytearray()
+    shard_crc = 0
+    size = 0
+    check_cancelled = anyio.from_thread.check_cancelled
+
+    def send(chunk: memoryview) -> None:
+        nonlocal shard_crc
+        check_cancelled()
+        if whole_crc:
+            shard_crc = crc32c(chunk, shard_crc)
+        writer.write(chunk)
+
+    for placement in placements:
+        view = prepared[placement.key].data()
+        nbytes = len(view)
+        size += nbytes
+        if nbytes <= small:
+            pending += view
+            if len(pending) >= chunk_bytes:
+                send(memoryview(pending))
+                del pending[:]
+            continue
+        if pending:
+            send(memoryview(pending))
+            del pending[:]
+        for start in range(0, nbytes, chunk_bytes):
+            send(view[start : start + chunk_bytes])
+    if pending:
+        send(memoryview(pending))
+    return ShardResult({}, size, shard_crc if whole_crc else None)
 
 
 class _WriterSlot:
@@ -253,7 +315,9 @@ async def write_bundle(
         outcome = Outcome()
         try:
             t0 = time.perf_counter()
-            results = await write_shards(
+            index_bytes = b""
+            write = functools.partial(
+                write_shards,
                 store,
                 paths,
                 prepared,
@@ -261,14 +325,30 @@ async def write_bundle(
                 chunk_bytes=chunk_bytes,
                 max_concurrent_shards=max_concurrent_shards,
             )
+            if all(t.transfer is None and t.deferred is None for t in prepared.values()):
+                # Every payload is in memory: the checksums and the index are made beside
+                # the writes (the disk's time), not after them.
+                async def encode() -> None:
+                    nonlocal index_bytes
+                    index_bytes = await anyio.to_thread.run_sync(
+                        _encode_index, prepared, plan, None
+                    )
+
+                with unwrap_task_group():
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(encode)
+                        results = await write(tensor_crcs=False)
+            else:
+                results = await write()
             phases["write_shards"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             # Every shard still there, whole, right before the commit (a store that restarted
             # and lost them must fail the save, not acknowledge an index without data): one
             # metadata request per shard, all at once.
             await verify_shards(store, paths, results)
-            crcs = {key: crc for result in results for key, crc in result.tensor_crcs.items()}
-            index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
+            if not index_bytes:
+                crcs = {key: crc for result in results for key, crc in result.tensor_crcs.items()}
+                index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
             await commit(store, session, claim, index_bytes, outcome, paths, overwrite=overwrite)
             phases["commit_index"] = time.perf_counter() - t0
         finally:
@@ -300,8 +380,12 @@ async def write_shards(
     *,
     chunk_bytes: int,
     max_concurrent_shards: int,
+    tensor_crcs: bool = True,
 ) -> list[ShardResult]:
-    """Stream every shard of the plan, concurrently; what each one produced, in shard order."""
+    """Stream every shard of the plan, concurrently; what each one produced, in shard order.
+
+    ``tensor_crcs=False``: the payloads are not checksummed on the way (the caller does it).
+    """
     sizes = [plan.shard_bytes(shard_id) for shard_id in range(plan.num_shards)]
     # A shard streams while it holds one of `writers`: the store planned its memory for that
     # many. Once every byte of it is sent, what is left of its commit (an S3 complete, a GCS
@@ -324,6 +408,7 @@ async def write_shards(
                 chunk_bytes,
                 store.reports_crc32c,
                 fetch_budget,
+                tensor_crcs,
             )
 
         # The writer's thread takes the slot itself (stream_into), so no slot is ever held
@@ -364,26 +449,44 @@ async def verify_shards(
 
 
 def _encode_index(
-    prepared: Mapping[bytes, PreparedTensor], plan: SavePlan, crcs: Mapping[bytes, int]
+    prepared: Mapping[bytes, PreparedTensor], plan: SavePlan, crcs: Mapping[bytes, int] | None
 ) -> bytes:
-    """The index, its entries spelled all at once (20,000 small tensors: milliseconds)."""
+    """The index, its entries spelled all at once (20,000 small tensors: milliseconds).
+
+    ``crcs``: each tensor's masked crc32c as its shard streamed it; ``None``: every payload
+    is in memory, and is checksummed here (``payload_crcs``).
+    """
     placements = plan.placements
     keys = sorted(placements)
+    tensors = [prepared[key] for key in keys]
     heads: dict[tuple[int, tuple[int, ...]], int] = {}
-    head_of = [
-        heads.setdefault((int(prepared[key].dtype), prepared[key].shape), len(heads))
-        for key in keys
-    ]
+    head_of = [heads.setdefault((int(t.dtype), t.shape), len(heads)) for t in tensors]
     where = [placements[key] for key in keys]
+    if crcs is None:
+        crc_column = payload_crcs(tensors)
+    else:
+        crc_column = np.fromiter((crcs[key] for key in keys), np.int64, len(keys))
     values = spell_entries(
         [entry_head(dtype, shape) for dtype, shape in heads],
         np.array(head_of, dtype=np.int64),
         np.fromiter((p.shard_id for p in where), np.int64, len(where)),
         np.fromiter((p.offset for p in where), np.int64, len(where)),
         np.fromiter((p.size for p in where), np.int64, len(where)),
-        np.fromiter((crcs[key] for key in keys), np.int64, len(keys)),
+        crc_column,
     )
     return encode_index_records(BundleHeader(num_shards=plan.num_shards), keys, values)
+
+
+def payload_crcs(tensors: Sequence[PreparedTensor]) -> np.ndarray[Any, Any]:
+    """Each payload's masked crc32c, as one int64 column (an encoded one's as it was made).
+
+    Only for payloads already in memory (no device transfer, nothing deferred).
+    """
+    return np.fromiter(
+        (mask(crc32c(t.payload)) if t.crc32c is None else t.crc32c for t in tensors),
+        np.int64,
+        len(tensors),
+    )
 
 
 async def save_tensors(
@@ -398,11 +501,15 @@ async def save_tensors(
     progress: ProgressCallback | None = None,
 ) -> SaveInfo:
     """``num_shards=None``: as many as suit the store (``auto_num_shards``)."""
-    prepared = await prepare_all(tensors, copy=copy)
-    sizes = {k: t.size for k, t in prepared.items()}
-    if num_shards is None:
-        num_shards = auto_num_shards(sizes.values(), shard_bytes=store.shard_bytes)
-    plan = plan_save(sizes=sizes, num_shards=num_shards)
+    # every device array's copy is under way before the first is waited for
+    started: dict[str | bytes, Any] = start_transfers(cast(Mapping[str | bytes, Any], tensors))
+
+    def work() -> tuple[dict[bytes, PreparedTensor], SavePlan]:  # one thread hop for both
+        prepared = _prepare_values(started, copy=copy)
+        sizes = {k: t.size for k, t in prepared.items()}
+        return prepared, _plan(sizes, num_shards, store.shard_bytes)
+
+    prepared, plan = await anyio.to_thread.run_sync(work)
     return await write_bundle(
         store,
         prefix_path,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -81,13 +81,15 @@ class Deferred:
         return array
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedTensor:
+class PreparedTensor(NamedTuple):
     """A tensor ready to stream: its payload bytes and what the entry will say about them.
 
     A device array's bytes may still be on their way (``transfer``), a deferred value's are
     not fetched yet (``deferred``): the save plans either by its size and gets the bytes only
     when it streams them (:meth:`data`).
+
+    A named tuple, not a frozen dataclass: a save makes one per tensor, and building one took
+    1.24 µs as a dataclass against about 0.4 as a tuple (20,000 small tensors: 17 ms).
     """
 
     key: bytes
@@ -129,20 +131,24 @@ def as_array(value: Any) -> np.ndarray[Any, Any]:
     return to_numpy(value)
 
 
-# numpy dtypes whose arrays are saved as their own bytes: dtype -> TensorFlow's (filled as met)
-_PLAIN: dict[np.dtype[Any], DataType] = {}
+# numpy dtypes whose arrays are saved as their own bytes: dtype -> TensorFlow's, and whether
+# the dtype has a buffer format (bfloat16 has none), filled as met
+_PLAIN: dict[np.dtype[Any], tuple[DataType, bool]] = {}
 
 
 def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:
     """Build the payload for one tensor; ``copy`` snapshots numeric data (async saves)."""
     if type(value) is np.ndarray and value.flags.c_contiguous:
-        # the common case, without the general path's checks (4.6 -> about 1.5 µs a tensor,
+        # the common case, without the general path's checks (4.6 -> about 1 µs a tensor,
         # which counts in saves of many small tensors)
         plain = _PLAIN.get(value.dtype)
         if plain is not None:
             flat = value.copy() if copy else value
-            view = memoryview(cast(Any, flat.reshape(-1).view(np.uint8)))
-            return PreparedTensor(key, plain, value.shape, view, None)
+            if plain[1] and value.size:  # a byte view of the buffer: 0.2 µs, numpy's 0.9
+                view = memoryview(cast(Any, flat)).cast("B")
+            else:
+                view = memoryview(cast(Any, flat.reshape(-1).view(np.uint8)))
+            return PreparedTensor(key, plain[0], value.shape, view, None)
     forced: DataType | None = None
     if isinstance(value, Typed):
         forced, value = value.dtype, value.value
@@ -168,12 +174,22 @@ def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:
     target = numpy_dtype(dtype)
     if array.dtype != target:
         array = array.astype(target)  # big-endian input, or a dtype the caller forced
-    elif forced is None and is_fixed_size(dtype):
-        _PLAIN.setdefault(array.dtype, dtype)  # this dtype's arrays may take the fast path
+    elif forced is None and is_fixed_size(dtype) and array.dtype not in _PLAIN:
+        # this dtype's arrays may take the fast path
+        _PLAIN[array.dtype] = (dtype, _has_buffer_format(array.dtype))
     flat = np.ascontiguousarray(array).reshape(-1)
     if copy and np.shares_memory(flat, array):
         flat = flat.copy()
     return PreparedTensor(key, dtype, shape, memoryview(cast(Any, flat.view(np.uint8))), None)
+
+
+def _has_buffer_format(dtype: np.dtype[Any]) -> bool:
+    """Whether arrays of ``dtype`` export a buffer that ``memoryview.cast`` takes."""
+    try:
+        memoryview(cast(Any, np.zeros(1, dtype))).cast("B")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _as_bytes(element: Any) -> bytes:
