@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -24,8 +24,6 @@ from streamckpt.format.entries import (
     slice_field,
 )
 from streamckpt.format.record import Record
-from streamckpt.format.slices import TensorSlice
-from streamckpt.format.strings import min_string_payload_size
 from streamckpt.format.table import (
     FOOTER_SIZE,
     BlockHandle,
@@ -37,8 +35,10 @@ from streamckpt.format.table import (
     decode_index_block,
     lookup_in_block,
 )
-from streamckpt.format.variant import min_variant_payload_size
 from streamckpt.format.varint import decode_varint
+
+if TYPE_CHECKING:  # loaded where a sliced entry is decoded
+    from streamckpt.format.slices import TensorSlice
 
 # protobuf loads only where it is needed: to encode a header, and to decode a header or an
 # entry that the hand-written walks below leave to it (slices, unusual encodings). A cold
@@ -299,6 +299,8 @@ def decode_entry(value: bytes | memoryview, *, num_shards: int | None = None) ->
     if proto.shape.unknown_rank:
         raise CorruptCheckpointError("entry shape has unknown rank")
     shape = tuple(dim.size for dim in proto.shape.dim)
+    from streamckpt.format.slices import TensorSlice
+
     slices = tuple(TensorSlice.from_proto(p) for p in proto.slices)
     return _validated(
         dtype, shape, proto.shard_id, proto.offset, proto.size, proto.crc32c, slices, num_shards
@@ -390,8 +392,14 @@ def check_within_shard(*, shard_id: int, offset: int, size: int, shard_size: int
 
 def min_payload_size(dtype: DataType, count: int) -> int:
     """The fewest bytes a DT_STRING or DT_VARIANT payload of ``count`` elements can take."""
+    # the string and variant codecs load only for their dtypes (issue 15.1: a plain read's
+    # start pays for every module it imports)
     if dtype == DataType.DT_VARIANT:
+        from streamckpt.format.variant import min_variant_payload_size
+
         return min_variant_payload_size(count)
+    from streamckpt.format.strings import min_string_payload_size
+
     return min_string_payload_size(count)
 
 

@@ -16,8 +16,6 @@ import numpy as np
 from streamckpt.errors import ChecksumError, TruncatedError
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType, itemsize, numpy_dtype
-from streamckpt.format.strings import decode_strings
-from streamckpt.format.variant import decode_variants
 
 __all__ = ["check_payload_size", "decode_tensor"]
 
@@ -50,6 +48,10 @@ def decode_tensor(
     """
     count = math.prod(shape)
     if dtype == DataType.DT_STRING or dtype == DataType.DT_VARIANT:
+        # their codecs load only for these dtypes: a plain read's start pays for each module
+        from streamckpt.format.strings import decode_strings
+        from streamckpt.format.variant import decode_variants
+
         if dtype == DataType.DT_STRING:
             values = decode_strings(
                 memoryview(buffer), count, big_endian=big_endian, expected_crc=expected_crc

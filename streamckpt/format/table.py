@@ -11,7 +11,6 @@ block handles; each block is verified (masked crc32c) and, if Snappy-compressed,
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import operator
 from collections.abc import Iterator, Sequence
@@ -303,7 +302,9 @@ class IndexBlock(Record):
 
     def find(self, key: bytes) -> BlockHandle | None:
         """The data block that would hold ``key``: the first whose separator is >= key."""
-        i = bisect.bisect_left(self.separators, key)
+        from bisect import bisect_left  # here: every module a read's start loads costs it
+
+        i = bisect_left(self.separators, key)
         return self.handles[i] if i < len(self.handles) else None
 
     @property

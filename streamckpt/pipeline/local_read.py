@@ -22,7 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +49,6 @@ from streamckpt.format.bundle import (
 )
 from streamckpt.format.crc import crc32c
 from streamckpt.format.dtypes import is_fixed_size
-from streamckpt.format.partitioned import tensor_keys
 from streamckpt.format.payload import decode_tensor
 from streamckpt.format.table import (
     FOOTER_SIZE,
@@ -60,8 +59,10 @@ from streamckpt.format.table import (
     decode_index_block,
     lookup_in_block,
 )
-from streamckpt.pipeline.info import TensorInfo, info_of
 from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
+
+if TYPE_CHECKING:  # a listing loads it; a read has no use for it
+    from streamckpt.pipeline.info import TensorInfo
 
 # The first read of an index, as the async reader's: footer and index block of any realistic
 # checkpoint, and every data block of one with up to ~1,000 tensors.
@@ -220,6 +221,9 @@ class LocalIndex:
 
 def list_local_tensors(prefix_path: str) -> dict[str, TensorInfo]:
     """Every tensor of a local checkpoint by name (the pieces of partitioned ones left out)."""
+    from streamckpt.format.partitioned import tensor_keys
+    from streamckpt.pipeline.info import info_of
+
     with LocalIndex(prefix_path) as index:
         decoded = index.entries()
     return {key_to_name(k): info_of(k, decoded[k]) for k in tensor_keys(decoded)}
@@ -258,6 +262,8 @@ def load_whole(
         if keys is None or len(keys) > len(index.index.handles):
             decoded = index.entries()  # one read of every block beats a lookup per tensor
             if keys is None:
+                from streamckpt.format.partitioned import tensor_keys
+
                 keys = tensor_keys(decoded)
             entries = {k: decoded[k] if k in decoded else index.entry(k) for k in keys}
         else:
