@@ -9,7 +9,6 @@ relies on: a :class:`streamckpt.Deferred` is fetched once, checked, and not kept
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import weakref
@@ -21,6 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from support.peak import peak_mib
 
 import streamckpt
 import streamckpt.cli._formats as formats
@@ -30,25 +30,9 @@ from streamckpt.cli import main
 MiB = 1 << 20
 CLI = [sys.executable, "-m", "streamckpt.cli"]
 
-PEAK = """
-import resource, subprocess, sys
-done = subprocess.run(sys.argv[1:], capture_output=True)
-sys.stderr.buffer.write(done.stderr)
-print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
 
 def _peak_mib(*argv: str) -> float:
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK, *CLI, *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    code, kib = result.stdout.split()
-    assert code == "0", result.stderr
-    return int(kib) / 1024  # Linux reports KiB
+    return peak_mib(*CLI, *argv)
 
 
 def _hf_directory(folder: Path, values: dict[str, np.ndarray], per_file: int) -> Path:

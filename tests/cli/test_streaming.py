@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.peak import peak_mib
 
 import streamckpt
 import streamckpt.sync
@@ -147,25 +148,8 @@ def test_plan_ranges_share_reads_and_cut_large_entries() -> None:
     assert [(r.start, r.end) for r in plan_ranges(strings, chunk=4)] == [(0, 10)]
 
 
-PEAK = """
-import resource, subprocess, sys
-done = subprocess.run(sys.argv[1:], capture_output=True)
-sys.stderr.buffer.write(done.stderr)
-print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
-
 def _peak_mib(*argv: str) -> float:
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK, *CLI, *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    code, kib = result.stdout.split()
-    assert code == "0", result.stderr
-    return int(kib) / 1024  # Linux reports KiB
+    return peak_mib(*CLI, *argv)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's")
