@@ -38,7 +38,7 @@ import numpy as np
 
 from streamckpt.device import start_transfers
 from streamckpt.errors import StreamCkptError, unwrap_task_group
-from streamckpt.format.bundle import BundleHeader, encode_index_records, name_to_key
+from streamckpt.format.bundle import BundleHeader, encode_index_records
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.entries import entry_head, spell_entries
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
@@ -49,7 +49,7 @@ from streamckpt.pipeline.plan import (
     plan_in_order,
     plan_save,
 )
-from streamckpt.pipeline.tensors import PreparedTensor, prepare
+from streamckpt.pipeline.tensors import PreparedTensor, prepare_values
 from streamckpt.storage import Store
 from streamckpt.storage.base import ByteBudget, ShardWriter, wait_from_thread
 
@@ -84,22 +84,7 @@ async def prepare_all(tensors: Tensors, *, copy: bool) -> dict[bytes, PreparedTe
     """Payloads for every tensor, in one worker thread (string encoding and copies are CPU)."""
     # every device array's copy is under way before the first is waited for
     started: dict[str | bytes, Any] = start_transfers(cast(Mapping[str | bytes, Any], tensors))
-    return await anyio.to_thread.run_sync(functools.partial(_prepare_values, started, copy=copy))
-
-
-def _prepare_values(values: Mapping[Any, Any], *, copy: bool) -> dict[bytes, PreparedTensor]:
-    prepared: dict[bytes, PreparedTensor] = {}
-    for name, value in values.items():
-        key = name_to_key(name)
-        if not key:
-            raise ValueError("a tensor name must not be empty (it is the header's key)")
-        if key in prepared:
-            raise ValueError(f"duplicate tensor name {name!r}")
-        try:
-            prepared[key] = prepare(key, value, copy=copy)
-        except StreamCkptError as exc:
-            raise exc.with_context(tensor=str(name)) from None
-    return prepared
+    return await anyio.to_thread.run_sync(functools.partial(prepare_values, started, copy=copy))
 
 
 def _plan(sizes: Mapping[bytes, int], num_shards: int | None, shard_bytes: int | None) -> SavePlan:
@@ -505,7 +490,7 @@ async def save_tensors(
     started: dict[str | bytes, Any] = start_transfers(cast(Mapping[str | bytes, Any], tensors))
 
     def work() -> tuple[dict[bytes, PreparedTensor], SavePlan]:  # one thread hop for both
-        prepared = _prepare_values(started, copy=copy)
+        prepared = prepare_values(started, copy=copy)
         sizes = {k: t.size for k, t in prepared.items()}
         return prepared, _plan(sizes, num_shards, store.shard_bytes)
 

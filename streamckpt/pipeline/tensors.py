@@ -12,14 +12,15 @@ streamed, asked again on a retry, never kept: the save holds no more of it than 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import numpy as np
 
 from streamckpt.device import HostTransfer
-from streamckpt.errors import NamingError, UnsupportedError
+from streamckpt.errors import NamingError, StreamCkptError, UnsupportedError
+from streamckpt.format.bundle import name_to_key
 from streamckpt.format.dtypes import DataType, from_numpy, is_fixed_size, numpy_dtype
 from streamckpt.format.strings import encode_strings
 from streamckpt.format.variant import encode_variants
@@ -134,6 +135,35 @@ def as_array(value: Any) -> np.ndarray[Any, Any]:
 # numpy dtypes whose arrays are saved as their own bytes: dtype -> TensorFlow's, and whether
 # the dtype has a buffer format (bfloat16 has none), filled as met
 _PLAIN: dict[np.dtype[Any], tuple[DataType, bool]] = {}
+
+
+def prepare_values(values: Mapping[Any, Any], *, copy: bool) -> dict[bytes, PreparedTensor]:
+    """:func:`prepare` of every ``{name: value}``, by key; names must be distinct and not empty.
+
+    A plain array of a dtype already met is prepared inline, without the call (2.4 -> 1.6
+    µs a tensor, measured on workload B's 20,000): what is left of the per-tensor work
+    before a save's first write.
+    """
+    prepared: dict[bytes, PreparedTensor] = {}
+    plain_of = _PLAIN.get
+    ndarray = np.ndarray
+    for name, value in values.items():
+        key = name.encode("utf-8", "surrogateescape") if type(name) is str else name_to_key(name)
+        if not key:
+            raise ValueError("a tensor name must not be empty (it is the header's key)")
+        if key in prepared:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if not copy and type(value) is ndarray and value.flags.c_contiguous:
+            plain = plain_of(value.dtype)
+            if plain is not None and plain[1] and value.size:  # prepare's fast path, inline
+                view = memoryview(cast(Any, value)).cast("B")
+                prepared[key] = PreparedTensor(key, plain[0], value.shape, view, None)
+                continue
+        try:
+            prepared[key] = prepare(key, value, copy=copy)
+        except StreamCkptError as exc:
+            raise exc.with_context(tensor=str(name)) from None
+    return prepared
 
 
 def prepare(key: bytes, value: Any, *, copy: bool) -> PreparedTensor:

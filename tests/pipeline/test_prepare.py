@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -62,3 +63,33 @@ def test_strings_are_never_plain() -> None:
     value = np.array([b"a", b"bc"], dtype=object)
     prepare(b"k", value, copy=False)
     assert value.dtype not in tensors._PLAIN
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 4), max_size=3).map(tuple),
+    strided=st.booleans(),
+    copy=st.booleans(),
+    name=st.one_of(st.text(min_size=1, max_size=5), st.binary(min_size=1, max_size=5)),
+)
+def test_prepare_values_inline_path_equals_prepare(
+    dtype: Any, shape: tuple[int, ...], strided: bool, copy: bool, name: str | bytes
+) -> None:
+    """``prepare_values`` inlines the fast path: the same tensor as ``prepare`` gives."""
+    array = _array(dtype, shape, strided)
+    key = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+    prepare(key, array, copy=copy)  # the dtype is met, where it is plain
+    (got,) = tensors.prepare_values({name: array}, copy=copy).values()
+    want = prepare(key, array, copy=copy)
+    assert (got.key, got.dtype, got.shape, got.crc32c) == (want.key, want.dtype, want.shape, None)
+    assert bytes(got.payload) == bytes(want.payload) and got.size == want.size
+    if copy and array.size:
+        assert not np.shares_memory(np.frombuffer(got.payload, np.uint8), array)
+
+
+def test_prepare_values_refuses_empty_and_duplicate_names() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        tensors.prepare_values({"": np.ones(2)}, copy=False)
+    with pytest.raises(ValueError, match="duplicate"):
+        tensors.prepare_values({"a": np.ones(2), b"a": np.ones(2)}, copy=False)
