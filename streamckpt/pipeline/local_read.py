@@ -19,7 +19,7 @@ before the shard is known to hold those bytes; errors name URI, tensor, shard an
 
 from __future__ import annotations
 
-import mmap
+import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from streamckpt.errors import (
     TruncatedError,
     error_for,
 )
-from streamckpt.fileio import ALIGN, CachedOrDirect, fresh_buffer
+from streamckpt.fileio import READ_CHUNK, CachedOrDirect, read_span
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
@@ -71,10 +71,8 @@ TAIL_BYTES = 64 << 10
 _MAX_READ = 1 << 30
 # As the async reader: neighbouring tensors are read together, each merged read below this.
 MAX_GROUP_BYTES = 64 << 20
-# One read call of a load: small enough that its bytes are still in cache when crc32c goes
-# over them right after (L2 is 0.5-1 MiB a core, L3 tens), large enough to cost one syscall
-# per ~100 µs of copying.
-_CHUNK = 2 << 20
+# (tests make it smaller)
+_CHUNK = READ_CHUNK
 # Reads in flight when a load has several (threads: preads and crc32c release the GIL).
 MAX_THREADS = 8
 
@@ -125,6 +123,14 @@ def _pread(fd: int, start: int, end: int, *, uri: str) -> bytearray:
     return buffer
 
 
+def _close(fd: int, uri: str, **context: Any) -> None:
+    """Close ``fd``; a failure is a ``StreamCkptError`` naming ``uri``, as any other call's."""
+    try:
+        os.close(fd)
+    except OSError as exc:
+        raise error_for(exc, uri).with_context(**context) from exc
+
+
 def _open(path: str, *, missing: str, **context: Any) -> int:
     try:
         return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -144,11 +150,12 @@ class LocalIndex:
         try:
             self._open()
         except BaseException:
-            os.close(self._fd)
+            with contextlib.suppress(OSError):  # the error at hand is the one to tell
+                os.close(self._fd)
             raise
 
     def close(self) -> None:
-        os.close(self._fd)
+        _close(self._fd, self.uri)
 
     def __enter__(self) -> LocalIndex:
         return self
@@ -344,8 +351,12 @@ def _read_groups(
                 payload = view[start : start + p.size]
                 out.append((p.key, _decode(path, p.key, entries[p.key], payload, big_endian, crc)))
     finally:
-        file.close()
-        os.close(fd)
+        try:  # the plain descriptor goes even if the direct one fails to close
+            file.close()
+        except OSError as exc:
+            raise error_for(exc, path).with_context(**context) from exc
+        finally:
+            _close(fd, path, **context)
     return out
 
 
@@ -354,32 +365,18 @@ def _read_checksummed(
 ) -> tuple[memoryview, list[int | None]]:
     """``group``'s bytes in fresh memory, and the crc32c of each fixed-size member's bytes.
 
-    Read a cache-sized chunk at a time, each chunk's bytes go through crc32c right after the
-    read brought them in: the check costs no second pass over memory (issue 15.4). A
-    member's crc runs on over the chunks it spans; None for strings and variants, whose
-    codecs check their own sums. The buffer starts at the aligned offset before the group,
-    so that chunks the page cache lacks can be read into it directly (``CachedOrDirect``).
+    Each chunk's bytes go through crc32c right after the read brought them in
+    (:func:`~streamckpt.fileio.read_span`): the check costs no second pass over memory
+    (issue 15.4). A member's crc runs on over the chunks it spans; None for strings and
+    variants, whose codecs check their own sums.
     """
-    base = group.start - group.start % ALIGN
-    need = group.end - base  # bytes of the buffer that must be read
-    buffer = fresh_buffer(-(-need // ALIGN) * ALIGN)
-    view = memoryview(buffer)
-    aligned = isinstance(buffer, mmap.mmap) and _CHUNK % ALIGN == 0  # page-aligned memory
     members = group.members
     crcs: list[int | None] = [0 if is_fixed_size(entries[p.key].dtype) else None for p in members]
-    bounds = [(p.offset - base, p.offset - base + p.size) for p in members]
+    bounds = [(p.offset - group.start, p.offset - group.start + p.size) for p in members]
     first = 0  # members before this one are wholly read
-    skip = group.start - base
-    pos = 0 if aligned else skip  # a direct read starts aligned: a few bytes early
-    while pos < need:
-        end = min(pos - pos % _CHUNK + _CHUNK, len(view))
-        got = file.read(base + pos, view[pos:end], aligned=aligned)
-        if got < min(end, need) - pos:
-            at = base + pos + got
-            raise TruncatedError(
-                f"file ends after {at} bytes, {group.end - at} more expected", offset=at
-            )
-        end = min(end, need)
+
+    def checksum(span: memoryview, pos: int, end: int) -> None:
+        nonlocal first
         for i in range(first, len(members)):
             lo, hi = bounds[i]
             if lo >= end:
@@ -388,13 +385,19 @@ def _read_checksummed(
             if crc is None or hi <= pos:
                 continue
             if pos <= lo and hi <= end:  # most small tensors: wholly inside the chunk
-                crcs[i] = crc32c(view[lo:hi], crc)
+                crcs[i] = crc32c(span[lo:hi], crc)
             else:
-                crcs[i] = crc32c(view[max(lo, pos) : min(hi, end)], crc)
+                crcs[i] = crc32c(span[max(lo, pos) : min(hi, end)], crc)
         while first < len(members) and bounds[first][1] <= end:
             first += 1
-        pos = end
-    return view[skip : skip + group.length], crcs
+
+    view = read_span(file, group.start, group.end, chunk=_CHUNK, each=checksum)
+    if len(view) < group.length:
+        at = group.start + len(view)
+        raise TruncatedError(
+            f"file ends after {at} bytes, {group.end - at} more expected", offset=at
+        )
+    return view, crcs
 
 
 def _decode(

@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 
 #: What reads return: anything memoryview() accepts.
-Buffer = bytes | bytearray | mmap.mmap
+Buffer = bytes | bytearray | mmap.mmap | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +331,9 @@ class ByteBudget:
                 self._condition.notify_all()
 
 
-def check_length(data: bytes | bytearray, expected: int, *, uri: str, offset: int) -> None:
+def check_length(
+    data: bytes | bytearray | memoryview, expected: int, *, uri: str, offset: int
+) -> None:
     if len(data) != expected:
         raise TruncatedError(
             f"wanted {expected} bytes, the object has only {len(data)} there",

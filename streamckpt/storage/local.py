@@ -29,7 +29,7 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from streamckpt.errors import SaveInProgressError, StorageError, TruncatedError
-from streamckpt.fileio import read_exact_into
+from streamckpt.fileio import READ_CHUNK, CachedOrDirect, read_exact_into, read_span
 from streamckpt.storage.base import (
     Buffer,
     ByteBudget,
@@ -37,7 +37,6 @@ from streamckpt.storage.base import (
     ShardWriter,
     Store,
     check_length,
-    fresh_buffer,
     map_errors,
 )
 from streamckpt.storage.claim import Claim, claim_record, describe_holder, parse_claim
@@ -357,6 +356,7 @@ class LocalStore(Store):
             results: list[Buffer] = []
             with map_errors(path):
                 fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_CLOEXEC)
+                file = CachedOrDirect(fd, path)  # what the page cache lacks: O_DIRECT
                 try:
                     size = os.fstat(fd).st_size
                     for r in ranges:
@@ -366,14 +366,16 @@ class LocalStore(Store):
                                 uri=path,
                                 offset=r.start,
                             )
-                        buf = fresh_buffer(r.length)
-                        got = read_exact_into(fd, r.start, memoryview(buf))
-                        self.stats.add(requests=1, bytes_read=got)
-                        if got != r.length:  # (slicing a bytearray would copy it)
-                            check_length(buf[:got], r.length, uri=path, offset=r.start)
-                        results.append(buf)
+                        data = read_span(file, r.start, r.end, chunk=READ_CHUNK)
+                        self.stats.add(requests=1, bytes_read=len(data))
+                        if len(data) != r.length:
+                            check_length(data, r.length, uri=path, offset=r.start)
+                        results.append(data)
                 finally:
-                    os.close(fd)
+                    try:  # the plain descriptor goes even if the direct one fails to close
+                        file.close()
+                    finally:
+                        os.close(fd)
             return results
 
         return await anyio.to_thread.run_sync(work)

@@ -231,3 +231,33 @@ def test_one_cold_tensor_is_read_directly(
     got = streamckpt.sync.read_tensor(prefix, "v")
     assert got.tobytes() == values["v"].tobytes()
     assert spy.direct_bytes >= values["v"].nbytes and spy.plain_bytes == 0
+
+
+def test_the_async_load_reads_a_cold_file_directly_too(
+    saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``streamckpt.load`` (and so ``Checkpoint.restore``) fetches through the local store's
+    ``read_ranges``, which reads spans the same way: a resumed job's first restore."""
+    prefix, values = saved
+    evict(shard(prefix))
+    spy = OsSpy()
+    monkeypatch.setattr(fileio, "os", spy)
+    streamckpt.clear_index_cache()
+    same(anyio.run(lambda: streamckpt.load(prefix)), values)
+    assert spy.direct_bytes >= sum(v.nbytes for v in values.values())
+    assert spy.plain_bytes <= os.path.getsize(f"{prefix}.index")  # the index alone
+
+
+def test_the_async_load_reads_any_mix_of_chunks_the_same(
+    saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix, values = saved
+    direct = plain = 0
+    for seed in range(8):
+        spy = OsSpy(answers=random.Random(seed))
+        with monkeypatch.context() as patch:
+            patch.setattr(fileio, "os", spy)
+            streamckpt.clear_index_cache()
+            same(anyio.run(lambda: streamckpt.load(prefix)), values)
+        direct, plain = direct + spy.direct_bytes, plain + spy.plain_bytes
+    assert direct > 0 and plain > 0

@@ -23,7 +23,10 @@ import pytest
 from support.injection import SyscallFaults, open_fds
 
 import streamckpt
+import streamckpt.fileio
+import streamckpt.pipeline.local_read
 import streamckpt.storage.local
+import streamckpt.sync
 from streamckpt.errors import StreamCkptError
 
 pytestmark = pytest.mark.anyio
@@ -156,32 +159,84 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
     assert outcomes.get("failed", 0) > 0
 
 
-async def test_a_failing_system_call_fails_the_load_cleanly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# The modules whose ``os`` a load calls: the local store opens and stats, ``fileio`` reads
+# (probes the page cache, opens O_DIRECT, preads); the blocking local load opens and stats.
+LOAD_MODULES = {
+    "async": (streamckpt.storage.local, streamckpt.fileio),
+    "blocking": (streamckpt.pipeline.local_read, streamckpt.fileio),
+}
+
+
+def big_tensors() -> dict[str, np.ndarray[Any, Any]]:
+    """Merged reads of several 2 MiB chunks a shard: the chunked, direct reads are made."""
+    rng = np.random.default_rng(9)
+    return {f"t{i}": rng.integers(0, 2**31, 700_000 + 997 * i, dtype=np.int32) for i in range(4)}
+
+
+def evict(directory: Path) -> None:
+    """Out of the page cache, so that the load reads its shards with O_DIRECT."""
+    for name in os.listdir(directory):
+        fd = os.open(directory / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_in(way: str, prefix: str) -> dict[str, np.ndarray[Any, Any]]:
+    if way == "blocking":
+        return streamckpt.sync.load(prefix)
+
+    async def bounded() -> dict[str, np.ndarray[Any, Any]]:
+        with anyio.fail_after(BOUND_S):
+            return await streamckpt.load(prefix)
+
+    streamckpt.clear_index_cache()
+    return anyio.run(bounded)
+
+
+def with_os(monkeypatch: pytest.MonkeyPatch, way: str, stand_in: Any) -> None:
+    for module in LOAD_MODULES[way]:
+        monkeypatch.setattr(module, "os", stand_in)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="evicts with posix_fadvise")
+@pytest.mark.parametrize("way", list(LOAD_MODULES))
+def test_a_failing_system_call_fails_the_load_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
 ) -> None:
+    """Every call of a cold load (index reads, page-cache probes, O_DIRECT opens and reads)
+    fails in turn: a ``StreamCkptError`` naming the URI with the errno, no descriptor left."""
     prefix = str(tmp_path / "ckpt")
-    await streamckpt.save(prefix, tensors(4), num_shards=2)
+    expected = big_tensors()
+    streamckpt.sync.save(prefix, expected, num_shards=2)
     dry = SyscallFaults(fail_at=None, error=errno.EIO, kinds=LOAD_KINDS)
-    monkeypatch.setattr(streamckpt.storage.local, "os", dry)
-    await streamckpt.load(prefix)
-    monkeypatch.setattr(streamckpt.storage.local, "os", os)
+    evict(tmp_path)
+    with_os(monkeypatch, way, dry)
+    load_in(way, prefix)
+    with_os(monkeypatch, way, os)
     total = len(dry.calls)
     assert total >= 6
+    assert sum(call.name == "preadv" for call in dry.calls) >= 4  # the reads are counted
     for error in ERRNOS:
         for k in range(1, total + 1):
             fds = open_fds()
+            evict(tmp_path)
             faults = SyscallFaults(fail_at=k, error=error, kinds=LOAD_KINDS)
-            monkeypatch.setattr(streamckpt.storage.local, "os", faults)
-            case = f"{errno.errorcode[error]} at call {k} of {total}"
+            with_os(monkeypatch, way, faults)
+            case = f"{way}: {errno.errorcode[error]} at call {k} of {total}"
             try:
-                with anyio.fail_after(BOUND_S):
-                    loaded = await streamckpt.load(prefix)
+                loaded = load_in(way, prefix)
             except StreamCkptError as exc:
                 assert exc.uri is not None, (case, exc)
                 assert exc.errno == error or not isinstance(exc, OSError), (case, exc)
             else:
-                # the index cache may spare the load its index reads: nothing failed then
-                assert all(loaded[n].tobytes() == v.tobytes() for n, v in tensors(4).items())
+                # nothing failed, or the index's stat that only versions the index cache
+                # (a failed one means no caching: the index is then read and checked)
+                fired = faults.fired
+                assert fired is None or (fired.name, fired.path) == ("stat", prefix + ".index")
+                assert all(loaded[n].tobytes() == v.tobytes() for n, v in expected.items())
             finally:
-                monkeypatch.setattr(streamckpt.storage.local, "os", os)
+                with_os(monkeypatch, way, os)
             assert open_fds() <= fds, case
