@@ -3,8 +3,9 @@
 Rows: one 4 MiB tensor read by a fresh process; workload A (1 GiB in 200 tensors) saved
 until durable, restored from a warm page cache and from a cold one, saved in the background;
 workload B (20,000 tensors of 1 to 64 KiB) saved, restored warm and cold; then the machine's
-limits. Columns: streamckpt (its defaults: one shard on local disk), tf.train.Checkpoint,
-safetensors, torch.save, torch DCP, orbax-checkpoint, TensorStore; the limit; the verdict.
+limits. Columns: streamckpt (its defaults: about 256 MiB a shard on local disk),
+tf.train.Checkpoint, safetensors, torch.save, torch DCP, orbax-checkpoint, TensorStore; the
+limit; the verdict.
 
 Method: this mode measures nothing itself; it runs the other modes' measurements, in this
 order, and only formats what they return:
