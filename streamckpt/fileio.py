@@ -29,13 +29,23 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _MADV_HUGEPAGE else 0)
 
 
-def fresh_buffer(nbytes: int) -> bytearray | mmap.mmap:
-    """Writable zeroed memory of ``nbytes``, cheap to fill when large."""
+def fresh_buffer(nbytes: int, *, populate: bool = True) -> bytearray | mmap.mmap:
+    """Writable zeroed memory of ``nbytes``, cheap to fill when large.
+
+    ``populate=False``, for memory that a read fills front to back right away: its huge
+    pages fault in as the read reaches them, each zeroed just before its bytes land in it,
+    while both are in cache, instead of the whole buffer zeroed first and its lines fetched
+    back from memory for the copy. A warm load of 1 GiB: 0.24-0.27 s against 0.30-0.36 s
+    (6 alternating fresh processes). Only where the kernel gives huge pages on request: one
+    fault per 4 KiB page would cost more than populating them.
+    """
     if nbytes >= _HUGE_MIN and _MADV_HUGEPAGE and _MADV_POPULATE_WRITE:
+        lazy = not populate and _huge_pages_on_request()
         mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             mapped.madvise(_MADV_HUGEPAGE)
-            mapped.madvise(_MADV_POPULATE_WRITE)
+            if not lazy:
+                mapped.madvise(_MADV_POPULATE_WRITE)
         except OSError:  # an older kernel: EINVAL; the pages fault in as they are filled
             mapped.close()
         else:
@@ -44,6 +54,23 @@ def fresh_buffer(nbytes: int) -> bytearray | mmap.mmap:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
         return mmap.mmap(-1, nbytes, flags=flags)
     return bytearray(nbytes)
+
+
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_huge_on_request: bool | None = None  # read once
+
+
+def _huge_pages_on_request() -> bool:
+    """Whether transparent huge pages are "always" or "madvise" (not "never", not absent)."""
+    global _huge_on_request
+    if _huge_on_request is None:
+        try:
+            with open(_THP_MODE) as f:
+                mode = f.read()
+        except OSError:
+            mode = ""
+        _huge_on_request = "[always]" in mode or "[madvise]" in mode
+    return _huge_on_request
 
 
 def read_exact_into(fd: int, offset: int, out: memoryview) -> int:
@@ -174,7 +201,7 @@ def read_span(
     """
     base = start - start % ALIGN
     need = end - base
-    buffer = fresh_buffer(-(-need // ALIGN) * ALIGN)
+    buffer = fresh_buffer(-(-need // ALIGN) * ALIGN, populate=False)
     whole = memoryview(buffer)
     aligned = isinstance(buffer, mmap.mmap) and chunk % ALIGN == 0  # page-aligned memory
     skip = start - base

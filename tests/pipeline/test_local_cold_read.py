@@ -261,3 +261,18 @@ def test_the_async_load_reads_any_mix_of_chunks_the_same(
             same(anyio.run(lambda: streamckpt.load(prefix)), values)
         direct, plain = direct + spy.direct_bytes, plain + spy.plain_bytes
     assert direct > 0 and plain > 0
+
+
+@pytest.mark.parametrize("huge", [True, False])
+@pytest.mark.parametrize("populate", [True, False])
+@pytest.mark.parametrize("nbytes", [0, 4097, (1 << 20) + 3, (8 << 20) + 5])
+def test_fresh_buffers_are_zeroed_and_writable_either_way(
+    monkeypatch: pytest.MonkeyPatch, nbytes: int, populate: bool, huge: bool
+) -> None:
+    """Populated up front or faulted in as a read fills it, huge pages offered or not."""
+    monkeypatch.setattr(fileio, "_huge_on_request", huge)
+    buffer = fileio.fresh_buffer(nbytes, populate=populate)
+    view = np.frombuffer(buffer, np.uint8)
+    assert view.size == nbytes and not view.any()
+    view[::4096] = 7
+    assert int(view.sum()) == 7 * len(range(0, nbytes, 4096))
