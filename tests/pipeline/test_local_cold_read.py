@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.pagecache import direct_supported, evict
 
 import streamckpt
 import streamckpt.fileio as fileio
@@ -71,28 +72,6 @@ class OsSpy:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
-
-
-def direct_supported(directory: Path) -> bool:
-    try:
-        fd = os.open(directory / ".probe", os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    os.close(fd)
-    os.unlink(directory / ".probe")
-    return True
-
-
-def evict(path: str) -> None:
-    """Drop the file's pages from the cache, as a fresh boot would have none."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def tensors(seed: int) -> dict[str, np.ndarray[Any, Any]]:

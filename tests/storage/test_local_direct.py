@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.pagecache import direct_supported
 
 import streamckpt.storage.local as local
 import streamckpt.sync
@@ -24,18 +25,6 @@ from streamckpt.storage.retry import StoreStats
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 pytestmark = pytest.mark.skipif(not O_DIRECT, reason="O_DIRECT is Linux's")
-
-
-def direct_supported(directory: Path) -> bool:
-    try:
-        fd = os.open(directory / ".probe", os.O_WRONLY | os.O_CREAT | O_DIRECT, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    os.close(fd)
-    os.unlink(directory / ".probe")
-    return True
 
 
 class OsSpy:

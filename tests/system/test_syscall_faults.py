@@ -21,6 +21,7 @@ import anyio
 import numpy as np
 import pytest
 from support.injection import SyscallFaults, open_fds
+from support.pagecache import evict
 
 import streamckpt
 import streamckpt.fileio
@@ -171,17 +172,6 @@ def big_tensors() -> dict[str, np.ndarray[Any, Any]]:
     """Merged reads of several 2 MiB chunks a shard: the chunked, direct reads are made."""
     rng = np.random.default_rng(9)
     return {f"t{i}": rng.integers(0, 2**31, 700_000 + 997 * i, dtype=np.int32) for i in range(4)}
-
-
-def evict(directory: Path) -> None:
-    """Out of the page cache, so that the load reads its shards with O_DIRECT."""
-    for name in os.listdir(directory):
-        fd = os.open(directory / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def load_in(way: str, prefix: str) -> dict[str, np.ndarray[Any, Any]]:
