@@ -40,7 +40,7 @@ from streamckpt.errors import NamingError, SaveInProgressError
 from streamckpt.objectgraph import OBJECT_GRAPH_KEY, SAVE_COUNTER, build_object_graph
 from streamckpt.pipeline.save import SaveInfo
 from streamckpt.sharding import Slice
-from streamckpt.storage import PathLike
+from streamckpt.storage import PathLike, background_options
 
 __all__ = ["AfterCommit", "Checkpoint"]
 
@@ -377,6 +377,9 @@ class Checkpoint:
             base = os.fspath(file_prefix)
             suffix = number if checkpoint_number is None else checkpoint_number
             path = base if number is None else f"{base}-{suffix}"
+            options["storage_options"] = background_options(
+                path, options.get("storage_options"), options.get("filesystem")
+            )
             save = functools.partial(api.save, path, snapshot, **options)
 
             async def job() -> SaveInfo:

@@ -56,6 +56,8 @@ from streamckpt.storage.base import ByteBudget, ShardWriter, wait_from_thread
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Payloads up to this size are copied into a shared write buffer instead of written alone.
 _SMALL_PAYLOAD = 256 << 10
+# Views handed to a writer at once (one writev takes at most 1024 on Linux).
+_BATCH_VIEWS = 1024
 # Shards written at once; each is one worker thread streaming sequentially.
 DEFAULT_MAX_CONCURRENT_SHARDS = 16
 
@@ -211,41 +213,46 @@ def _stream_payloads(
     chunk_bytes: int,
     whole_crc: bool,
 ) -> ShardResult:
-    """``_stream_shard`` without per-tensor checksums: one extend per small tensor.
+    """``_stream_shard`` without per-tensor checksums, and without a copy of our own.
 
     The loop of a save of many small tensors, whose checksums are computed beside it
-    (``payload_crcs``): what is left per tensor is a view and a copy into the chunk.
+    (``payload_crcs``): the payloads' views go to the writer in batches of at most
+    ``chunk_bytes`` (``ShardWriter.write_many``), a large one in slices of that size,
+    and the store copies them once, where it writes them from.
     """
-    small = min(_SMALL_PAYLOAD, chunk_bytes)
-    pending = bytearray()
+    batch: list[memoryview] = []
+    held = 0
     shard_crc = 0
     size = 0
     check_cancelled = anyio.from_thread.check_cancelled
 
-    def send(chunk: memoryview) -> None:
-        nonlocal shard_crc
+    def send() -> None:
+        nonlocal shard_crc, held
         check_cancelled()
         if whole_crc:
-            shard_crc = crc32c(chunk, shard_crc)
-        writer.write(chunk)
+            for view in batch:
+                shard_crc = crc32c(view, shard_crc)
+        writer.write_many(batch)
+        batch.clear()
+        held = 0
 
     for placement in placements:
         view = prepared[placement.key].data()
         nbytes = len(view)
         size += nbytes
-        if nbytes <= small:
-            pending += view
-            if len(pending) >= chunk_bytes:
-                send(memoryview(pending))
-                del pending[:]
+        if nbytes > chunk_bytes:  # alone, slice by slice: a store's join would copy it
+            if batch:
+                send()
+            for start in range(0, nbytes, chunk_bytes):
+                batch.append(view[start : start + chunk_bytes])
+                send()
             continue
-        if pending:
-            send(memoryview(pending))
-            del pending[:]
-        for start in range(0, nbytes, chunk_bytes):
-            send(view[start : start + chunk_bytes])
-    if pending:
-        send(memoryview(pending))
+        if held + nbytes > chunk_bytes or len(batch) == _BATCH_VIEWS:
+            send()  # a batch stays within one chunk
+        batch.append(view)
+        held += nbytes
+    if batch:
+        send()
     return ShardResult({}, size, shard_crc if whole_crc else None)
 
 

@@ -38,11 +38,34 @@ def __getattr__(name: str) -> Any:
     return FsspecStore
 
 
-def _local_store(max_inflight_bytes: int | None) -> LocalStore:
-    """The local store; a budget given bounds the fetched bytes of a save's deferred values."""
+def _local_store(max_inflight_bytes: int | None, options: dict[str, Any] | None) -> LocalStore:
+    """The local store; a budget given bounds the fetched bytes of a save's deferred values.
+
+    Its one option, ``direct_io`` (default False), writes shards with O_DIRECT: what
+    background saves ask for (:func:`background_options`). Other keys are another store's
+    (a copy from a bucket passes the bucket's options to both ends) and are left alone.
+    """
+    direct_io = (options or {}).get("direct_io", False)
+    if not isinstance(direct_io, bool):
+        raise TypeError(f"storage_options['direct_io'] must be a bool, got {direct_io!r}")
     if max_inflight_bytes is None:
-        return LocalStore()
-    return LocalStore(max_inflight_bytes=max_inflight_bytes)
+        return LocalStore(direct_io=direct_io)
+    return LocalStore(max_inflight_bytes=max_inflight_bytes, direct_io=direct_io)
+
+
+def background_options(
+    prefix: PathLike, storage_options: dict[str, Any] | None, filesystem: Any
+) -> dict[str, Any] | None:
+    """``storage_options`` for a save in the background: O_DIRECT on local disk, unless asked.
+
+    A background save runs beside the training step, which needs the CPU that writes through
+    the page cache would take (about 0.35 s a GiB of kernel time on the benchmark VM).
+    """
+    text = os.fspath(prefix)
+    local = filesystem is None and ("://" not in text or text.startswith("file://"))
+    if not local:
+        return storage_options
+    return {"direct_io": True, **(storage_options or {})}
 
 
 def resolve(
@@ -61,9 +84,9 @@ def resolve(
     """
     text = os.fspath(prefix)
     if filesystem is None and "://" not in text:
-        return _local_store(max_inflight_bytes), text
+        return _local_store(max_inflight_bytes, storage_options), text
     if filesystem is None and text.startswith("file://"):
-        return _local_store(max_inflight_bytes), text[len("file://") :]
+        return _local_store(max_inflight_bytes, storage_options), text[len("file://") :]
     from streamckpt.storage.fsspec_store import (
         DEFAULT_MAX_INFLIGHT_BYTES,
         FsspecStore,
@@ -82,6 +105,6 @@ def resolve(
     protocol = text.split("://", 1)[0]
     fs = owned_filesystem(protocol, storage_options or {})
     if type(fs).__name__ == "LocalFileSystem":
-        return _local_store(max_inflight_bytes), str(fs._strip_protocol(text))
+        return _local_store(max_inflight_bytes, None), str(fs._strip_protocol(text))
     store = FsspecStore(fs, max_inflight_bytes=budget, retry_policy=retry_policy)
     return store, str(fs._strip_protocol(text))

@@ -62,6 +62,18 @@ class ShardWriter(abc.ABC):
     @abc.abstractmethod
     def write(self, chunk: memoryview) -> None: ...
 
+    def write_many(self, chunks: Sequence[memoryview]) -> None:
+        """``write`` of each chunk in order; like ``write``, done with them when it returns.
+
+        A save hands its small payloads over this way, many at once, so that a store gathers
+        them as it writes best: the local store with one ``writev`` from the caller's memory,
+        or into its O_DIRECT staging. This default joins them and writes one chunk.
+        """
+        if len(chunks) == 1:
+            self.write(chunks[0])
+        elif chunks:
+            self.write(memoryview(b"".join(chunks)))
+
     def flush(self) -> bool:
         """Send what is buffered; ``True`` when the writer then holds no buffers at all.
 

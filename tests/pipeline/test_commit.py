@@ -162,6 +162,11 @@ class SyscallSpy:
         self._recorder.before_write(path, memoryview(data).nbytes)
         return os.write(fd, data)
 
+    def writev(self, fd: int, buffers: Any) -> int:
+        path = self._paths.get(fd, "")
+        self._recorder.before_write(path, sum(memoryview(b).nbytes for b in buffers))
+        return os.writev(fd, buffers)
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
         self._recorder.record("fsync", self._paths.get(fd, ""))

@@ -66,12 +66,7 @@ class _OnServers(StoreTests):
 
 class TestLocalStore(_OnServers):
     kind = "local"
-    known_failures: ClassVar[Mapping[str, str]] = {
-        "test_writer_counts_bytes_written": (
-            "LocalShardWriter.write never updates bytes_written (it stays 0): it counts into "
-            "the store's stats only"
-        ),
-    }
+    known_failures: ClassVar[Mapping[str, str]] = {}
 
 
 class TestMemoryStore(_OnServers):

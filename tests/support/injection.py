@@ -26,7 +26,7 @@ from typing import Any
 # System calls by kind, as the local store spells them.
 KINDS: dict[str, tuple[str, ...]] = {
     "open": ("open",),
-    "write": ("write", "pwrite", "pwritev", "ftruncate"),
+    "write": ("write", "writev", "pwrite", "pwritev", "ftruncate"),
     "fsync": ("fsync", "fdatasync"),
     "close": ("close",),
     "link": ("link", "rename", "replace"),

@@ -92,11 +92,14 @@ async def count_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs:
     return len(faults.calls)
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["cached", "direct"])
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
 async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool, direct_io: bool
 ) -> None:
-    total = await count_calls(tmp_path, monkeypatch, overwrite=overwrite)
+    """Both ways to the disk: through the cache (a waited save) and O_DIRECT (background)."""
+    options = {"direct_io": direct_io}
+    total = await count_calls(tmp_path, monkeypatch, overwrite=overwrite, storage_options=options)
     assert total >= 20  # opens, writes, fsyncs, closes, the link, the claim: every site
     outcomes: dict[str, int] = {}
     sites: dict[str, set[str]] = {}  # the calls whose failure ended each way
@@ -113,7 +116,9 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
             case = f"{errno.errorcode[error]} at call {k} of {total}"
             failure: StreamCkptError | None = None
             try:
-                await save_with(faults, monkeypatch, prefix, overwrite=overwrite)
+                await save_with(
+                    faults, monkeypatch, prefix, overwrite=overwrite, storage_options=options
+                )
             except StreamCkptError as exc:
                 failure = exc
             fired = faults.fired
@@ -158,6 +163,8 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
             await assert_exact(earlier, tensors(1))
     print(f"{5 * total} faults ({total} calls x {len(ERRNOS)} errnos): {outcomes} {sites}")
     assert outcomes.get("failed", 0) > 0
+    # each way's own data writes were among the failed calls
+    assert ("write" if direct_io else "writev") in sites["failed"], sites
 
 
 # The modules whose ``os`` a load calls: the local store opens and stats, ``fileio`` reads
