@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 from collections.abc import Callable
+from typing import Any
 
 # Buffers of at least this size are anonymous mappings that the kernel fills with zero pages
 # up front: much cheaper than faulting them in one page at a time while they are filled, and
@@ -217,3 +218,17 @@ def read_span(
             return span[: max(0, filled - skip)]
         pos = stop
     return span
+
+
+def refuse_past_end(path: str, size: int, start: int, end: int, **context: Any) -> None:
+    """Refuse ``[start, end)`` of a file of ``size`` bytes before anything is allocated for it.
+
+    An index may claim any size: a read past the file's end is a truncated shard, named as
+    such, never a buffer of the claimed size that then comes back short.
+    """
+    if end > size:
+        from streamckpt.errors import TruncatedError
+
+        raise TruncatedError(
+            f"wanted bytes up to {end}, the file has {size}", uri=path, offset=start, **context
+        )

@@ -33,7 +33,7 @@ from streamckpt.errors import (
     TruncatedError,
     error_for,
 )
-from streamckpt.fileio import READ_CHUNK, CachedOrDirect, read_span
+from streamckpt.fileio import READ_CHUNK, CachedOrDirect, read_span, refuse_past_end
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
@@ -333,13 +333,7 @@ def _read_groups(
         except OSError as exc:
             raise error_for(exc, path).with_context(**context) from exc
         for group in groups:
-            if group.end > size:  # refuse before allocating what the index claims
-                raise TruncatedError(
-                    f"wanted bytes up to {group.end}, the file has {size}",
-                    uri=path,
-                    offset=group.start,
-                    **context,
-                )
+            refuse_past_end(path, size, group.start, group.end, **context)
             try:
                 view, crcs = _read_checksummed(file, group, entries)
             except OSError as exc:

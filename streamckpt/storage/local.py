@@ -30,7 +30,13 @@ except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
 from streamckpt.errors import SaveInProgressError, StorageError, TruncatedError
-from streamckpt.fileio import READ_CHUNK, CachedOrDirect, read_exact_into, read_span
+from streamckpt.fileio import (
+    READ_CHUNK,
+    CachedOrDirect,
+    read_exact_into,
+    read_span,
+    refuse_past_end,
+)
 from streamckpt.storage.base import (
     Buffer,
     ByteBudget,
@@ -455,12 +461,7 @@ class LocalStore(Store):
                 try:
                     size = os.fstat(fd).st_size
                     for r in ranges:
-                        if r.end > size:  # refuse before allocating what an index claims
-                            raise TruncatedError(
-                                f"wanted bytes up to {r.end}, the file has {size}",
-                                uri=path,
-                                offset=r.start,
-                            )
+                        refuse_past_end(path, size, r.start, r.end)
                         data = read_span(file, r.start, r.end, chunk=READ_CHUNK)
                         self.stats.add(requests=1, bytes_read=len(data))
                         if len(data) != r.length:
