@@ -230,6 +230,7 @@ def disk_usage(root: str) -> int:
 
 LIMIT_NAMES = {
     "disk_write": "disk sequential write (8 MiB os.write + fsync)",
+    "writeback_write": "disk write, writeback started per 8 MiB (os.write + sync_file_range + fsync)",
     "direct_write_1": "disk O_DIRECT write, 1 request in flight (8 MiB pwrite + fsync)",
     "direct_write_16": "disk O_DIRECT write, 16 requests in flight (8 MiB pwrite + fsync)",
     "disk_read_cold": "disk sequential read, cold cache",
@@ -279,11 +280,35 @@ def direct_write(path: str, size: int, source: Any, depth: int) -> float | None:
     return seconds
 
 
+def writeback_write(path: str, size: int, source: Any) -> float:
+    """Seconds to write ``size`` bytes through the page cache as a waited local save does:
+    8 MiB os.write calls, the writeback of each started at once (``sync_file_range``), then
+    fsync of the file and its directory."""
+    from streamckpt.storage.local import start_writeback
+
+    os.sync()
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        for _ in range(size // len(source)):
+            rest = source
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+            start_writeback(fd, written, len(source))
+            written += len(source)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_path(os.path.dirname(path))
+    return time.perf_counter() - t0
+
+
 def limits(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: each limit ``repeats`` times over ``size`` bytes; seconds per run.
 
     Disk write: 8 MiB os.write calls, then fsync of the file and its directory (one untimed
-    warm-up round first). O_DIRECT write: 8 MiB pwrites from one page-aligned buffer, 1 and
+    warm-up round first); the same with each write's writeback started (``writeback_write``). O_DIRECT write: 8 MiB pwrites from one page-aligned buffer, 1 and
     16 in flight (``direct_write``). Cold read: the file evicted from the page cache, os.readv
     into one reused 8 MiB buffer (with ``cold``). memcpy into mapped memory: np.copyto
     between two pre-faulted buffers. Copy into fresh memory: ``ndarray.copy()`` of one
@@ -316,6 +341,10 @@ def limits(spec: dict[str, Any]) -> dict[str, Any]:
         fsync_path(spec["dir"])
         if i:
             out["disk_write"].append(time.perf_counter() - t0)
+        os.unlink(path)
+        seconds = writeback_write(path, size, view)
+        if i:
+            out["writeback_write"].append(seconds)
         if spec.get("cold") and evict_from_page_cache(path):
             buffer = memoryview(bytearray(chunk))
             t0 = time.perf_counter()

@@ -83,8 +83,9 @@ ROWS: tuple[tuple[Any, str], ...] = (
 #: op -> (limit keys of ``harness.LIMIT_NAMES``, how the limit cell names them)
 LIMIT_OF = {
     "save": (
-        ("direct_write_16", "direct_write_1", "disk_write"),
-        "O_DIRECT write, 16 / 1 in flight / buffered write + fsync",
+        ("direct_write_16", "direct_write_1", "disk_write", "writeback_write"),
+        "O_DIRECT write, 16 / 1 in flight / buffered write + fsync / the same, writeback "
+        "started per 8 MiB",
     ),
     "restore_warm": (("copy_fresh",), "copy into fresh memory"),
     "restore_cold": (("disk_read_cold",), "cold read"),
@@ -98,6 +99,7 @@ LIMIT_ROWS = (
     "memcpy",
     "crc32c",
     "disk_write",
+    "writeback_write",
 )
 
 

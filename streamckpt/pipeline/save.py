@@ -54,8 +54,6 @@ from streamckpt.storage import Store
 from streamckpt.storage.base import ByteBudget, ShardWriter, wait_from_thread
 
 DEFAULT_CHUNK_BYTES = 8 << 20
-# Payloads up to this size are copied into a shared write buffer instead of written alone.
-_SMALL_PAYLOAD = 256 << 10
 # Views handed to a writer at once (one writev takes at most 1024 on Linux).
 _BATCH_VIEWS = 1024
 # Shards written at once; each is one worker thread streaming sequentially.
@@ -146,80 +144,18 @@ def _stream_shard(
     fetch_budget: _FetchBudget | None = None,
     tensor_crcs: bool = True,
 ) -> ShardResult:
-    """Runs in a worker thread: write one shard's tensors in order, in bounded chunks.
+    """Runs in a worker thread: write one shard's tensors in order, checksumming each.
 
-    Small payloads are gathered into one buffer of up to ``chunk_bytes`` and written together
-    (one system call or upload part for thousands of small tensors); large ones are written
-    straight from the caller's memory, chunk by chunk. Every write is a cancellation point.
-    A tensor's view lives only in ``write_tensor``'s frame: a deferred tensor's fetched
-    array is gone before the next one is fetched. ``tensor_crcs=False``: the caller
-    checksums the payloads itself (``payload_crcs``), and the result has none.
+    The payloads' views go to the writer in batches of at most ``chunk_bytes`` (and
+    ``_BATCH_VIEWS`` views): one system call or upload part for thousands of small tensors,
+    copied once, by the store, where it writes them from (``ShardWriter.write_many``). A
+    payload larger than a chunk goes alone, slice by slice. Each payload's crc32c is taken
+    as it is batched, while its bytes are still in cache for the write. Every batch sent is
+    a cancellation point. A deferred tensor's batch is sent before its fetched array is let
+    go: the next one is fetched only after. ``tensor_crcs=False``: payloads all in memory,
+    which the caller checksums itself (``payload_crcs``); the result has no tensor crcs.
     """
-    if not tensor_crcs and fetch_budget is None:
-        return _stream_payloads(writer, placements, prepared, chunk_bytes, whole_crc)
     crcs: dict[bytes, int] = {}
-    shard_crc = 0
-    size = 0
-    small = min(_SMALL_PAYLOAD, chunk_bytes)
-    pending = bytearray()
-
-    def flush() -> None:
-        nonlocal shard_crc
-        if pending:
-            anyio.from_thread.check_cancelled()
-            if whole_crc:
-                shard_crc = crc32c(pending, shard_crc)
-            writer.write(memoryview(pending))
-            del pending[:]
-
-    def write_tensor(tensor: PreparedTensor, view: memoryview) -> int:
-        """Write one payload; its masked crc32c."""
-        nonlocal shard_crc, size
-        if len(view) <= small:
-            crc = crc32c(view) if tensor.crc32c is None else 0
-            pending.extend(view)
-            if len(pending) >= chunk_bytes:
-                flush()
-        else:
-            flush()
-            crc = 0
-            for start in range(0, len(view), chunk_bytes):
-                anyio.from_thread.check_cancelled()
-                chunk = view[start : start + chunk_bytes]
-                if tensor.crc32c is None:
-                    crc = crc32c(chunk, crc)
-                if whole_crc:
-                    shard_crc = crc32c(chunk, shard_crc)
-                writer.write(chunk)
-        size += len(view)
-        return tensor.crc32c if tensor.crc32c is not None else mask(crc)
-
-    for placement in placements:
-        tensor = prepared[placement.key]
-        if tensor.deferred is None or fetch_budget is None:
-            # a device array's view: once its transfer is done
-            crcs[placement.key] = write_tensor(tensor, tensor.data())
-        else:
-            with fetch_budget.holding(tensor.size):
-                crcs[placement.key] = write_tensor(tensor, tensor.data())
-    flush()
-    return ShardResult(crcs, size, shard_crc if whole_crc else None)
-
-
-def _stream_payloads(
-    writer: ShardWriter,
-    placements: Sequence[Placement],
-    prepared: Mapping[bytes, PreparedTensor],
-    chunk_bytes: int,
-    whole_crc: bool,
-) -> ShardResult:
-    """``_stream_shard`` without per-tensor checksums, and without a copy of our own.
-
-    The loop of a save of many small tensors, whose checksums are computed beside it
-    (``payload_crcs``): the payloads' views go to the writer in batches of at most
-    ``chunk_bytes`` (``ShardWriter.write_many``), a large one in slices of that size,
-    and the store copies them once, where it writes them from.
-    """
     batch: list[memoryview] = []
     held = 0
     shard_crc = 0
@@ -236,24 +172,43 @@ def _stream_payloads(
         batch.clear()
         held = 0
 
-    for placement in placements:
-        view = prepared[placement.key].data()
+    def write_tensor(tensor: PreparedTensor, view: memoryview) -> int:
+        """Batch one payload; its masked crc32c."""
+        nonlocal held, size
         nbytes = len(view)
         size += nbytes
-        if nbytes > chunk_bytes:  # alone, slice by slice: a store's join would copy it
-            if batch:
-                send()
-            for start in range(0, nbytes, chunk_bytes):
-                batch.append(view[start : start + chunk_bytes])
-                send()
-            continue
-        if held + nbytes > chunk_bytes or len(batch) == _BATCH_VIEWS:
-            send()  # a batch stays within one chunk
-        batch.append(view)
-        held += nbytes
+        if nbytes <= chunk_bytes:
+            if held + nbytes > chunk_bytes or len(batch) == _BATCH_VIEWS:
+                send()  # a batch stays within one chunk
+            batch.append(view)
+            held += nbytes
+            if tensor.crc32c is not None or not tensor_crcs:
+                return tensor.crc32c or 0
+            return mask(crc32c(view))
+        if batch:
+            send()
+        crc = 0
+        for start in range(0, nbytes, chunk_bytes):
+            piece = view[start : start + chunk_bytes]
+            if tensor.crc32c is None and tensor_crcs:
+                crc = crc32c(piece, crc)
+            batch.append(piece)
+            send()
+        return mask(crc) if tensor.crc32c is None else tensor.crc32c
+
+    for placement in placements:
+        tensor = prepared[placement.key]
+        if tensor.deferred is None or fetch_budget is None:
+            # a device array's view: once its transfer is done
+            crcs[placement.key] = write_tensor(tensor, tensor.data())
+        else:
+            with fetch_budget.holding(tensor.size):
+                crcs[placement.key] = write_tensor(tensor, tensor.data())
+                if batch:
+                    send()
     if batch:
         send()
-    return ShardResult({}, size, shard_crc if whole_crc else None)
+    return ShardResult(crcs if tensor_crcs else {}, size, shard_crc if whole_crc else None)
 
 
 class _WriterSlot:
@@ -307,40 +262,15 @@ async def write_bundle(
         outcome = Outcome()
         try:
             t0 = time.perf_counter()
-            index_bytes = b""
-            write = functools.partial(
-                write_shards,
-                store,
-                paths,
-                prepared,
-                plan,
-                chunk_bytes=chunk_bytes,
-                max_concurrent_shards=max_concurrent_shards,
+            results, index_bytes = await _write_and_encode(
+                store, paths, prepared, plan, chunk_bytes, max_concurrent_shards
             )
-            if all(t.transfer is None and t.deferred is None for t in prepared.values()):
-                # Every payload is in memory: the checksums and the index are made beside
-                # the writes (the disk's time), not after them.
-                async def encode() -> None:
-                    nonlocal index_bytes
-                    index_bytes = await anyio.to_thread.run_sync(
-                        _encode_index, prepared, plan, None
-                    )
-
-                with unwrap_task_group():
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(encode)
-                        results = await write(tensor_crcs=False)
-            else:
-                results = await write()
             phases["write_shards"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             # Every shard still there, whole, right before the commit (a store that restarted
             # and lost them must fail the save, not acknowledge an index without data): one
             # metadata request per shard, all at once.
             await verify_shards(store, paths, results)
-            if not index_bytes:
-                crcs = {key: crc for result in results for key, crc in result.tensor_crcs.items()}
-                index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
             await commit(store, session, claim, index_bytes, outcome, paths, overwrite=overwrite)
             phases["commit_index"] = time.perf_counter() - t0
         finally:
@@ -364,6 +294,63 @@ async def write_bundle(
     )
 
 
+async def _write_and_encode(
+    store: Store,
+    paths: Sequence[str],
+    prepared: Mapping[bytes, PreparedTensor],
+    plan: SavePlan,
+    chunk_bytes: int,
+    max_concurrent_shards: int,
+) -> tuple[list[ShardResult], bytes]:
+    """Write the shards; the index, encoded once every shard's bytes are handed over.
+
+    The encoding then runs while the shards are made durable (fsync, an upload's
+    completion: no GIL held). Beside the streaming it would hold the GIL each time a write
+    returns and wants it back. Payloads all in memory are checksummed there too
+    (``payload_crcs``), not on the way. Workload B (20,000 tensors, 297 MiB) on the
+    benchmark VM's disk, alternating: 0.56 s this way against 0.60-0.70 s encoding beside
+    the writes (safetensors 0.69 s). Where a commit costs nothing (tmpfs) the encoding is
+    left alone after the writes: 0.44 s against 0.36 s there.
+    """
+    in_memory = all(t.transfer is None and t.deferred is None for t in prepared.values())
+    crcs: dict[bytes, int] | None = None if in_memory else {}
+    streamed = anyio.Event()
+    unstreamed = set(range(plan.num_shards))
+    index_bytes = b""
+
+    def shard_streamed(shard_id: int, result: ShardResult) -> None:
+        if crcs is not None:
+            crcs.update(result.tensor_crcs)
+        unstreamed.discard(shard_id)
+        if not unstreamed:
+            streamed.set()
+
+    async def encode() -> None:
+        nonlocal index_bytes
+        await streamed.wait()
+        index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
+
+    with unwrap_task_group():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(encode)
+            results = await write_shards(
+                store,
+                paths,
+                prepared,
+                plan,
+                chunk_bytes=chunk_bytes,
+                max_concurrent_shards=max_concurrent_shards,
+                tensor_crcs=not in_memory,
+                on_streamed=shard_streamed,
+            )
+            if not streamed.is_set():  # a store that wrote a shard without streaming it
+                for result in results:
+                    if crcs is not None:
+                        crcs.update(result.tensor_crcs)
+                streamed.set()
+    return results, index_bytes
+
+
 async def write_shards(
     store: Store,
     shard_paths: Sequence[str],
@@ -373,10 +360,14 @@ async def write_shards(
     chunk_bytes: int,
     max_concurrent_shards: int,
     tensor_crcs: bool = True,
+    on_streamed: Callable[[int, ShardResult], None] | None = None,
 ) -> list[ShardResult]:
     """Stream every shard of the plan, concurrently; what each one produced, in shard order.
 
     ``tensor_crcs=False``: the payloads are not checksummed on the way (the caller does it).
+
+    ``on_streamed(shard_id, result)`` runs in the event loop each time a shard's bytes are
+    all handed to its writer, before the commit that makes them durable.
     """
     sizes = [plan.shard_bytes(shard_id) for shard_id in range(plan.num_shards)]
     # A shard streams while it holds one of `writers`: the store planned its memory for that
@@ -393,7 +384,7 @@ async def write_shards(
         path = shard_paths[shard_id]
 
         def stream(writer: ShardWriter) -> ShardResult:
-            return _stream_shard(
+            result = _stream_shard(
                 writer,
                 plan.shards[shard_id],
                 prepared,
@@ -402,6 +393,9 @@ async def write_shards(
                 fetch_budget,
                 tensor_crcs,
             )
+            if on_streamed is not None:
+                anyio.from_thread.run_sync(on_streamed, shard_id, result)
+            return result
 
         # The writer's thread takes the slot itself (stream_into), so no slot is ever held
         # while waiting for a thread: threads waiting to take a slot back (an upload started
@@ -454,17 +448,15 @@ def _encode_index(
     heads: dict[tuple[int, tuple[int, ...]], int] = {}
     head_of = [heads.setdefault((int(t.dtype), t.shape), len(heads)) for t in tensors]
     where = [placements[key] for key in keys]
-    if crcs is None:
-        crc_column = payload_crcs(tensors)
-    else:
-        crc_column = np.fromiter((crcs[key] for key in keys), np.int64, len(keys))
     values = spell_entries(
         [entry_head(dtype, shape) for dtype, shape in heads],
         np.array(head_of, dtype=np.int64),
         np.fromiter((p.shard_id for p in where), np.int64, len(where)),
         np.fromiter((p.offset for p in where), np.int64, len(where)),
         np.fromiter((p.size for p in where), np.int64, len(where)),
-        crc_column,
+        payload_crcs(tensors)
+        if crcs is None
+        else np.fromiter((crcs[key] for key in keys), np.int64, len(keys)),
     )
     return encode_index_records(BundleHeader(num_shards=plan.num_shards), keys, values)
 

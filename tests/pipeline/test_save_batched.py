@@ -1,34 +1,41 @@
-"""A save whose payloads are all in memory checksums them beside the writes, not on the way.
+"""A shard streams its payloads' views in batches, checksumming each payload on the way.
 
-The batched path (``_stream_shard(tensor_crcs=False)``, ``payload_crcs``, the index encoded
-while the shards stream) must write exactly what the checksum-as-you-go path writes: the same
-shard bytes, the same shard crc32c, the same index bytes. One shard's plan is name order, as
-``plan_save`` gives it.
+``_stream_shard`` hands the writer batches of views (``write_many``) instead of copying small
+payloads into a buffer of its own: what lands must be exactly the payloads in plan order,
+each batch within one chunk and ``_BATCH_VIEWS`` views, a payload larger than a chunk in
+chunk-sized slices alone, and the tensor and shard checksums those of the bytes. One shard's
+plan is name order, as ``plan_save`` gives it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamckpt.format.crc import crc32c
+from streamckpt.format.crc import crc32c, mask
 from streamckpt.pipeline import save
 from streamckpt.pipeline.plan import plan_save
-from streamckpt.pipeline.tensors import PreparedTensor
 from streamckpt.storage.base import ShardWriter
 
 
 class _Collect(ShardWriter):
+    """Records each ``write_many`` batch as the byte strings it held."""
+
     def __init__(self) -> None:
-        self.chunks: list[bytes] = []
+        self.batches: list[list[bytes]] = []
 
     def write(self, chunk: memoryview) -> None:
-        self.chunks.append(bytes(chunk))
+        self.write_many([chunk])
+
+    def write_many(self, chunks: Sequence[memoryview]) -> None:
+        self.batches.append([bytes(c) for c in chunks])
 
     def commit(self) -> None:
         pass
@@ -46,54 +53,55 @@ _VALUES = st.one_of(
 _TENSORS = st.dictionaries(st.text(min_size=1, max_size=6), _VALUES, min_size=1, max_size=12)
 
 
-def _stream(
-    prepared: dict[bytes, PreparedTensor], plan: Any, chunk_bytes: int, *, tensor_crcs: bool
-) -> tuple[list[save.ShardResult], list[bytes]]:
+@settings(max_examples=150, deadline=None)
+@given(
+    tensors=_TENSORS,
+    num_shards=st.integers(1, 3),
+    chunk_bytes=st.sampled_from([64, 1000, 4096, 1 << 20]),
+    batch_views=st.sampled_from([1, 3, 1024]),
+    tensor_crcs=st.booleans(),
+)
+def test_a_shard_streams_its_payloads_in_bounded_batches(
+    tensors: dict[str, Any], num_shards: int, chunk_bytes: int, batch_views: int, tensor_crcs: bool
+) -> None:
+    prepared = anyio.run(lambda: save.prepare_all(tensors, copy=False))
+    plan = plan_save(sizes={k: t.size for k, t in prepared.items()}, num_shards=num_shards)
     writers = [_Collect() for _ in range(plan.num_shards)]
 
     async def run() -> list[save.ShardResult]:
         return [
             await anyio.to_thread.run_sync(
                 lambda i=i: save._stream_shard(
-                    writers[i],
-                    plan.shards[i],
-                    prepared,
-                    chunk_bytes,
-                    True,
-                    None,
-                    tensor_crcs,
+                    writers[i], plan.shards[i], prepared, chunk_bytes, True, None, tensor_crcs
                 )
             )
             for i in range(plan.num_shards)
         ]
 
-    results = anyio.run(run)
-    return results, [b"".join(w.chunks) for w in writers]
-
-
-@settings(max_examples=120, deadline=None)
-@given(
-    tensors=_TENSORS,
-    num_shards=st.integers(1, 3),
-    chunk_bytes=st.sampled_from([64, 1000, 4096, 1 << 20]),
-)
-def test_batched_path_writes_what_the_streamed_path_writes(
-    tensors: dict[str, Any], num_shards: int, chunk_bytes: int
-) -> None:
-    prepared = anyio.run(lambda: save.prepare_all(tensors, copy=False))
-    plan = plan_save(sizes={k: t.size for k, t in prepared.items()}, num_shards=num_shards)
-    streamed, streamed_bytes = _stream(prepared, plan, chunk_bytes, tensor_crcs=True)
-    batched, batched_bytes = _stream(prepared, plan, chunk_bytes, tensor_crcs=False)
-
-    assert batched_bytes == streamed_bytes
-    assert [(r.size, r.shard_crc) for r in batched] == [(r.size, r.shard_crc) for r in streamed]
-    assert [r.shard_crc for r in batched] == [crc32c(b) for b in batched_bytes]
-    assert all(not r.tensor_crcs for r in batched)
-
-    crcs = {key: crc for result in streamed for key, crc in result.tensor_crcs.items()}
-    keys = sorted(prepared)
-    assert save.payload_crcs([prepared[k] for k in keys]).tolist() == [crcs[k] for k in keys]
-    assert save._encode_index(prepared, plan, None) == save._encode_index(prepared, plan, crcs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(save, "_BATCH_VIEWS", batch_views)
+        results = anyio.run(run)
+    for shard, writer, result in zip(plan.shards, writers, results, strict=True):
+        payloads = [bytes(prepared[p.key].payload) for p in shard]
+        written = b"".join(b"".join(batch) for batch in writer.batches)
+        assert written == b"".join(payloads)
+        assert result.size == len(written) and result.shard_crc == crc32c(written)
+        expected = {  # a string tensor's is TensorFlow's, made with it
+            p.key: mask(crc32c(payload)) if (known := prepared[p.key].crc32c) is None else known
+            for p, payload in zip(shard, payloads, strict=True)
+        }
+        # without: the encoder checksums payloads in memory itself, to the same values
+        assert result.tensor_crcs == (expected if tensor_crcs else {})
+        tensors_in_order = [prepared[p.key] for p in shard]
+        assert save.payload_crcs(tensors_in_order).tolist() == list(expected.values())
+        for batch in writer.batches:
+            assert batch and len(batch) <= batch_views
+            assert sum(map(len, batch)) <= chunk_bytes
+        big = [p for p in payloads if len(p) > chunk_bytes]
+        alone = [b"".join(batch) for batch in writer.batches if len(batch) == 1]
+        for payload in big:  # in chunk-sized slices, each a batch of its own
+            slices = [payload[i : i + chunk_bytes] for i in range(0, len(payload), chunk_bytes)]
+            assert all(piece in alone for piece in slices)
 
 
 @settings(max_examples=200, deadline=None)
