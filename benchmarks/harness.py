@@ -230,7 +230,7 @@ def disk_usage(root: str) -> int:
 
 LIMIT_NAMES = {
     "disk_write": "disk sequential write (8 MiB os.write + fsync)",
-    "writeback_write": "disk write, writeback started per 8 MiB (os.write + sync_file_range + fsync)",
+    "writeback_write": "disk write, each 8 MiB's writeback started (+ sync_file_range)",
     "direct_write_1": "disk O_DIRECT write, 1 request in flight (8 MiB pwrite + fsync)",
     "direct_write_16": "disk O_DIRECT write, 16 requests in flight (8 MiB pwrite + fsync)",
     "disk_read_cold": "disk sequential read, cold cache",
@@ -284,7 +284,7 @@ def writeback_write(path: str, size: int, source: Any) -> float:
     """Seconds to write ``size`` bytes through the page cache as a waited local save does:
     8 MiB os.write calls, the writeback of each started at once (``sync_file_range``), then
     fsync of the file and its directory."""
-    from streamckpt.storage.local import start_writeback
+    from streamckpt.storage.local_writer import start_writeback
 
     os.sync()
     t0 = time.perf_counter()
@@ -308,12 +308,13 @@ def limits(spec: dict[str, Any]) -> dict[str, Any]:
     """Child: each limit ``repeats`` times over ``size`` bytes; seconds per run.
 
     Disk write: 8 MiB os.write calls, then fsync of the file and its directory (one untimed
-    warm-up round first); the same with each write's writeback started (``writeback_write``). O_DIRECT write: 8 MiB pwrites from one page-aligned buffer, 1 and
-    16 in flight (``direct_write``). Cold read: the file evicted from the page cache, os.readv
-    into one reused 8 MiB buffer (with ``cold``). memcpy into mapped memory: np.copyto
-    between two pre-faulted buffers. Copy into fresh memory: ``ndarray.copy()`` of one
-    contiguous block (allocation and page faults included). First touch: np.empty + fill.
-    crc32c: the ``crc32c`` package over 8 MiB pieces.
+    warm-up round first); the same with each write's writeback started (``writeback_write``).
+    O_DIRECT write: 8 MiB pwrites from one page-aligned buffer, 1 and 16 in flight
+    (``direct_write``). Cold read: the file evicted from the page cache, os.readv into one
+    reused 8 MiB buffer (with ``cold``). memcpy into mapped memory: np.copyto between two
+    pre-faulted buffers. Copy into fresh memory: ``ndarray.copy()`` of one contiguous block
+    (allocation and page faults included). First touch: np.empty + fill. crc32c: the
+    ``crc32c`` package over 8 MiB pieces.
     """
     import mmap
 

@@ -11,7 +11,8 @@ Method: this mode measures nothing itself; it runs the other modes' measurements
 order, and only formats what they return:
 - limits: ``harness.limits`` over A's bytes, --repeats runs (``local.limit_runs``): O_DIRECT
   write at 1 and 16 requests in flight, cold read, copy into fresh memory, copy into mapped
-  memory, crc32c (and buffered write + fsync);
+  memory, crc32c, buffered write + fsync, and the same with each 8 MiB's writeback started
+  as it is written (how a waited streamckpt save writes);
 - the cold-start row: ``cold_start.measure``, whole fresh processes (interpreter, imports,
   the read, exit) reading one 4 MiB tensor of a 256 MiB checkpoint each tool saved, bytecode
   cached and the files in the page cache, rounds alternating; streamckpt and safetensors

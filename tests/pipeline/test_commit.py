@@ -3,9 +3,9 @@
 Every test runs against real storage: local disk through LocalStore (the default for plain
 paths) and fsspec's ``memory://`` filesystem. Recording and fault injection wrap the real
 thing: a delegating wrapper around the fsspec filesystem, and for LocalStore a stand-in for
-the ``os`` module of ``streamckpt.storage.local`` that performs every real syscall and records
-it. No test asserts on timing: concurrency is shown with a barrier that only opens when all
-four shard writers are open at once.
+the ``os`` module of the local store and its shard writer that performs every real syscall
+and records it. No test asserts on timing: concurrency is shown with a barrier that only
+opens when all four shard writers are open at once.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import anyio.lowlevel
 import fsspec
 import numpy as np
 import pytest
+from support.injection import patch_local_os
 
 import streamckpt
-import streamckpt.storage.local
+import streamckpt.storage.local_writer
 from streamckpt.errors import CheckpointExistsError, CheckpointNotFoundError, StorageError
 
 pytestmark = pytest.mark.anyio
@@ -141,7 +142,7 @@ class RecordingFileSystem:
 
 
 class SyscallSpy:
-    """Stands in for ``os`` inside streamckpt.storage.local: real syscalls, recorded."""
+    """Stands in for ``os`` of the local store's modules: real syscalls, recorded."""
 
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
@@ -235,7 +236,7 @@ def backend(
 ) -> Iterator[Backend]:
     recorder = Recorder()
     if request.param == "local":
-        monkeypatch.setattr(streamckpt.storage.local, "os", SyscallSpy(recorder))
+        patch_local_os(monkeypatch, SyscallSpy(recorder))
         yield Backend("local", str(tmp_path), recorder)
         return
     root = f"/streamckpt-test-commit-{uuid.uuid4().hex}"
@@ -312,7 +313,7 @@ async def test_writes_are_bounded_chunks(backend: Backend) -> None:
         # O_DIRECT: whole aligned blocks staged in a chunk-sized buffer; the padded tail is cut
         # off again, so the files hold exactly the payload bytes.
         assert direct == set(shard_writes)
-        align = streamckpt.storage.local.DIRECT_ALIGN
+        align = streamckpt.storage.local_writer.DIRECT_ALIGN
         assert all(n % align == 0 for s in shard_writes.values() for n in s)
         assert sum(sum(s) for s in shard_writes.values()) < total + SHARDS * align
     else:

@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.injection import patch_local_os
 from support.pagecache import direct_supported
 
-import streamckpt.storage.local as local
+import streamckpt.storage.local_writer as local
 import streamckpt.sync
-from streamckpt.storage.local import DIRECT_ALIGN, LocalShardWriter
+from streamckpt.storage.local import LocalStore
+from streamckpt.storage.local_writer import DIRECT_ALIGN, LocalShardWriter
 from streamckpt.storage.retry import StoreStats
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.skipif(not O_DIRECT, reason="O_DIRECT is Linux's")
 
 
 class OsSpy:
-    """The real ``os`` for storage.local, recording open flags; may refuse O_DIRECT."""
+    """The real ``os`` for the local store, recording open flags; may refuse O_DIRECT."""
 
     def __init__(self, *, refuse_open: bool = False, refuse_write: bool = False) -> None:
         self.refuse_open = refuse_open
@@ -121,7 +123,7 @@ def test_cached_writes_go_on_after_short_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int], most: int
 ) -> None:
     spy = ShortWritev(most)
-    monkeypatch.setattr(local, "os", spy)
+    patch_local_os(monkeypatch, spy)
     pieces = [os.urandom(n) for n in sizes]
     path = tmp_path / "shard"
     stream_through_writer(path, pieces, DIRECT_ALIGN, direct=False, batches=2)
@@ -162,7 +164,7 @@ def test_background_saves_write_direct_and_waited_ones_through_the_cache(
     if way != "save" and not direct_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT")
     spy = OsSpy()
-    monkeypatch.setattr(local, "os", spy)
+    patch_local_os(monkeypatch, spy)
     tensors = {"a": np.arange(10_000, dtype=np.float32), "b": np.arange(7, dtype=np.int8)}
     prefix = tmp_path / "ckpt"
     if way == "background":
@@ -196,7 +198,7 @@ def test_refused_direct_io_falls_back_to_cached_writes(
     if refusal == "write" and not direct_supported(tmp_path):
         pytest.skip("this filesystem refuses O_DIRECT at open already")
     spy = OsSpy(refuse_open=refusal == "open", refuse_write=refusal == "write")
-    monkeypatch.setattr(local, "os", spy)
+    patch_local_os(monkeypatch, spy)
     pieces = [os.urandom(n) for n in (5000, 3 * DIRECT_ALIGN, 11)]
     path = tmp_path / "shard"
     stats = stream_through_writer(path, pieces, staging=2 * DIRECT_ALIGN)
@@ -215,7 +217,7 @@ def test_failed_direct_write_removes_the_partial_shard(
         def write(self, fd: int, data: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(local, "os", FailingOs())
+    patch_local_os(monkeypatch, FailingOs())
     path = tmp_path / "shard"
     writer = LocalShardWriter(str(path), StoreStats(), staging=DIRECT_ALIGN)
     with pytest.raises(OSError, match="No space left"):
@@ -227,7 +229,6 @@ def test_failed_direct_write_removes_the_partial_shard(
 def test_local_saves_write_a_few_files_at_once_within_the_budget() -> None:
     """Each local writer stages two write chunks: 64 shards at once would pin 1 GiB, and a
     small budget (``convert --budget-mib``) must bound the staging too."""
-    LocalStore = local.LocalStore
     assert LocalStore().plan_writers([1 << 28] * 64) == LocalStore.max_writers == 8
     assert LocalStore().plan_writers([1 << 28] * 3) == 3
     assert LocalStore(max_inflight_bytes=48 << 20).plan_writers([1 << 28] * 64) == 3

@@ -1,6 +1,7 @@
 """Faults at every system call of the local store, and cancellation at every checkpoint.
 
-``SyscallFaults`` stands in for the ``os`` module of ``streamckpt.storage.local``: every call
+``SyscallFaults`` stands in for the ``os`` module of the local store (``LOCAL_SAVE_MODULES``,
+``patch_local_os``): every call
 is the real one, counted; the ``fail_at``-th call of the kinds under test raises ``OSError``
 with the chosen errno instead (the call is not made). A dry run with ``fail_at=None`` counts
 the calls of an operation, so that a campaign can then fail each one in turn. A failing
@@ -22,6 +23,21 @@ import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
+
+import pytest
+
+import streamckpt.storage.local
+import streamckpt.storage.local_writer
+
+# The modules whose ``os`` a local save calls: the store, and its shard writer.
+LOCAL_SAVE_MODULES = (streamckpt.storage.local, streamckpt.storage.local_writer)
+
+
+def patch_local_os(monkeypatch: pytest.MonkeyPatch, stand_in: Any) -> None:
+    """``stand_in`` as ``os`` of every module of ``LOCAL_SAVE_MODULES`` (undone by pytest)."""
+    for module in LOCAL_SAVE_MODULES:
+        monkeypatch.setattr(module, "os", stand_in)
+
 
 # System calls by kind, as the local store spells them.
 KINDS: dict[str, tuple[str, ...]] = {

@@ -23,10 +23,9 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from support.injection import SyscallFaults, open_fds
+from support.injection import LOCAL_SAVE_MODULES, SyscallFaults, open_fds
 
 import streamckpt
-import streamckpt.storage.local
 from streamckpt.errors import StreamCkptError
 
 pytestmark = pytest.mark.anyio
@@ -48,12 +47,14 @@ async def managed_save(directory: Path, faults: SyscallFaults | None, step: int)
     manager = manager_for(directory, model(step))
     await manager.reload()
     if faults is not None:
-        streamckpt.storage.local.os = faults  # type: ignore[attr-defined]
+        for module in LOCAL_SAVE_MODULES:
+            module.os = faults  # type: ignore[attr-defined]
     try:
         with anyio.fail_after(BOUND_S):
             return await manager.save(step=step)
     finally:
-        streamckpt.storage.local.os = os  # type: ignore[attr-defined]
+        for module in LOCAL_SAVE_MODULES:
+            module.os = os  # type: ignore[attr-defined]
 
 
 async def assert_directory_whole(directory: Path, *, must_name: int) -> None:

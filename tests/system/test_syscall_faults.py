@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from support.injection import SyscallFaults, open_fds
+from support.injection import SyscallFaults, open_fds, patch_local_os
 from support.pagecache import evict
 
 import streamckpt
@@ -70,14 +70,14 @@ def chain(exc: BaseException) -> list[BaseException]:
 async def save_with(
     faults: SyscallFaults, monkeypatch: pytest.MonkeyPatch, prefix: str, **kwargs: Any
 ) -> Any:
-    monkeypatch.setattr(streamckpt.storage.local, "os", faults)
+    patch_local_os(monkeypatch, faults)
     try:
         with anyio.fail_after(BOUND_S):
             return await streamckpt.save(
                 prefix, tensors(2), num_shards=2, chunk_bytes=64 << 10, **kwargs
             )
     finally:
-        monkeypatch.setattr(streamckpt.storage.local, "os", os)
+        patch_local_os(monkeypatch, os)
 
 
 async def count_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> int:
