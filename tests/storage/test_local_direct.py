@@ -245,3 +245,18 @@ def test_fresh_buffers_are_zeroed_writable_and_exact(nbytes: int) -> None:
     assert len(view) == nbytes and not view.any()
     view[:] = 7
     assert bytes(memoryview(buffer)[-1:]) == (b"\x07" if nbytes else b"")
+
+
+def test_background_saves_ask_for_direct_io_on_local_paths_only() -> None:
+    """A bucket's options are left as they are (gcsfs would refuse an unknown key), and a
+    caller's own ``direct_io`` wins."""
+    from streamckpt.storage import background_options, resolve
+
+    assert background_options("/tmp/c", None, None) == {"direct_io": True}
+    assert background_options("file:///tmp/c", {"x": 1}, None) == {"direct_io": True, "x": 1}
+    assert background_options("/tmp/c", {"direct_io": False}, None) == {"direct_io": False}
+    assert background_options("gs://b/c", {"token": "anon"}, None) == {"token": "anon"}
+    assert background_options("/tmp/c", None, object()) is None
+    store, _ = resolve("/tmp/c", storage_options={"direct_io": True, "token": "anon"})
+    assert isinstance(store, LocalStore) and store.direct_io  # other keys: another store's
+    assert not resolve("/tmp/c")[0].direct_io  # type: ignore[attr-defined]
