@@ -46,7 +46,8 @@ from streamckpt.format.payload import decode_tensor
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
 from streamckpt.pipeline.plan import Placement, SavePlan, plan_save
 from streamckpt.pipeline.read import CheckpointReader, open_reader
-from streamckpt.pipeline.save import ProgressCallback, SaveInfo, ShardResult, verify_shards
+from streamckpt.pipeline.save import ProgressCallback, SaveInfo, verify_shards
+from streamckpt.pipeline.shard_stream import ShardResult
 from streamckpt.storage import PathLike, Store, resolve
 from streamckpt.storage.base import ShardWriter
 

@@ -15,19 +15,17 @@ Invariants:
   created (cleanup is shielded from cancellation) and never touches another prefix's files;
   a failure after it (the index is visible) removes nothing, and its error says the
   checkpoint is committed and whole; a save that lost its claim removes nothing;
-- a tensor's bytes are never copied whole: each shard task streams views of the caller's
-  arrays in chunks of ``chunk_bytes``, extending the tensor's crc32c as it goes;
-- a deferred tensor (``tensors.Deferred``) is fetched by its shard's thread right before it
-  is written and dropped right after; the arrays fetched and not yet written hold at most
-  the store's in-flight budget together (``_FetchBudget``; one larger tensor alone).
+- a tensor's bytes are never copied by the pipeline: each shard task streams views of the
+  caller's arrays to its writer (``pipeline.shard_stream``), and a deferred tensor
+  (``tensors.Deferred``) is fetched right before it is written and dropped right after;
+- the index is encoded once every shard has streamed, while the shards are made durable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -43,19 +41,17 @@ from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.entries import entry_head, spell_entries
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
 from streamckpt.pipeline.plan import (
-    Placement,
     SavePlan,
     auto_num_shards,
     plan_in_order,
     plan_save,
 )
+from streamckpt.pipeline.shard_stream import FetchBudget, ShardResult, stream_shard
 from streamckpt.pipeline.tensors import PreparedTensor, prepare_values
 from streamckpt.storage import Store
-from streamckpt.storage.base import ByteBudget, ShardWriter, wait_from_thread
+from streamckpt.storage.base import ShardWriter, wait_from_thread
 
 DEFAULT_CHUNK_BYTES = 8 << 20
-# Views handed to a writer at once (one writev takes at most 1024 on Linux).
-_BATCH_VIEWS = 1024
 # Shards written at once; each is one worker thread streaming sequentially.
 DEFAULT_MAX_CONCURRENT_SHARDS = 16
 
@@ -94,121 +90,6 @@ def _plan(sizes: Mapping[bytes, int], num_shards: int | None, shard_bytes: int |
     if num_shards == 1:  # what plan_save gives, without its balancing of 20,000 sizes
         return plan_in_order(shards=[sorted(sizes)], sizes=sizes)
     return plan_save(sizes=sizes, num_shards=num_shards)
-
-
-@dataclass(frozen=True, slots=True)
-class ShardResult:
-    """What streaming one shard produced.
-
-    Each tensor's masked crc32c, and the shard's own (unmasked) crc32c when the store can
-    check it.
-    """
-
-    tensor_crcs: dict[bytes, int]
-    size: int
-    shard_crc: int | None
-
-
-class _FetchBudget:
-    """Bytes of deferred tensors fetched and not yet written, across a save's shard threads.
-
-    Without it every shard thread would hold its current deferred tensor at once: as many
-    tensors as shards stream side by side, whatever the caller's memory budget.
-    """
-
-    def __init__(self, total: int) -> None:
-        self._budget = ByteBudget(total)
-
-    @contextlib.contextmanager
-    def holding(self, nbytes: int) -> Iterator[None]:
-        """From a writer thread: wait until ``nbytes`` may be held, hold them for the block."""
-        taken = 0
-
-        async def acquire() -> None:
-            nonlocal taken
-            taken = await self._budget.acquire(nbytes)
-
-        wait_from_thread(acquire)
-        try:
-            yield
-        finally:
-            anyio.from_thread.run(self._budget.release, taken)
-
-
-def _stream_shard(
-    writer: ShardWriter,
-    placements: Sequence[Placement],
-    prepared: Mapping[bytes, PreparedTensor],
-    chunk_bytes: int,
-    whole_crc: bool,
-    fetch_budget: _FetchBudget | None = None,
-    tensor_crcs: bool = True,
-) -> ShardResult:
-    """Runs in a worker thread: write one shard's tensors in order, checksumming each.
-
-    The payloads' views go to the writer in batches of at most ``chunk_bytes`` (and
-    ``_BATCH_VIEWS`` views): one system call or upload part for thousands of small tensors,
-    copied once, by the store, where it writes them from (``ShardWriter.write_many``). A
-    payload larger than a chunk goes alone, slice by slice. Each payload's crc32c is taken
-    as it is batched, while its bytes are still in cache for the write. Every batch sent is
-    a cancellation point. A deferred tensor's batch is sent before its fetched array is let
-    go: the next one is fetched only after. ``tensor_crcs=False``: payloads all in memory,
-    which the caller checksums itself (``payload_crcs``); the result has no tensor crcs.
-    """
-    crcs: dict[bytes, int] = {}
-    batch: list[memoryview] = []
-    held = 0
-    shard_crc = 0
-    size = 0
-    check_cancelled = anyio.from_thread.check_cancelled
-
-    def send() -> None:
-        nonlocal shard_crc, held
-        check_cancelled()
-        if whole_crc:
-            for view in batch:
-                shard_crc = crc32c(view, shard_crc)
-        writer.write_many(batch)
-        batch.clear()
-        held = 0
-
-    def write_tensor(tensor: PreparedTensor, view: memoryview) -> int:
-        """Batch one payload; its masked crc32c."""
-        nonlocal held, size
-        nbytes = len(view)
-        size += nbytes
-        if nbytes <= chunk_bytes:
-            if held + nbytes > chunk_bytes or len(batch) == _BATCH_VIEWS:
-                send()  # a batch stays within one chunk
-            batch.append(view)
-            held += nbytes
-            if tensor.crc32c is not None or not tensor_crcs:
-                return tensor.crc32c or 0
-            return mask(crc32c(view))
-        if batch:
-            send()
-        crc = 0
-        for start in range(0, nbytes, chunk_bytes):
-            piece = view[start : start + chunk_bytes]
-            if tensor.crc32c is None and tensor_crcs:
-                crc = crc32c(piece, crc)
-            batch.append(piece)
-            send()
-        return mask(crc) if tensor.crc32c is None else tensor.crc32c
-
-    for placement in placements:
-        tensor = prepared[placement.key]
-        if tensor.deferred is None or fetch_budget is None:
-            # a device array's view: once its transfer is done
-            crcs[placement.key] = write_tensor(tensor, tensor.data())
-        else:
-            with fetch_budget.holding(tensor.size):
-                crcs[placement.key] = write_tensor(tensor, tensor.data())
-                if batch:
-                    send()
-    if batch:
-        send()
-    return ShardResult(crcs if tensor_crcs else {}, size, shard_crc if whole_crc else None)
 
 
 class _WriterSlot:
@@ -378,13 +259,13 @@ async def write_shards(
     results: list[ShardResult | None] = [None] * plan.num_shards
     # the store's in-flight budget, as the bytes its writers may buffer are
     deferred = any(tensor.deferred is not None for tensor in prepared.values())
-    fetch_budget = _FetchBudget(store.budget.total) if deferred else None
+    fetch_budget = FetchBudget(store.budget.total) if deferred else None
 
     async def run_shard(shard_id: int) -> None:
         path = shard_paths[shard_id]
 
         def stream(writer: ShardWriter) -> ShardResult:
-            result = _stream_shard(
+            result = stream_shard(
                 writer,
                 plan.shards[shard_id],
                 prepared,

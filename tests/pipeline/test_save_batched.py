@@ -1,10 +1,10 @@
 """A shard streams its payloads' views in batches, checksumming each payload on the way.
 
-``_stream_shard`` hands the writer batches of views (``write_many``) instead of copying small
-payloads into a buffer of its own: what lands must be exactly the payloads in plan order,
-each batch within one chunk and ``_BATCH_VIEWS`` views, a payload larger than a chunk in
-chunk-sized slices alone, and the tensor and shard checksums those of the bytes. One shard's
-plan is name order, as ``plan_save`` gives it.
+``shard_stream.stream_shard`` hands the writer batches of views (``write_many``) instead of
+copying small payloads into a buffer of its own: what lands must be exactly the payloads in
+plan order, each batch within one chunk and ``BATCH_VIEWS`` views, a payload larger than a
+chunk in chunk-sized slices alone, and the tensor and shard checksums those of the bytes.
+One shard's plan is name order, as ``plan_save`` gives it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamckpt.format.crc import crc32c, mask
-from streamckpt.pipeline import save
+from streamckpt.pipeline import save, shard_stream
 from streamckpt.pipeline.plan import plan_save
 from streamckpt.storage.base import ShardWriter
 
@@ -68,10 +68,10 @@ def test_a_shard_streams_its_payloads_in_bounded_batches(
     plan = plan_save(sizes={k: t.size for k, t in prepared.items()}, num_shards=num_shards)
     writers = [_Collect() for _ in range(plan.num_shards)]
 
-    async def run() -> list[save.ShardResult]:
+    async def run() -> list[shard_stream.ShardResult]:
         return [
             await anyio.to_thread.run_sync(
-                lambda i=i: save._stream_shard(
+                lambda i=i: shard_stream.stream_shard(
                     writers[i], plan.shards[i], prepared, chunk_bytes, True, None, tensor_crcs
                 )
             )
@@ -79,7 +79,7 @@ def test_a_shard_streams_its_payloads_in_bounded_batches(
         ]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(save, "_BATCH_VIEWS", batch_views)
+        patch.setattr(shard_stream, "BATCH_VIEWS", batch_views)
         results = anyio.run(run)
     for shard, writer, result in zip(plan.shards, writers, results, strict=True):
         payloads = [bytes(prepared[p.key].payload) for p in shard]
