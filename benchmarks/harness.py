@@ -198,6 +198,47 @@ def load_into_page_cache(root: str) -> None:
             os.close(fd)
 
 
+def read_files(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child: every file under ``spec["root"]`` read once, in order, into one fresh buffer:
+    the limit of a restore of those very files, measured as the restores are (a fresh
+    process, the files evicted first when ``spec["cold"]``, read into the page cache first
+    otherwise).
+
+    Why beside the limits child: on a VM the disk's host caches what was written or read
+    lately, so a "cold" read of the 1 GiB file the limits child just wrote can run at 2.4
+    GB/s while a checkpoint written minutes earlier reads at 0.6; and a fresh process's
+    first touch of memory varies as much. Read in the same rounds as the restores, the same
+    files give each restore row a limit measured under the same conditions.
+    Plain ``preadv`` of 8 MiB, one after the other: what a simple reader gets, no tuning.
+    """
+    import numpy as np
+
+    root = spec["root"]
+    paths = [root] if os.path.isfile(root) else []
+    for dirpath, _dirs, files in os.walk(root):
+        paths.extend(os.path.join(dirpath, f) for f in sorted(files))
+    cold = bool(spec["cold"]) and evict_from_page_cache(root)
+    if not cold:
+        load_into_page_cache(root)
+    sizes = [os.path.getsize(path) for path in paths]
+    t0 = time.perf_counter()
+    buffer = np.empty(sum(sizes), np.uint8)
+    view = memoryview(buffer).cast("B")
+    at = 0
+    for path, size in zip(paths, sizes, strict=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            end = at + size
+            while at < end:
+                got = os.preadv(fd, [view[at : min(end, at + 8 * MIB)]], at - (end - size))
+                if not got:
+                    raise OSError(f"{path} ended early")
+                at += got
+        finally:
+            os.close(fd)
+    return {"seconds": time.perf_counter() - t0, "bytes": at, "cold": cold}
+
+
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -109,7 +109,9 @@ def run_cell(
     One child saves (and, with --quick, also does every other op once); then --repeats
     rounds of one child per restore op, the ops alternating, each op stopping once its
     children took --cell-budget seconds (not ``exempt``'s); then one child for the
-    background saves.
+    background saves. With ``args.file_limits``, right before each restore child one
+    ``harness.read_files`` child reads the same files, evicted or cached alike
+    (``file_reads``: its seconds, round by round).
     """
     name = spec[0]
     tool_dir = os.path.join(workdir, f"{tool}-{name}")
@@ -134,7 +136,18 @@ def run_cell(
                 cells[op]["failed"] = result.get("error")
         return result
 
+    def read_limit(op: str) -> None:
+        if not getattr(args, "file_limits", False):
+            return
+        read = {"root": os.path.join(tool_dir, "ckpt"), "cold": restores[op]}
+        got = harness.run_child("harness.read_files", read, workdir=workdir, label=f"{op}-read")
+        if got.get("ok"):
+            cells[op].setdefault("file_reads", []).append(got["seconds"])
+
     first = child(list(cells) if args.quick else ["save"], f"{tool}-{name}", True)
+    if args.quick and first.get("ok"):
+        for op in restores:  # the code path, once
+            read_limit(op)
     if not first.get("ok"):
         for cell in cells.values():
             cell["failed"] = first.get("error")
@@ -144,6 +157,7 @@ def run_cell(
             for op in restores:
                 if (i and wall[op] > budget) or cells[op].get("failed"):
                     continue  # a slow cell: fewer repeats (the table's n shows it)
+                read_limit(op)
                 wall[op] += child([op], f"{tool}-{name}-{op}-{i}", i == 0)["wall_seconds"]
         if later:
             child(later, f"{tool}-{name}-background", False)
