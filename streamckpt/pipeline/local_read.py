@@ -73,6 +73,12 @@ _MAX_READ = 1 << 30
 MAX_GROUP_BYTES = 64 << 20
 # (tests make it smaller)
 _CHUNK = READ_CHUNK
+# A whole load of a checkpoint whose index is this large (a thousand entries or more: its
+# decoding takes milliseconds) reads the data files while the entries decode.
+READ_AHEAD_INDEX_BYTES = 32 << 10
+# ... and as many data files at most (a header may claim any number: the files are opened up
+# front, and beyond this many the planned reads open only those that entries name).
+READ_AHEAD_MAX_SHARDS = 64
 # Reads in flight when a load has several (threads: preads and crc32c release the GIL).
 MAX_THREADS = 8
 
@@ -263,8 +269,16 @@ def load_whole(
 
     ``None`` when one of them is partitioned. Neighbouring tensors are read in one merged
     read (its buffer shared by their arrays, as the async reader's), several reads at a time.
+    The whole of a checkpoint with a large index is read while its entries decode
+    (:func:`_load_ahead`).
     """
     with LocalIndex(prefix_path) as index:
+        if (
+            names is None
+            and index.size >= READ_AHEAD_INDEX_BYTES
+            and index.header.num_shards <= READ_AHEAD_MAX_SHARDS
+        ):
+            return _load_ahead(prefix_path, index)
         keys = None if names is None else [name_to_key(n) for n in names]
         if keys is None or len(keys) > len(index.index.handles):
             decoded = index.entries()  # one read of every block beats a lookup per tensor
@@ -275,8 +289,58 @@ def load_whole(
             entries = {k: decoded[k] if k in decoded else index.entry(k) for k in keys}
         else:
             entries = {k: index.entry(k) for k in keys}
-        num_shards = index.header.num_shards
-        big_endian = index.header.big_endian
+        header = index.header
+    return _load_planned(prefix_path, keys, entries, header.num_shards, header.big_endian)
+
+
+def _load_ahead(prefix_path: str, index: LocalIndex) -> dict[str, np.ndarray[Any, Any]] | None:
+    """The whole checkpoint, its data files read whole while the index decodes.
+
+    Each tensor is a view of its file's buffer, checked by its crc32c as soon as its bytes
+    are in. A file more than twice the bytes its tensors need (nothing TensorFlow or a save
+    writes) is not read whole: its reads stop, and the planned reads take only what is
+    needed, so a file padded with holes costs no memory beyond what arrived meanwhile.
+    """
+    from streamckpt.format.partitioned import tensor_keys
+
+    # threads and their pool: loaded by a whole load only, not by a read of one tensor
+    from streamckpt.pipeline.read_ahead import CHUNK, ReadAhead
+
+    header = index.header
+    paths = [data_filename(prefix_path, i, header.num_shards) for i in range(header.num_shards)]
+    with ReadAhead(paths) as ahead:
+        decoded = index.entries()
+        keys = tensor_keys(decoded)
+        entries = {k: decoded[k] for k in keys}
+        spans: list[list[tuple[int, int, bytes]]] = [[] for _ in paths]
+        for key, entry in entries.items():
+            if entry.slices:
+                return None
+            spans[entry.shard_id].append((entry.offset, entry.offset + entry.size, key))
+        ends = [max((end for _, end, _ in shard), default=0) for shard in spans]
+        if all(f.size <= 2 * end + CHUNK for f, end in zip(ahead.files, ends, strict=True)):
+            arrays: dict[bytes, np.ndarray[Any, Any]] = {}
+            for file, shard in zip(ahead.files, spans, strict=True):
+                shard.sort()
+                for start, end, key in shard:
+                    context = {"shard": file.shard_id, "tensor": key_to_name(key)}
+                    refuse_past_end(file.path, file.size, start, end, **context)
+                for start, end, key in shard:
+                    payload = file.upto(end)[start:end]
+                    arrays[key] = _decode(file.path, key, entries[key], payload, header.big_endian)
+            return {key_to_name(k): arrays[k] for k in keys}
+    del ahead  # what it read so far goes before the planned reads fill memory again
+    return _load_planned(prefix_path, keys, entries, header.num_shards, header.big_endian)
+
+
+def _load_planned(
+    prefix_path: str,
+    keys: Sequence[bytes],
+    entries: dict[bytes, BundleEntry],
+    num_shards: int,
+    big_endian: bool,
+) -> dict[str, np.ndarray[Any, Any]] | None:
+    """``entries`` read as planned: merged reads of neighbours, several at a time."""
     if any(entry.slices for entry in entries.values()):
         return None
     groups = plan_reads(

@@ -13,6 +13,7 @@ local store: every other call reaches the disk.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from support.pagecache import evict
 import streamckpt
 import streamckpt.fileio
 import streamckpt.pipeline.local_read
+import streamckpt.pipeline.read_ahead
 import streamckpt.storage.local
 import streamckpt.sync
 from streamckpt.errors import StreamCkptError
@@ -173,6 +175,8 @@ async def test_a_failing_system_call_fails_the_save_cleanly_or_not_at_all(
 LOAD_MODULES = {
     "async": (streamckpt.storage.local, streamckpt.fileio),
     "blocking": (streamckpt.pipeline.local_read, streamckpt.fileio),
+    # the blocking load reading the data files whole while the index decodes (threads)
+    "ahead": (streamckpt.pipeline.local_read, streamckpt.pipeline.read_ahead, streamckpt.fileio),
 }
 
 
@@ -183,7 +187,7 @@ def big_tensors() -> dict[str, np.ndarray[Any, Any]]:
 
 
 def load_in(way: str, prefix: str) -> dict[str, np.ndarray[Any, Any]]:
-    if way == "blocking":
+    if way in ("blocking", "ahead"):
         return streamckpt.sync.load(prefix)
 
     async def bounded() -> dict[str, np.ndarray[Any, Any]]:
@@ -209,6 +213,9 @@ def test_a_failing_system_call_fails_the_load_cleanly(
     prefix = str(tmp_path / "ckpt")
     expected = big_tensors()
     streamckpt.sync.save(prefix, expected, num_shards=2)
+    if way == "ahead":
+        monkeypatch.setattr(streamckpt.pipeline.local_read, "READ_AHEAD_INDEX_BYTES", 0)
+        monkeypatch.setattr(streamckpt.pipeline.read_ahead, "CHUNK", 1 << 20)  # several a file
     dry = SyscallFaults(fail_at=None, error=errno.EIO, kinds=LOAD_KINDS)
     evict(tmp_path)
     with_os(monkeypatch, way, dry)
@@ -217,6 +224,11 @@ def test_a_failing_system_call_fails_the_load_cleanly(
     total = len(dry.calls)
     assert total >= 6
     assert sum(call.name == "preadv" for call in dry.calls) >= 4  # the reads are counted
+    if way == "ahead":  # every file read whole, a chunk a call: the threads' reads counted
+        shard_reads = [c for c in dry.calls if c.name == "preadv" and ".data-" in c.path]
+        assert len(shard_reads) >= sum(
+            -(-os.path.getsize(p) // (1 << 20)) for p in glob.glob(prefix + ".data-*")
+        ), shard_reads
     for error in ERRNOS:
         for k in range(1, total + 1):
             fds = open_fds()
