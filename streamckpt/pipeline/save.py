@@ -187,32 +187,51 @@ async def _write_and_encode(
 
     The encoding then runs while the shards are made durable (fsync, an upload's
     completion: no GIL held). Beside the streaming it would hold the GIL each time a write
-    returns and wants it back. Payloads all in memory are checksummed there too
-    (``payload_crcs``), not on the way. Workload B (20,000 tensors, 297 MiB) on the
-    benchmark VM's disk, alternating: 0.56 s this way against 0.60-0.70 s encoding beside
-    the writes (safetensors 0.69 s). Where a commit costs nothing (tmpfs) the encoding is
-    left alone after the writes: 0.44 s against 0.36 s there.
+    returns and wants it back. Workload B (20,000 tensors, 297 MiB) on the benchmark VM's
+    disk, alternating: 0.56 s this way against 0.60-0.70 s encoding beside the writes
+    (safetensors 0.69 s). Where a commit costs nothing (tmpfs) the encoding is left alone
+    after the writes: 0.44 s against 0.36 s there.
+
+    Payloads all in memory are checksummed in a thread of their own from the start
+    (``payload_crcs``), not on the way: crc32c gives the GIL back for all but the smallest
+    payloads, and the writes hold it only between batches, so both go at once. On a disk
+    whose fsync returns at once (B on the faster VM: the crcs took 0.04-0.06 s of 0.3) that
+    takes them off the end of the save.
     """
     in_memory = all(t.transfer is None and t.deferred is None for t in prepared.values())
-    crcs: dict[bytes, int] | None = None if in_memory else {}
+    keys = sorted(plan.placements)
+    crcs: dict[bytes, int] = {}
+    column: np.ndarray[Any, Any] | None = None
     streamed = anyio.Event()
+    checksummed = anyio.Event()
     unstreamed = set(range(plan.num_shards))
     index_bytes = b""
 
     def shard_streamed(shard_id: int, result: ShardResult) -> None:
-        if crcs is not None:
-            crcs.update(result.tensor_crcs)
+        crcs.update(result.tensor_crcs)
         unstreamed.discard(shard_id)
         if not unstreamed:
             streamed.set()
 
+    async def checksum() -> None:
+        nonlocal column
+        column = await anyio.to_thread.run_sync(payload_crcs, [prepared[k] for k in keys])
+        checksummed.set()
+
     async def encode() -> None:
         nonlocal index_bytes
         await streamed.wait()
-        index_bytes = await anyio.to_thread.run_sync(_encode_index, prepared, plan, crcs)
+        await checksummed.wait()
+        index_bytes = await anyio.to_thread.run_sync(
+            _encode_index, prepared, plan, keys, crcs if column is None else column
+        )
 
     with unwrap_task_group():
         async with anyio.create_task_group() as tg:
+            if in_memory:
+                tg.start_soon(checksum)
+            else:
+                checksummed.set()
             tg.start_soon(encode)
             results = await write_shards(
                 store,
@@ -226,8 +245,7 @@ async def _write_and_encode(
             )
             if not streamed.is_set():  # a store that wrote a shard without streaming it
                 for result in results:
-                    if crcs is not None:
-                        crcs.update(result.tensor_crcs)
+                    crcs.update(result.tensor_crcs)
                 streamed.set()
     return results, index_bytes
 
@@ -316,15 +334,17 @@ async def verify_shards(
 
 
 def _encode_index(
-    prepared: Mapping[bytes, PreparedTensor], plan: SavePlan, crcs: Mapping[bytes, int] | None
+    prepared: Mapping[bytes, PreparedTensor],
+    plan: SavePlan,
+    keys: Sequence[bytes],
+    crcs: Mapping[bytes, int] | np.ndarray[Any, Any],
 ) -> bytes:
     """The index, its entries spelled all at once (20,000 small tensors: milliseconds).
 
-    ``crcs``: each tensor's masked crc32c as its shard streamed it; ``None``: every payload
-    is in memory, and is checksummed here (``payload_crcs``).
+    ``keys``: every tensor's, sorted; ``crcs``: each one's masked crc32c, by key as the
+    shards streamed them, or as a column in ``keys``' order (``payload_crcs``).
     """
     placements = plan.placements
-    keys = sorted(placements)
     tensors = [prepared[key] for key in keys]
     heads: dict[tuple[int, tuple[int, ...]], int] = {}
     head_of = [heads.setdefault((int(t.dtype), t.shape), len(heads)) for t in tensors]
@@ -335,8 +355,8 @@ def _encode_index(
         np.fromiter((p.shard_id for p in where), np.int64, len(where)),
         np.fromiter((p.offset for p in where), np.int64, len(where)),
         np.fromiter((p.size for p in where), np.int64, len(where)),
-        payload_crcs(tensors)
-        if crcs is None
+        crcs
+        if isinstance(crcs, np.ndarray)
         else np.fromiter((crcs[key] for key in keys), np.int64, len(keys)),
     )
     return encode_index_records(BundleHeader(num_shards=plan.num_shards), keys, values)
