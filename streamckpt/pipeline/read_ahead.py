@@ -8,8 +8,8 @@ with the index's header, and the entries, once decoded, only say where each tens
 bytes already arriving.
 
 Rule: a file is read whole into one buffer of its size as ``fstat`` gives it, never a size an
-index claims; ``ahead`` chunks at a time, in order, each one from the page cache if it holds
-it and else with O_DIRECT (:class:`streamckpt.fileio.CachedOrDirect`). :meth:`FileAhead.upto`
+index claims; :data:`THREADS` chunks at a time, in order, each one from the page cache if it
+holds it and else with O_DIRECT (:class:`streamckpt.fileio.CachedOrDirect`). :meth:`FileAhead.upto`
 waits for a prefix and hands out a view of it; it raises the first error of a chunk before
 that prefix, named by path, shard and offset. Nothing here checks a byte: the caller checks
 every tensor's crc32c before it returns it.
@@ -17,6 +17,7 @@ every tensor's crc32c before it returns it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +42,13 @@ class FileAhead:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self.size = os.fstat(self._fd).st_size
+            # rounded up to ALIGN: a direct read may fill any chunk, the last one too
+            self._memory = fresh_buffer(-(-self.size // ALIGN) * ALIGN, populate=False)
         except BaseException:
             os.close(self._fd)
             raise
-        # page-aligned memory rounded up to ALIGN, so that a direct read may fill any chunk
-        self._memory = fresh_buffer(max(ALIGN, -(-self.size // ALIGN) * ALIGN), populate=False)
+        # page-aligned memory (a mapping) takes direct reads; a small file's bytearray not
+        self._aligned = isinstance(self._memory, mmap.mmap)
         self._view = memoryview(self._memory)
         self.buffer = self._view[: self.size]
         self._chunks = -(-self.size // CHUNK)
@@ -69,7 +72,7 @@ class FileAhead:
             file = CachedOrDirect(self._fd, self.path)
             try:
                 stop = min(len(self._view), start + CHUNK)  # ALIGN-rounded at the end
-                got = file.read(start, self._view[start:stop], aligned=True)
+                got = file.read(start, self._view[start:stop], aligned=self._aligned)
             finally:
                 file.close()
             if got < end - start:

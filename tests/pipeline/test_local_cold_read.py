@@ -101,12 +101,25 @@ def saved(tmp_path: Path) -> tuple[str, dict[str, np.ndarray[Any, Any]]]:
     return prefix, values
 
 
+@pytest.fixture(params=["planned", "ahead"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A whole blocking load as planned reads, or with its files read ahead while the index
+    decodes (``pipeline/read_ahead.py``, forced for this small index, 1 MiB chunks)."""
+    from streamckpt.pipeline import local_read, read_ahead
+
+    if request.param == "ahead":
+        monkeypatch.setattr(local_read, "READ_AHEAD_INDEX_BYTES", 0)
+        monkeypatch.setattr(read_ahead, "CHUNK", 1 << 20)
+    return str(request.param)
+
+
 def same(loaded: dict[str, np.ndarray[Any, Any]], values: dict[str, Any]) -> None:
     assert sorted(loaded) == sorted(values)
     for name, value in values.items():
         assert loaded[name].dtype == value.dtype and loaded[name].tobytes() == value.tobytes()
 
 
+@pytest.mark.usefixtures("way")
 def test_a_cold_file_is_read_directly(
     saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,6 +132,7 @@ def test_a_cold_file_is_read_directly(
     assert spy.plain_bytes == 0
 
 
+@pytest.mark.usefixtures("way")
 def test_a_warm_file_is_read_from_the_cache(
     saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,6 +144,7 @@ def test_a_warm_file_is_read_from_the_cache(
     assert spy.direct_bytes == 0 and spy.plain_bytes >= os.path.getsize(shard(prefix))
 
 
+@pytest.mark.usefixtures("way")
 def test_a_half_cached_file_is_read_both_ways(
     saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,6 +164,7 @@ def test_a_half_cached_file_is_read_both_ways(
     assert spy.direct_bytes > 0
 
 
+@pytest.mark.usefixtures("way")
 def test_damage_read_directly_fails_as_the_async_load(
     saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,6 +189,7 @@ def test_damage_read_directly_fails_as_the_async_load(
         assert getattr(blocking.value, field) == getattr(looped.value, field)
 
 
+@pytest.mark.usefixtures("way")
 def test_a_file_system_that_refuses_o_direct_is_read_plainly(
     saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -188,16 +205,22 @@ def test_a_file_system_that_refuses_o_direct_is_read_plainly(
 )
 @given(seed=st.integers(0, 2**32 - 1), chunk_pages=st.sampled_from([1, 3, 512]))
 def test_any_mix_of_cached_and_direct_chunks_reads_the_same_bytes(
-    saved: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, seed: int, chunk_pages: int
+    saved: tuple[str, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    way: str,
+    seed: int,
+    chunk_pages: int,
 ) -> None:
     """The cache's answers drawn at random per chunk: none, a prefix of any length, all."""
-    from streamckpt.pipeline import local_read
+    from streamckpt.pipeline import local_read, read_ahead
 
     prefix, values = saved
     spy = OsSpy(answers=random.Random(seed))
     with monkeypatch.context() as patch:
         patch.setattr(fileio, "os", spy)
         patch.setattr(local_read, "_CHUNK", chunk_pages * fileio.ALIGN)
+        if way == "ahead":
+            patch.setattr(read_ahead, "CHUNK", chunk_pages * fileio.ALIGN)
         same(streamckpt.sync.load(prefix), values)
     assert spy.direct_bytes + spy.plain_bytes >= sum(v.nbytes for v in values.values())
 

@@ -324,3 +324,29 @@ def test_partitioned_tensors_still_go_to_the_pipeline() -> None:
         for name in loaded:
             assert loaded[name].tolist() == looped[name].tolist()
     assert reader_threads() == []
+
+
+@pytest.mark.usefixtures("always_ahead")
+def test_memory_refused_for_a_file_fails_the_load_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buffer of the second data file cannot be had (ENOMEM): the load fails naming that
+    file, and the descriptors of both files are closed."""
+    prefix = str(tmp_path / "ckpt")
+    streamckpt.sync.save(prefix, many(np.random.default_rng(3)), num_shards=2)
+    real = fileio.fresh_buffer
+    calls: list[int] = []
+
+    def fresh_buffer(nbytes: int, *, populate: bool = True) -> Any:
+        calls.append(nbytes)
+        if len(calls) == 2:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        return real(nbytes, populate=populate)
+
+    monkeypatch.setattr(read_ahead, "fresh_buffer", fresh_buffer)
+    fds = open_fds()
+    failed = _failure(lambda: streamckpt.sync.load(prefix))
+    assert isinstance(failed, OSError) and failed.errno == errno.ENOMEM
+    assert (failed.uri, failed.shard) == (_shard(prefix, 1, 2), 1)
+    assert open_fds() <= fds
+    assert reader_threads() == []
