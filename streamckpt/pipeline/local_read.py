@@ -20,6 +20,7 @@ before the shard is known to hold those bytes; errors name URI, tensor, shard an
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,7 @@ from streamckpt.pipeline.plan import Placement, ReadGroup, plan_reads
 
 if TYPE_CHECKING:  # a listing loads it; a read has no use for it
     from streamckpt.pipeline.info import TensorInfo
+    from streamckpt.pipeline.read_ahead import ReadAhead
 
 # The first read of an index, as the async reader's: footer and index block of any realistic
 # checkpoint, and every data block of one with up to ~1,000 tensors.
@@ -297,40 +299,65 @@ def _load_ahead(prefix_path: str, index: LocalIndex) -> dict[str, np.ndarray[Any
     """The whole checkpoint, its data files read whole while the index decodes.
 
     Each tensor is a view of its file's buffer, checked by its crc32c as soon as its bytes
-    are in. A file more than twice the bytes its tensors need (nothing TensorFlow or a save
-    writes) is not read whole: its reads stop, and the planned reads take only what is
-    needed, so a file padded with holes costs no memory beyond what arrived meanwhile.
+    are in. The planned reads, which take only what the tensors need, load it instead when
+    the files' buffers cannot be had (ENOMEM: a file larger than memory, or a sparse one),
+    and when a file holds more than twice the bytes its tensors need (nothing TensorFlow or
+    a save writes): its reads stop, so a file padded with holes costs no memory beyond what
+    arrived meanwhile.
     """
     from streamckpt.format.partitioned import tensor_keys
 
     # threads and their pool: loaded by a whole load only, not by a read of one tensor
-    from streamckpt.pipeline.read_ahead import CHUNK, ReadAhead
+    from streamckpt.pipeline.read_ahead import ReadAhead
 
     header = index.header
     paths = [data_filename(prefix_path, i, header.num_shards) for i in range(header.num_shards)]
-    with ReadAhead(paths) as ahead:
+    ahead: ReadAhead | None
+    try:
+        ahead = ReadAhead(paths)
+    except StreamCkptError as exc:
+        if getattr(exc, "errno", None) != errno.ENOMEM:
+            raise
+        ahead = None
+    with ahead if ahead is not None else contextlib.nullcontext():
         decoded = index.entries()
         keys = tensor_keys(decoded)
         entries = {k: decoded[k] for k in keys}
-        spans: list[list[tuple[int, int, bytes]]] = [[] for _ in paths]
-        for key, entry in entries.items():
-            if entry.slices:
-                return None
-            spans[entry.shard_id].append((entry.offset, entry.offset + entry.size, key))
-        ends = [max((end for _, end, _ in shard), default=0) for shard in spans]
-        if all(f.size <= 2 * end + CHUNK for f, end in zip(ahead.files, ends, strict=True)):
-            arrays: dict[bytes, np.ndarray[Any, Any]] = {}
-            for file, shard in zip(ahead.files, spans, strict=True):
-                shard.sort()
-                for start, end, key in shard:
-                    context = {"shard": file.shard_id, "tensor": key_to_name(key)}
-                    refuse_past_end(file.path, file.size, start, end, **context)
-                for start, end, key in shard:
-                    payload = file.upto(end)[start:end]
-                    arrays[key] = _decode(file.path, key, entries[key], payload, header.big_endian)
-            return {key_to_name(k): arrays[k] for k in keys}
+        if ahead is not None:
+            arrays = _from_whole_files(ahead, entries, header.big_endian)
+            if arrays is not None:
+                return {key_to_name(k): arrays[k] for k in keys}
     del ahead  # what it read so far goes before the planned reads fill memory again
     return _load_planned(prefix_path, keys, entries, header.num_shards, header.big_endian)
+
+
+def _from_whole_files(
+    ahead: ReadAhead, entries: dict[bytes, BundleEntry], big_endian: bool
+) -> dict[bytes, np.ndarray[Any, Any]] | None:
+    """Every entry decoded from the files being read.
+
+    None for a partitioned one, or where a file holds more than twice what its tensors need.
+    """
+    from streamckpt.pipeline.read_ahead import CHUNK
+
+    spans: list[list[tuple[int, int, bytes]]] = [[] for _ in ahead.files]
+    for key, entry in entries.items():
+        if entry.slices:
+            return None
+        spans[entry.shard_id].append((entry.offset, entry.offset + entry.size, key))
+    ends = [max((end for _, end, _ in shard), default=0) for shard in spans]
+    if any(f.size > 2 * end + CHUNK for f, end in zip(ahead.files, ends, strict=True)):
+        return None
+    arrays: dict[bytes, np.ndarray[Any, Any]] = {}
+    for file, shard in zip(ahead.files, spans, strict=True):
+        shard.sort()
+        for start, end, key in shard:
+            context = {"shard": file.shard_id, "tensor": key_to_name(key)}
+            refuse_past_end(file.path, file.size, start, end, **context)
+        for start, end, key in shard:
+            payload = file.upto(end)[start:end]
+            arrays[key] = _decode(file.path, key, entries[key], payload, big_endian)
+    return arrays
 
 
 def _load_planned(

@@ -327,26 +327,38 @@ def test_partitioned_tensors_still_go_to_the_pipeline() -> None:
 
 
 @pytest.mark.usefixtures("always_ahead")
-def test_memory_refused_for_a_file_fails_the_load_cleanly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("error", [errno.ENOMEM, errno.EACCES])
+def test_a_file_whose_buffer_cannot_be_had(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int
 ) -> None:
-    """The buffer of the second data file cannot be had (ENOMEM): the load fails naming that
-    file, and the descriptors of both files are closed."""
+    """The buffer of the second data file cannot be mapped: for ENOMEM (a file larger than
+    memory, a sparse one) the planned reads load it, taking what the tensors need; any other
+    error fails the load naming that file. The descriptors of both files are closed."""
     prefix = str(tmp_path / "ckpt")
-    streamckpt.sync.save(prefix, many(np.random.default_rng(3)), num_shards=2)
+    tensors = many(np.random.default_rng(3))
+    streamckpt.sync.save(prefix, tensors, num_shards=2)
     real = fileio.fresh_buffer
     calls: list[int] = []
 
     def fresh_buffer(nbytes: int, *, populate: bool = True) -> Any:
         calls.append(nbytes)
         if len(calls) == 2:
-            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+            raise OSError(error, os.strerror(error))
         return real(nbytes, populate=populate)
 
     monkeypatch.setattr(read_ahead, "fresh_buffer", fresh_buffer)
+    planned: list[int] = []
+    real_planned = local_read._load_planned
+    monkeypatch.setattr(
+        local_read, "_load_planned", lambda *a: planned.append(1) or real_planned(*a)
+    )
     fds = open_fds()
-    failed = _failure(lambda: streamckpt.sync.load(prefix))
-    assert isinstance(failed, OSError) and failed.errno == errno.ENOMEM
-    assert (failed.uri, failed.shard) == (_shard(prefix, 1, 2), 1)
+    if error == errno.ENOMEM:
+        exact(streamckpt.sync.load(prefix), tensors)
+        assert planned == [1]
+    else:
+        failed = _failure(lambda: streamckpt.sync.load(prefix))
+        assert isinstance(failed, OSError) and failed.errno == error
+        assert (failed.uri, failed.shard) == (_shard(prefix, 1, 2), 1)
     assert open_fds() <= fds
     assert reader_threads() == []
