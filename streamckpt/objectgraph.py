@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -52,6 +52,7 @@ __all__ = [
     "OPTIMIZER_SLOT",
     "SAVE_COUNTER",
     "VARIABLE_VALUE",
+    "GraphNode",
     "ObjectGraph",
     "SavedAttribute",
     "SlotVariable",
@@ -59,8 +60,10 @@ __all__ = [
     "checkpoint_key",
     "escape_local_name",
     "keys_to_nested",
+    "object_graph_of",
     "object_path_key",
     "parse_object_graph",
+    "read_graph",
     "tracked_children",
     "tree_nodes",
     "unescape_local_name",
@@ -287,8 +290,28 @@ class ObjectGraph:
         )
 
 
-def parse_object_graph(graph_bytes: bytes) -> ObjectGraph:
-    """Read a serialized ``TrackableObjectGraph``; raise CorruptCheckpointError if malformed."""
+class GraphNode(NamedTuple):
+    """One node of a serialized ``TrackableObjectGraph``, as plain values.
+
+    The proto's accessors build a wrapper object on every access (a few µs a node), so a
+    graph of 20,000 variables is read once, here, and every later pass (paths, attributes,
+    slots, a restore's matching) walks these tuples.
+    """
+
+    #: (local name, node id) of each child, in order
+    children: tuple[tuple[str, int], ...]
+    #: (name, full name, checkpoint key) of each saved attribute
+    attributes: tuple[tuple[str, str, str], ...]
+    #: (original variable's node id, slot variable's node id, slot name) of each slot
+    slot_variables: tuple[tuple[int, int, str], ...]
+
+
+def read_graph(graph_bytes: bytes) -> list[GraphNode]:
+    """The nodes of a serialized ``TrackableObjectGraph``, read in one pass.
+
+    CorruptCheckpointError if it is not one, or has no root. References between nodes are
+    checked by :func:`object_graph_of`.
+    """
     graph = TrackableObjectGraph()
     try:
         graph.ParseFromString(graph_bytes)
@@ -298,70 +321,85 @@ def parse_object_graph(graph_bytes: bytes) -> ObjectGraph:
         ) from exc
     if not graph.nodes:
         raise CorruptCheckpointError("object graph has no root node", tensor=OBJECT_GRAPH_KEY)
-    paths = _breadth_first_paths(graph)
+    return [
+        GraphNode(
+            tuple([(ref.local_name, ref.node_id) for ref in node.children]),
+            tuple([(a.name, a.full_name, a.checkpoint_key) for a in node.attributes]),
+            tuple(
+                [
+                    (ref.original_variable_node_id, ref.slot_variable_node_id, ref.slot_name)
+                    for ref in node.slot_variables
+                ]
+            ),
+        )
+        for node in graph.nodes
+    ]
+
+
+def parse_object_graph(graph_bytes: bytes) -> ObjectGraph:
+    """Read a serialized ``TrackableObjectGraph``; raise CorruptCheckpointError if malformed."""
+    return object_graph_of(read_graph(graph_bytes))
+
+
+def object_graph_of(nodes: Sequence[GraphNode]) -> ObjectGraph:
+    """What :func:`read_graph`'s nodes say about the keys; every reference checked."""
+    paths = _breadth_first_paths(nodes)
     attributes = [
-        SavedAttribute(attr.checkpoint_key, path, attr.name, attr.full_name, node_id)
+        SavedAttribute(key, path, name, full_name, node_id)
         for node_id, path in enumerate(paths)
         if path is not None
-        for attr in graph.nodes[node_id].attributes
+        for name, full_name, key in nodes[node_id].attributes
     ]
-    slots = _slot_variables(graph, paths)
+    slots = _slot_variables(nodes, paths)
     _check_unique_keys([a.checkpoint_key for a in attributes] + [s.checkpoint_key for s in slots])
     return ObjectGraph(tuple(paths), tuple(attributes), tuple(slots))
 
 
-def _node_ref(graph: TrackableObjectGraph, node_id: int, owner: int) -> int:
-    if not 0 <= node_id < len(graph.nodes):
+def _node_ref(nodes: Sequence[GraphNode], node_id: int, owner: int) -> int:
+    if not 0 <= node_id < len(nodes):
         raise CorruptCheckpointError(
-            f"node {owner} refers to node {node_id}, but the graph has {len(graph.nodes)} nodes",
+            f"node {owner} refers to node {node_id}, but the graph has {len(nodes)} nodes",
             tensor=OBJECT_GRAPH_KEY,
         )
     return node_id
 
 
-def _breadth_first_paths(graph: TrackableObjectGraph) -> list[tuple[str, ...] | None]:
-    paths: list[tuple[str, ...] | None] = [None] * len(graph.nodes)
+def _breadth_first_paths(nodes: Sequence[GraphNode]) -> list[tuple[str, ...] | None]:
+    paths: list[tuple[str, ...] | None] = [None] * len(nodes)
     paths[0] = ()
     queue = collections.deque([0])
     while queue:
         node_id = queue.popleft()
         path = paths[node_id]
         assert path is not None
-        for ref in graph.nodes[node_id].children:
-            child_id = _node_ref(graph, ref.node_id, node_id)
+        for local_name, child in nodes[node_id].children:
+            child_id = _node_ref(nodes, child, node_id)
             if paths[child_id] is None:
-                paths[child_id] = (*path, ref.local_name)
+                paths[child_id] = (*path, local_name)
                 queue.append(child_id)
     return paths
 
 
 def _slot_variables(
-    graph: TrackableObjectGraph, paths: Sequence[tuple[str, ...] | None]
+    nodes: Sequence[GraphNode], paths: Sequence[tuple[str, ...] | None]
 ) -> list[SlotVariable]:
     slots: list[SlotVariable] = []
     for optimizer_id, optimizer_path in enumerate(paths):
         if optimizer_path is None:
             continue
-        for ref in graph.nodes[optimizer_id].slot_variables:
-            variable_id = _node_ref(graph, ref.original_variable_node_id, optimizer_id)
-            slot_id = _node_ref(graph, ref.slot_variable_node_id, optimizer_id)
+        for original, slot, slot_name in nodes[optimizer_id].slot_variables:
+            variable_id = _node_ref(nodes, original, optimizer_id)
+            slot_id = _node_ref(nodes, slot, optimizer_id)
             variable_path = paths[variable_id]
             if variable_path is None:
                 raise CorruptCheckpointError(
-                    f"slot {ref.slot_name!r} of node {optimizer_id} belongs to node "
+                    f"slot {slot_name!r} of node {optimizer_id} belongs to node "
                     f"{variable_id}, which the root does not reach",
                     tensor=OBJECT_GRAPH_KEY,
                 )
             slots.extend(
-                SlotVariable(
-                    attr.checkpoint_key,
-                    variable_path,
-                    optimizer_path,
-                    ref.slot_name,
-                    attr.name,
-                    slot_id,
-                )
-                for attr in graph.nodes[slot_id].attributes
+                SlotVariable(key, variable_path, optimizer_path, slot_name, name, slot_id)
+                for name, _full_name, key in nodes[slot_id].attributes
             )
     return slots
 

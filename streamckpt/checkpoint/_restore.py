@@ -40,14 +40,16 @@ from streamckpt.objectgraph import (
     OBJECT_GRAPH_KEY,
     SAVE_COUNTER,
     VARIABLE_VALUE,
+    GraphNode,
     checkpoint_key,
     keys_to_nested,
+    object_graph_of,
     parse_object_graph,
+    read_graph,
     tree_nodes,
 )
 from streamckpt.pipeline.info import TensorInfo
 from streamckpt.pipeline.read import CheckpointReader
-from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
 from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike
 from streamckpt.tree import (
@@ -93,7 +95,7 @@ class _Match:
     unexpected: tuple[str, ...]
 
 
-def _match(nodes: Sequence[Node], graph: TrackableObjectGraph) -> _Match:
+def _match(nodes: Sequence[Node], graph: Sequence[GraphNode]) -> _Match:
     """Pair Python objects with checkpoint nodes from the root down, by local name.
 
     This is TensorFlow's matching: an object is found through any path the checkpoint records,
@@ -102,10 +104,10 @@ def _match(nodes: Sequence[Node], graph: TrackableObjectGraph) -> _Match:
     and orphans among them.
     """
     children_by_node = []
-    for proto in graph.nodes:
+    for graph_node in graph:
         by_name: dict[str, int] = {}
-        for ref in proto.children:
-            by_name.setdefault(ref.local_name, ref.node_id)
+        for local_name, node_id in graph_node.children:
+            by_name.setdefault(local_name, node_id)
         children_by_node.append(by_name)
     node_of: dict[int, int] = {0: 0}
     taken = {0}
@@ -127,18 +129,18 @@ def _match(nodes: Sequence[Node], graph: TrackableObjectGraph) -> _Match:
         if not node.is_leaf:
             continue
         ckpt_id = node_of.get(py_id)
-        attrs = graph.nodes[ckpt_id].attributes if ckpt_id is not None else ()
-        attr = next((a for a in attrs if a.name == VARIABLE_VALUE), None)
-        if attr is None or ckpt_id is None:
+        attrs = graph[ckpt_id].attributes if ckpt_id is not None else ()
+        key = next((key for name, _, key in attrs if name == VARIABLE_VALUE), None)
+        if key is None or ckpt_id is None:
             missing.append(checkpoint_key(node.path))
         else:
-            bound.append((node, attr.checkpoint_key))
-            used.add((ckpt_id, attr.checkpoint_key))
+            bound.append((node, key))
+            used.add((ckpt_id, key))
     unexpected = [
-        attr.checkpoint_key
-        for ckpt_id, proto in enumerate(graph.nodes)
-        for attr in proto.attributes
-        if (ckpt_id, attr.checkpoint_key) not in used
+        key
+        for ckpt_id, graph_node in enumerate(graph)
+        for _, _, key in graph_node.attributes
+        if (ckpt_id, key) not in used
     ]
     return _Match(tuple(bound), tuple(missing), tuple(unexpected))
 
@@ -350,13 +352,12 @@ async def restore_tree(
     if replicated not in ("read", "broadcast"):
         raise ValueError(f"replicated must be 'read' or 'broadcast', not {replicated!r}")
     graph_bytes = await read_object_graph(reader)
-    parse_object_graph(graph_bytes)  # checks references, escapes and duplicate keys
-    proto = TrackableObjectGraph()
-    proto.ParseFromString(graph_bytes)
-    root_names = {ref.local_name for ref in proto.nodes[0].children}
+    graph = read_graph(graph_bytes)
+    object_graph_of(graph)  # checks references, escapes and duplicate keys
+    root_names = {local_name for local_name, _ in graph[0].children}
     with_counter = expect_counter or SAVE_COUNTER in root_names
     nodes = _python_graph(root, with_counter=with_counter)
-    match = _match(nodes, proto)
+    match = _match(nodes, graph)
     entries = reader.entries  # one lookup table for every leaf
     check_keys_present(entries, (key for _, key in match.bound), uri=reader.uri)
     problems = [

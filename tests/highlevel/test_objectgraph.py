@@ -29,8 +29,10 @@ from streamckpt.objectgraph import (
     checkpoint_key,
     escape_local_name,
     keys_to_nested,
+    object_graph_of,
     object_path_key,
     parse_object_graph,
+    read_graph,
     unescape_local_name,
 )
 from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
@@ -170,6 +172,29 @@ def test_fixture_graph_accounts_for_every_key(prefix: str) -> None:
     assert graph.checkpoint_keys == fixture_keys(prefix)
     for attr in graph.attributes:
         assert attr.checkpoint_key == checkpoint_key(attr.object_path, attr.attribute_name)
+
+
+@pytest.mark.parametrize("prefix", GRAPH_PREFIXES)
+def test_read_graph_holds_every_field_the_proto_has(prefix: str) -> None:
+    """The one pass over the proto (``read_graph``) that every later pass walks: each node's
+    children, attributes and slot references, in order, as TensorFlow wrote them."""
+    graph_bytes = fixture_graph_bytes(prefix)
+    proto = TrackableObjectGraph()
+    proto.ParseFromString(graph_bytes)
+    nodes = read_graph(graph_bytes)
+    assert len(nodes) == len(proto.nodes)
+    for node, wanted in zip(nodes, proto.nodes, strict=True):
+        assert node.children == tuple((r.local_name, r.node_id) for r in wanted.children)
+        assert node.attributes == tuple(
+            (a.name, a.full_name, a.checkpoint_key) for a in wanted.attributes
+        )
+        assert node.slot_variables == tuple(
+            (r.original_variable_node_id, r.slot_variable_node_id, r.slot_name)
+            for r in wanted.slot_variables
+        )
+    assert object_graph_of(nodes) == parse_object_graph(graph_bytes)
+    if prefix.startswith("slots"):
+        assert any(node.slot_variables for node in nodes)
 
 
 def test_object_basic_paths_and_nesting() -> None:
