@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from support import TF_FIXTURES, load_manifest
+from support.builders import flip
 
 import streamckpt
 import streamckpt.sync
@@ -138,14 +139,6 @@ def _shard(prefix: str) -> str:
     return f"{prefix}.data-00000-of-00001"
 
 
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 def _truncate(path: str, size: int) -> None:
     os.truncate(path, size)
 
@@ -161,22 +154,22 @@ DAMAGE: dict[str, tuple[Callable[[str], None], str, type[Exception]]] = {
     "the header's key": (lambda p: None, "", streamckpt.TensorNotFoundError),
     "shard cut short": (lambda p: _truncate(_shard(p), 100), "w", streamckpt.TruncatedError),
     "a flipped data byte": (
-        lambda p: _flip(_shard(p), _entry_offset(p, "w") + 17),
+        lambda p: flip(_shard(p), _entry_offset(p, "w") + 17),
         "w",
         streamckpt.ChecksumError,
     ),
     "a flipped footer byte": (
-        lambda p: _flip(f"{p}.index", os.path.getsize(f"{p}.index") - 1),
+        lambda p: flip(f"{p}.index", os.path.getsize(f"{p}.index") - 1),
         "w",
         streamckpt.CorruptCheckpointError,
     ),
     "a flipped index block byte": (
-        lambda p: _flip(f"{p}.index", os.path.getsize(f"{p}.index") - 60),
+        lambda p: flip(f"{p}.index", os.path.getsize(f"{p}.index") - 60),
         "w",
         streamckpt.CorruptCheckpointError,
     ),
     "a flipped data block byte": (
-        lambda p: _flip(f"{p}.index", 3),
+        lambda p: flip(f"{p}.index", 3),
         "w",
         streamckpt.CorruptCheckpointError,
     ),
@@ -281,7 +274,7 @@ def test_damage_in_a_later_chunk_fails_as_the_async_load(
     victim = max((i for i in info.values() if i.name != "s"), key=lambda i: i.offset)
     assert victim.offset > 3 * chunk  # a tensor past the first chunks of its read
     if damage == "flip":
-        _flip(_shard(prefix), victim.offset + victim.size - 1)
+        flip(_shard(prefix), victim.offset + victim.size - 1)
     else:
         _truncate(_shard(prefix), victim.offset + victim.size // 2)
     blocking = _failure(lambda: streamckpt.sync.load(prefix))
@@ -317,6 +310,6 @@ def test_entries_sharing_bytes_each_get_their_own_check(
     assert loaded["outer"].tolist() == whole.tolist()
     assert loaded["inner"].tolist() == whole[10:20].tolist()
     assert loaded["tail"].tolist() == whole[25:40].tolist()
-    _flip(_shard(prefix), 45)  # inside inner and outer
+    flip(_shard(prefix), 45)  # inside inner and outer
     failed = _failure(lambda: streamckpt.sync.load(prefix))
     assert isinstance(failed, streamckpt.ChecksumError) and failed.tensor in ("inner", "outer")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.builders import flip
 from support.injection import open_fds
 from support.pagecache import evict
 
@@ -152,14 +153,6 @@ def _shard(prefix: str, i: int = 0, n: int = 1) -> str:
     return f"{prefix}.data-{i:05d}-of-{n:05d}"
 
 
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
-
-
 def _deepest(prefix: str) -> streamckpt.TensorInfo:
     return max(
         (i for i in streamckpt.sync.list_tensors(prefix).values() if i.name != "names"),
@@ -181,7 +174,7 @@ def test_damage_fails_as_the_async_load(tmp_path: Path, damage: str) -> None:
     victim = _deepest(prefix)
     assert victim.offset > 10 * read_ahead.CHUNK  # many chunks before it
     if damage == "flip":
-        _flip(_shard(prefix), victim.offset + victim.size - 1)
+        flip(_shard(prefix), victim.offset + victim.size - 1)
     elif damage == "truncate":
         os.truncate(_shard(prefix), victim.offset + victim.size // 2)
     elif damage == "no shard":
@@ -241,7 +234,7 @@ def test_a_failing_check_stops_the_reads_under_way(
     prefix = str(tmp_path / "ckpt")
     streamckpt.sync.save(prefix, many(np.random.default_rng(4)))
     first = min(streamckpt.sync.list_tensors(prefix).values(), key=lambda i: i.offset)
-    _flip(_shard(prefix), first.offset)
+    flip(_shard(prefix), first.offset)
     needed = -(-(first.offset + first.size) // read_ahead.CHUNK)  # chunks the check waits for
     reads: list[int] = []
     real = fileio.CachedOrDirect.read
