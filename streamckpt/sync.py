@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from streamckpt.pipeline.local_read import list_local_tensors, load_whole, local_path, read_whole
+from streamckpt.pipeline.local_read import list_local_tensors, local_path, read_whole
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,6 +90,9 @@ def load(
     plain = progress is None and stats is None and max_inflight_bytes is None
     path = local_path(prefix, filesystem) if plain else None
     if path is not None:
+        # its own module: a cold process reading one tensor does not import it
+        from streamckpt.pipeline.local_load import load_whole
+
         wanted = None if names is None else list(names)
         loaded = load_whole(path, wanted)
         if loaded is not None:

@@ -118,10 +118,10 @@ def mostly_direct(spy: OsSpy, data_bytes: int, other_bytes: int = 0) -> None:
 def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """A whole blocking load as planned reads, or with its files read ahead while the index
     decodes (``pipeline/read_ahead.py``, forced for this small index, 1 MiB chunks)."""
-    from streamckpt.pipeline import local_read, read_ahead
+    from streamckpt.pipeline import local_load, read_ahead
 
     if request.param == "ahead":
-        monkeypatch.setattr(local_read, "READ_AHEAD_INDEX_BYTES", 0)
+        monkeypatch.setattr(local_load, "READ_AHEAD_INDEX_BYTES", 0)
         monkeypatch.setattr(read_ahead, "CHUNK", 1 << 20)
     return str(request.param)
 

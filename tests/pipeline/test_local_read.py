@@ -23,7 +23,7 @@ from support.builders import flip
 
 import streamckpt
 import streamckpt.sync
-from streamckpt.pipeline import local_read
+from streamckpt.pipeline import local_load, local_read
 
 PREFIXES = sorted(
     {bundle["prefix"] for fixture in load_manifest()["fixtures"] for bundle in fixture["bundles"]}
@@ -76,12 +76,12 @@ def test_loads_merge_reads_and_run_them_on_threads(
     rng = np.random.default_rng(5)
     tensors = {f"t{i:03d}": rng.standard_normal(rng.integers(0, 900)) for i in range(120)}
     streamckpt.sync.save(prefix, tensors, num_shards=3)
-    loaded = local_read.load_whole(prefix)
+    loaded = local_load.load_whole(prefix)
     assert loaded is not None and list(loaded) == sorted(tensors)
     for name, value in tensors.items():
         same_array(loaded[name], value)
     some = ["t007", "t100", "t003"]
-    picked = local_read.load_whole(prefix, some)
+    picked = local_load.load_whole(prefix, some)
     assert picked is not None and list(picked) == some
     for name in some:
         same_array(picked[name], tensors[name])
@@ -127,7 +127,7 @@ def test_partitioned_tensors_are_assembled_by_the_pipeline() -> None:
     assert partitioned
     for name in partitioned:
         assert local_read.read_whole(path, name) is None
-        assert local_read.load_whole(path, [name]) is None
+        assert local_load.load_whole(path, [name]) is None
         same_array(streamckpt.sync.read_tensor(path, name), async_read(path, name))
         same_array(streamckpt.sync.load(path, names=[name])[name], async_read(path, name))
 

@@ -1,7 +1,7 @@
 """A whole load of a checkpoint with a large index reads its data files while the index decodes.
 
 ``streamckpt.pipeline.read_ahead`` reads every data file whole, several chunks at a time, and
-``local_read`` checks each tensor's crc32c once its bytes are in. What must hold: the values
+``local_load`` checks each tensor's crc32c once its bytes are in. What must hold: the values
 are exact whatever the chunking and whichever chunks were cached; a damaged checkpoint fails
 as the async load does (class, message, URI, tensor, shard); a failing read fails the load
 with the file, shard and offset, and leaves no thread and no descriptor behind; a data file
@@ -28,7 +28,7 @@ from support.pagecache import evict
 import streamckpt
 import streamckpt.sync
 from streamckpt import fileio
-from streamckpt.pipeline import local_read, read_ahead
+from streamckpt.pipeline import local_load, read_ahead
 
 ALIGN = fileio.ALIGN
 
@@ -42,15 +42,15 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def always_ahead(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every whole load reads ahead; the list gets the prefix of each one that did."""
-    monkeypatch.setattr(local_read, "READ_AHEAD_INDEX_BYTES", 0)
+    monkeypatch.setattr(local_load, "READ_AHEAD_INDEX_BYTES", 0)
     taken: list[str] = []
-    real = local_read._load_ahead
+    real = local_load.load_ahead
 
     def spy(prefix_path: str, index: Any) -> Any:
         taken.append(prefix_path)
         return real(prefix_path, index)
 
-    monkeypatch.setattr(local_read, "_load_ahead", spy)
+    monkeypatch.setattr(local_load, "load_ahead", spy)
     return taken
 
 
@@ -99,8 +99,8 @@ def test_the_default_threshold_reads_ahead_for_thousands_of_tensors(
 ) -> None:
     """Without forcing: 2,000 tensors read ahead, 20 do not, names given never do."""
     taken: list[str] = []
-    real = local_read._load_ahead
-    monkeypatch.setattr(local_read, "_load_ahead", lambda p, i: taken.append(p) or real(p, i))
+    real = local_load.load_ahead
+    monkeypatch.setattr(local_load, "load_ahead", lambda p, i: taken.append(p) or real(p, i))
     rng = np.random.default_rng(0)
     big = {f"t{i:04d}": rng.standard_normal(int(rng.integers(1, 40))) for i in range(2000)}
     small = dict(list(big.items())[:20])
@@ -130,7 +130,7 @@ def test_any_chunking_and_any_cached_chunks_read_the_same_bytes(
     cached: set[int],
 ) -> None:
     """Chunks of 1 to 4 pages, an arbitrary set of them in the page cache, the rest cold."""
-    monkeypatch.setattr(local_read, "READ_AHEAD_INDEX_BYTES", 0)
+    monkeypatch.setattr(local_load, "READ_AHEAD_INDEX_BYTES", 0)
     monkeypatch.setattr(read_ahead, "CHUNK", pages * ALIGN)
     root = tmp_path_factory.mktemp("ahead")
     prefix = str(root / "ckpt")
@@ -271,8 +271,8 @@ def test_a_file_padded_far_past_its_tensors_is_not_read_whole(
     streamckpt.sync.save(prefix, tensors)
     os.truncate(_shard(prefix), os.path.getsize(_shard(prefix)) + (1 << 30))
     planned: list[int] = []
-    real = local_read._load_planned
-    monkeypatch.setattr(local_read, "_load_planned", lambda *a: planned.append(1) or real(*a))
+    real = local_load.load_planned
+    monkeypatch.setattr(local_load, "load_planned", lambda *a: planned.append(1) or real(*a))
     gate = threading.Event()
     real_read = fileio.CachedOrDirect.read
 
@@ -341,9 +341,9 @@ def test_a_file_whose_buffer_cannot_be_had(
 
     monkeypatch.setattr(read_ahead, "fresh_buffer", fresh_buffer)
     planned: list[int] = []
-    real_planned = local_read._load_planned
+    real_planned = local_load.load_planned
     monkeypatch.setattr(
-        local_read, "_load_planned", lambda *a: planned.append(1) or real_planned(*a)
+        local_load, "load_planned", lambda *a: planned.append(1) or real_planned(*a)
     )
     fds = open_fds()
     if error == errno.ENOMEM:

@@ -26,6 +26,7 @@ from support.pagecache import evict
 
 import streamckpt
 import streamckpt.fileio
+import streamckpt.pipeline.local_load
 import streamckpt.pipeline.local_read
 import streamckpt.pipeline.read_ahead
 import streamckpt.storage.local
@@ -214,7 +215,7 @@ def test_a_failing_system_call_fails_the_load_cleanly(
     expected = big_tensors()
     streamckpt.sync.save(prefix, expected, num_shards=2)
     if way == "ahead":
-        monkeypatch.setattr(streamckpt.pipeline.local_read, "READ_AHEAD_INDEX_BYTES", 0)
+        monkeypatch.setattr(streamckpt.pipeline.local_load, "READ_AHEAD_INDEX_BYTES", 0)
         monkeypatch.setattr(streamckpt.pipeline.read_ahead, "CHUNK", 1 << 20)  # several a file
     dry = SyscallFaults(fail_at=None, error=errno.EIO, kinds=LOAD_KINDS)
     evict(tmp_path)
