@@ -207,8 +207,9 @@ def read_files(spec: dict[str, Any]) -> dict[str, Any]:
     Why beside the limits child: on a VM the disk's host caches what was written or read
     lately, so a "cold" read of the 1 GiB file the limits child just wrote can run at 2.4
     GB/s while a checkpoint written minutes earlier reads at 0.6; and a fresh process's
-    first touch of memory varies as much. Read in the same rounds as the restores, the same
-    files give each restore row a limit measured under the same conditions.
+    copy into fresh memory varies as much (1 GiB: 0.23 to 2.4 s). Read in the same rounds as
+    the restores, the same files give each restore row a limit measured under the same
+    conditions.
     Plain ``preadv`` of 8 MiB, one after the other: what a simple reader gets, no tuning.
     """
     import numpy as np

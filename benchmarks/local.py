@@ -136,18 +136,20 @@ def run_cell(
                 cells[op]["failed"] = result.get("error")
         return result
 
-    def read_limit(op: str) -> None:
+    def read_limit(op: str, i: int) -> None:
         if not getattr(args, "file_limits", False):
             return
         read = {"root": os.path.join(tool_dir, "ckpt"), "cold": restores[op]}
-        got = harness.run_child("harness.read_files", read, workdir=workdir, label=f"{op}-read")
+        # a label of its own: a child that writes no result must not find an earlier one's
+        label = f"{tool}-{name}-{op}-read-{i}"
+        got = harness.run_child("harness.read_files", read, workdir=workdir, label=label)
         if got.get("ok"):
             cells[op].setdefault("file_reads", []).append(got["seconds"])
 
     first = child(list(cells) if args.quick else ["save"], f"{tool}-{name}", True)
     if args.quick and first.get("ok"):
         for op in restores:  # the code path, once
-            read_limit(op)
+            read_limit(op, 0)
     if not first.get("ok"):
         for cell in cells.values():
             cell["failed"] = first.get("error")
@@ -157,7 +159,7 @@ def run_cell(
             for op in restores:
                 if (i and wall[op] > budget) or cells[op].get("failed"):
                     continue  # a slow cell: fewer repeats (the table's n shows it)
-                read_limit(op)
+                read_limit(op, i)
                 wall[op] += child([op], f"{tool}-{name}-{op}-{i}", i == 0)["wall_seconds"]
         if later:
             child(later, f"{tool}-{name}-background", False)
