@@ -198,46 +198,93 @@ def load_into_page_cache(root: str) -> None:
             os.close(fd)
 
 
-def read_files(spec: dict[str, Any]) -> dict[str, Any]:
-    """Child: every file under ``spec["root"]`` read once, in order, into one fresh buffer:
-    the limit of a restore of those very files, measured as the restores are (a fresh
-    process, the files evicted first when ``spec["cold"]``, read into the page cache first
-    otherwise).
-
-    Why beside the limits child: on a VM the disk's host caches what was written or read
-    lately, so a "cold" read of the 1 GiB file the limits child just wrote can run at 2.4
-    GB/s while a checkpoint written minutes earlier reads at 0.6; and a fresh process's
-    copy into fresh memory varies as much (1 GiB: 0.23 to 2.4 s). Read in the same rounds as
-    the restores, the same files give each restore row a limit measured under the same
-    conditions.
-    Plain ``preadv`` of 8 MiB, one after the other: what a simple reader gets, no tuning.
-    """
-    import numpy as np
-
-    root = spec["root"]
+def _files_under(root: str) -> list[str]:
     paths = [root] if os.path.isfile(root) else []
     for dirpath, _dirs, files in os.walk(root):
         paths.extend(os.path.join(dirpath, f) for f in sorted(files))
-    cold = bool(spec["cold"]) and evict_from_page_cache(root)
+    return paths
+
+
+#: ``read_files``' ways, each a limit of a restore of the files (``spec["how"]``)
+READ_WAYS = {
+    "fresh": "read plainly into one fresh buffer",
+    "reused": "read into one reused 8 MiB buffer",
+    "copy": "copied from the page cache into fresh memory",
+}
+
+
+def read_files(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child: every file under ``spec["root"]`` once, in order: a limit of a restore of those
+    very files, measured as the restores are (a fresh process, the files evicted first when
+    ``spec["cold"]``, read into the page cache first otherwise). ``spec["how"]``:
+
+    - ``fresh`` (default): plain 8 MiB ``preadv`` into one fresh buffer, one after the other:
+      what a simple reader gets, no tuning, fresh memory's first touch included;
+    - ``reused``: the same reads into one reused 8 MiB buffer: the disk's (or the page
+      cache's) speed alone, the cold read limit of these files at this moment;
+    - ``copy`` (warm only): the files mapped (populated) and copied into one fresh buffer,
+      ``ndarray`` to ``ndarray``: the warm limit, a copy into fresh memory, in a process
+      that touches no more fresh memory than a restore does.
+
+    Why beside the limits child: on a VM the disk's host caches what was written or read
+    lately, so a "cold" read of the 1 GiB file the limits child just wrote can run at 2.4
+    GB/s while a checkpoint written minutes earlier reads at 0.6; and fresh memory's first
+    touch varies as much from process to process (copies of 1 GiB into fresh memory by fresh
+    processes, measured alternating with restores: 0.18 to 3.2 s, most near 0.2), while the
+    limits child's copies, repeated in one process, reuse what it freed. Measured in the same
+    rounds as the restores, the same files give each restore row limits taken under the same
+    conditions.
+    """
+    import mmap
+
+    import numpy as np
+
+    how = spec.get("how", "fresh")
+    if how not in READ_WAYS or (how == "copy" and spec["cold"]):
+        raise ValueError(f"no such way to read files: {how!r} (cold: {spec['cold']})")
+    paths = _files_under(spec["root"])
+    cold = bool(spec["cold"]) and evict_from_page_cache(spec["root"])
     if not cold:
-        load_into_page_cache(root)
+        load_into_page_cache(spec["root"])
     sizes = [os.path.getsize(path) for path in paths]
+    if how == "copy":
+        sources = []
+        for path in (p for p, size in zip(paths, sizes, strict=True) if size):  # mmap: not empty
+            with open(path, "rb") as f:
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+            sources.append(np.frombuffer(mapped, np.uint8))
+        t0 = time.perf_counter()
+        out = np.empty(sum(sizes), np.uint8)
+        at = 0
+        for source in sources:
+            out[at : at + source.size] = source
+            at += source.size
+        return {"seconds": time.perf_counter() - t0, "bytes": at, "cold": False, "how": how}
     t0 = time.perf_counter()
-    buffer = np.empty(sum(sizes), np.uint8)
+    if how == "fresh":
+        buffer = np.empty(sum(sizes), np.uint8)
+    else:
+        buffer = np.empty(8 * MIB, np.uint8)
+        buffer.fill(0)  # faulted in before the clock's next read
+        t0 = time.perf_counter()
     view = memoryview(buffer).cast("B")
-    at = 0
+    done = 0
     for path, size in zip(paths, sizes, strict=True):
         fd = os.open(path, os.O_RDONLY)
         try:
-            end = at + size
-            while at < end:
-                got = os.preadv(fd, [view[at : min(end, at + 8 * MIB)]], at - (end - size))
+            offset = 0
+            while offset < size:
+                at = done if how == "fresh" else 0
+                step = min(size - offset, 8 * MIB)
+                got = os.preadv(fd, [view[at : at + step]], offset)
                 if not got:
                     raise OSError(f"{path} ended early")
-                at += got
+                offset += got
+                done += got
         finally:
             os.close(fd)
-    return {"seconds": time.perf_counter() - t0, "bytes": at, "cold": cold}
+    return {"seconds": time.perf_counter() - t0, "bytes": done, "cold": cold, "how": how}
 
 
 def fsync_path(path: str) -> None:

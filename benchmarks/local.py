@@ -43,6 +43,11 @@ from benchmarks.workloads import GIB, MIB, Workload, by_name
 DISK_TARGET = 1.2  # save A within this many times the time of one sequential write stream
 
 
+#: cold -> the ways ``harness.read_files`` reads a restore's files for its limits, each round:
+#: warm, a copy into fresh memory and a plain read; cold, the disk alone and a plain read
+FILE_LIMITS = {False: ("copy", "fresh"), True: ("reused", "fresh")}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, help="timed runs per cell (default 3; 1 with --quick)")
     p.add_argument("--tools", help=f"comma list of {', '.join(peers.TOOLS)} (default: all)")
@@ -109,9 +114,9 @@ def run_cell(
     One child saves (and, with --quick, also does every other op once); then --repeats
     rounds of one child per restore op, the ops alternating, each op stopping once its
     children took --cell-budget seconds (not ``exempt``'s); then one child for the
-    background saves. With ``args.file_limits``, right before each restore child one
-    ``harness.read_files`` child reads the same files, evicted or cached alike
-    (``file_reads``: its seconds, round by round).
+    background saves. With ``args.file_limits``, right before each restore child the
+    ``harness.read_files`` children of ``FILE_LIMITS`` read the same files, evicted or
+    cached alike (``files_<how>``: their seconds, round by round).
     """
     name = spec[0]
     tool_dir = os.path.join(workdir, f"{tool}-{name}")
@@ -139,12 +144,13 @@ def run_cell(
     def read_limit(op: str, i: int) -> None:
         if not getattr(args, "file_limits", False):
             return
-        read = {"root": os.path.join(tool_dir, "ckpt"), "cold": restores[op]}
-        # a label of its own: a child that writes no result must not find an earlier one's
-        label = f"{tool}-{name}-{op}-read-{i}"
-        got = harness.run_child("harness.read_files", read, workdir=workdir, label=label)
-        if got.get("ok"):
-            cells[op].setdefault("file_reads", []).append(got["seconds"])
+        for how in FILE_LIMITS[restores[op]]:
+            read = {"root": os.path.join(tool_dir, "ckpt"), "cold": restores[op], "how": how}
+            # a label of its own: a child that writes no result must not find an earlier one's
+            label = f"{tool}-{name}-{op}-{how}-{i}"
+            got = harness.run_child("harness.read_files", read, workdir=workdir, label=label)
+            if got.get("ok"):
+                cells[op].setdefault(f"files_{how}", []).append(got["seconds"])
 
     first = child(list(cells) if args.quick else ["save"], f"{tool}-{name}", True)
     if args.quick and first.get("ok"):

@@ -27,12 +27,15 @@ order, and only formats what they return:
   how many runs its median has); the first restore of each cell compares every tensor.
 Cells: seconds, "median (min–max) n". Limit: the seconds the row's bytes take at the limit's
 median speed (every limit is measured over 1 GiB, one file or one block; 16 MiB with
---quick). Restore rows add a second limit, measured as the restores are: right before each
-restore child a fresh process reads the same checkpoint files (``harness.read_files``:
-evicted or cached first, plain 8 MiB ``preadv`` into one fresh buffer); the cell shows those
-of streamckpt's files. On a VM a "cold" read of a file just written is often served by the
-host's cache, and a fresh process's first touch of memory varies from run to run, so a
-limit read in other conditions can sit far from what a restore could get. Verdict:
+--quick). Restore rows add limits measured as the restores are: right before each restore
+child, fresh processes read the same checkpoint files, evicted or cached first
+(``harness.read_files``): warm, copied from the page cache into fresh memory, and read
+plainly (8 MiB ``preadv`` into one fresh buffer); cold, read into one reused buffer (the
+disk alone), and read plainly. The cell shows those of streamckpt's files, and the ratios
+below the table set streamckpt's restores against them. On a VM a "cold" read of a file
+just written is often served by the host's cache, and a fresh process's first touch of
+memory varies from run to run, so a limit read in other conditions can sit far from what a
+restore could get. Verdict:
 streamckpt's median against the fastest peer's, as the ratio of the slower to the faster.
 
 --quick: tiny workloads, one run of each, one child per (tool, workload) doing every op, one
@@ -206,9 +209,11 @@ def build(
                 if limits.get(k)
             ]
             text = f"{' / '.join(implied)}: {name}" if implied else "-"
-            reads = cells.get(("streamckpt", *key), {}).get("file_reads")
-            if reads:  # the same files in the same rounds (harness.read_files)
-                text += f"; {figure(reads)}: its files read plainly, same rounds"
+            ours = cells.get(("streamckpt", *key), {})
+            ways = local.FILE_LIMITS[key[1] == "restore_cold"] if "restore" in key[1] else ()
+            for how in ways:
+                if ours.get(f"files_{how}"):  # the same files in the same rounds
+                    text += f"; {figure(ours[f'files_{how}'])}: {SAME_ROUNDS[how]}"
             row.append(text)
         row.append(verdict(medians))
         rows.append(row)
@@ -219,7 +224,34 @@ def build(
         med = statistics.median(speeds)
         rate = f"{med:.3g} GB/s ({min(speeds):.3g}–{max(speeds):.3g}) n={len(speeds)}"
         rows.append([f"limit: {harness.LIMIT_NAMES[key]}", *("" for _ in columns), rate, ""])
-    return markdown(header, rows)
+    return markdown(header, rows) + same_rounds_ratios(cells)
+
+
+#: ``harness.read_files``' ways as the limit cell names them
+SAME_ROUNDS = {
+    "copy": "its files copied into fresh memory, same rounds",
+    "reused": "its files read cold (one reused buffer), same rounds",
+    "fresh": "its files read plainly, same rounds",
+}
+
+
+def same_rounds_ratios(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+    """Below the table: streamckpt's restore medians over the medians of the limits read in
+    the same rounds (issue 15.4's goals: warm within 1.5x a copy into fresh memory, cold
+    within 1.2x the cold read)."""
+    lines = []
+    for (tool, wl, op), cell in sorted(cells.items()):
+        times = [r["seconds"] for r in cell.get("runs", [])]
+        if tool != "streamckpt" or not times or not op.startswith("restore"):
+            continue
+        for how in local.FILE_LIMITS[op == "restore_cold"]:
+            limit = cell.get(f"files_{how}")
+            if limit:
+                ratio = statistics.median(times) / statistics.median(limit)
+                lines.append(f"- {wl} {op.replace('_', ' ')} ÷ {SAME_ROUNDS[how]}: {ratio:.2f}×")
+    if not lines:
+        return ""
+    return "\n\nstreamckpt ÷ the limits measured in the same rounds (medians):\n" + "\n".join(lines)
 
 
 def preamble(info: dict[str, Any], argv: str, load_after: str, wls: dict[str, Any]) -> str:

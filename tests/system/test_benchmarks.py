@@ -101,3 +101,41 @@ def test_the_table_runs_in_quick_mode(tmp_path: Path) -> None:
     limits = {r.split("|")[1].strip() for r in rows if r.startswith("| limit:")}
     for name in ("copy into fresh memory", "memcpy into mapped memory", "crc32c"):
         assert any(name in limit for limit in limits), (name, limits)
+    # each restore row's limits, read by fresh processes in the same rounds, and the ratios
+    for row in measures:
+        if "restore, warm" in row:
+            assert "copied into fresh memory, same rounds" in row, row
+        if "restore, cold" in row:
+            assert "read cold (one reused buffer), same rounds" in row, row
+        if "restore" in row:
+            assert "read plainly, same rounds" in row, row
+    ratios = text.split("streamckpt ÷ the limits measured in the same rounds (medians):")[1]
+    for wl in "AB":
+        assert f"- {wl} restore warm ÷ its files copied into fresh memory" in ratios
+        assert f"- {wl} restore warm ÷ its files read plainly" in ratios
+
+
+@pytest.mark.parametrize(
+    ("how", "cold"),
+    [("fresh", False), ("fresh", True), ("reused", True), ("reused", False), ("copy", False)],
+)
+def test_each_way_of_reading_the_files_reads_every_byte(
+    tmp_path: Path, how: str, cold: bool
+) -> None:
+    """The restore rows' same-round limits read every byte of every file under the root,
+    however they read it (a limit that skipped a file would flatter the restores)."""
+    from benchmarks import harness
+
+    (tmp_path / "ckpt").mkdir()
+    sizes = [3 << 20, 0, 9 << 20, 5]
+    for i, size in enumerate(sizes):
+        (tmp_path / "ckpt" / f"f{i}").write_bytes(b"x" * size)
+    got = harness.read_files({"root": str(tmp_path / "ckpt"), "cold": cold, "how": how})
+    assert got["bytes"] == sum(sizes) and got["seconds"] > 0 and got["how"] == how
+
+
+def test_a_copy_of_evicted_files_is_refused(tmp_path: Path) -> None:
+    from benchmarks import harness
+
+    with pytest.raises(ValueError, match="copy"):
+        harness.read_files({"root": str(tmp_path), "cold": True, "how": "copy"})
