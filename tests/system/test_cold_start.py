@@ -75,6 +75,8 @@ HEAVY_OURS = {
     "streamckpt.api",
     "streamckpt.bridge",
     "streamckpt.pipeline.read",
+    "streamckpt.pipeline.read_index",
+    "streamckpt.pipeline.read_ranges",
     "streamckpt.storage",
 }
 
