@@ -157,9 +157,9 @@ def _sharded_problem(target: Any, info: TensorInfo) -> str | None:
     return None
 
 
-def _leaf_problem(node: Node, info: TensorInfo) -> str | None:
+def _leaf_problem(node: Node, info: TensorInfo, *, sharded: bool) -> str | None:
     """Why the stored value cannot go into this leaf, or None if it can."""
-    if local_boxes(node.value) is not None:
+    if sharded:
         return _sharded_problem(node.value, info)
     if node.value is _COUNTER:
         if info.shape != () or info.dtype.kind not in "iu":
@@ -360,10 +360,13 @@ async def restore_tree(
     match = _match(nodes, graph)
     entries = reader.entries  # one lookup table for every leaf
     check_keys_present(entries, (key for _, key in match.bound), uri=reader.uri)
+    # what each leaf must read, asked once per leaf (it tries every sharded kind in turn)
+    bound = [(node, key, local_boxes(node.value)) for node, key in match.bound]
     problems = [
         (key, problem)
-        for node, key in sorted(match.bound, key=lambda pair: pair[1])
-        if (problem := _leaf_problem(node, entries[key])) is not None
+        for node, key, node_boxes in sorted(bound, key=lambda leaf: leaf[1])
+        if (problem := _leaf_problem(node, entries[key], sharded=node_boxes is not None))
+        is not None
     ]
     if problems:
         raise ValueMismatchError(
@@ -372,10 +375,9 @@ async def restore_tree(
             mismatched=[key for key, _ in problems],
             uri=reader.uri,
         )
-    sharded = [(node, key) for node, key in match.bound if local_boxes(node.value) is not None]
-    whole = [(node, key) for node, key in match.bound if local_boxes(node.value) is None]
+    whole = [(node, key) for node, key, node_boxes in bound if node_boxes is None]
     values = await _read_whole(reader, [key for _, key in whole], coordinator, replicated)
-    boxes = [(node, key, local_boxes(node.value) or []) for node, key in sharded]
+    boxes = [(node, key, node_boxes) for node, key, node_boxes in bound if node_boxes is not None]
     pieces = await reader.read_boxes([(key, box) for _, key, bs in boxes for box in bs])
     counter: int | None = None
     for node, key in whole:

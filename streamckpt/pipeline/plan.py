@@ -6,6 +6,7 @@ their result *is* the I/O that will happen.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -128,6 +129,9 @@ class ReadGroup(Record):
         return self.end - self.start
 
 
+_OFFSET_SIZE = operator.attrgetter("offset", "size")  # C, not a lambda: 20,000 at a restore
+
+
 def plan_reads(
     wanted: Iterable[Placement], *, max_gap: int, max_group_bytes: int
 ) -> list[ReadGroup]:
@@ -143,7 +147,7 @@ def plan_reads(
     for shard_id in sorted(by_shard):
         current: list[Placement] = []
         start = end = 0
-        for p in sorted(by_shard[shard_id], key=lambda p: (p.offset, p.size)):
+        for p in sorted(by_shard[shard_id], key=_OFFSET_SIZE):
             p_end = p.offset + p.size
             if current and p.offset - end <= max_gap and max(end, p_end) - start <= max_group_bytes:
                 current.append(p)
