@@ -36,8 +36,9 @@ from streamckpt.distributed.plan import (
     fingerprint,
     plan_global,
 )
-from streamckpt.format.bundle import BundleHeader, encode_index_records
+from streamckpt.format.bundle import BundleHeader
 from streamckpt.format.dtypes import DataType
+from streamckpt.format.index_file import encode_index_records
 
 TARGET_SECONDS = 1.0
 TARGET_RANKS, TARGET_ENTRIES = 1024, 1000

@@ -3,7 +3,7 @@
 A plain entry per whole tensor; for a tensor stored in pieces TensorFlow's layout, a full
 entry listing the slices plus one entry per piece under its slice key. Records come out
 sorted by key with their values already spelled (:mod:`streamckpt.format.entries`), ready
-for :func:`streamckpt.format.bundle.encode_index_records`.
+for :func:`streamckpt.format.index_file.encode_index_records`.
 
 Like the planner, the merge works in columns: a million values cost a few numpy passes and
 one short Python step each (their key and value bytes). Entries of one dtype and shape share

@@ -43,7 +43,8 @@ from streamckpt.distributed.merge import merge_records
 from streamckpt.distributed.plan import GlobalPlan, LocalPlan, fingerprint, plan_global
 from streamckpt.distributed.writing import Cancelled, Report, write_own, write_together
 from streamckpt.errors import CoordinationError
-from streamckpt.format.bundle import BundleHeader, encode_index_records
+from streamckpt.format.bundle import BundleHeader
+from streamckpt.format.index_file import encode_index_records
 from streamckpt.pipeline.commit import (
     Outcome,
     Session,

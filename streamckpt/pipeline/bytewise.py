@@ -38,9 +38,10 @@ from streamckpt.errors import (
     TruncatedError,
     unwrap_task_group,
 )
-from streamckpt.format.bundle import BundleEntry, encode_index, key_to_name
+from streamckpt.format.bundle import BundleEntry, key_to_name
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import is_fixed_size
+from streamckpt.format.index_file import encode_index
 from streamckpt.format.partitioned import check_piece, check_tiling, piece_keys
 from streamckpt.format.payload import decode_tensor
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy

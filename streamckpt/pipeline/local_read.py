@@ -41,7 +41,6 @@ from streamckpt.format.bundle import (
     BundleHeader,
     data_filename,
     decode_entry,
-    decode_records,
     header_block,
     header_in_block,
     index_filename,
@@ -217,6 +216,9 @@ class LocalIndex:
 
     def entries(self) -> dict[bytes, BundleEntry]:
         """Every entry, from one read of all data blocks."""
+        # here: a read of one tensor, which looks up one record, never loads the bulk decoder
+        from streamckpt.format.index_file import decode_records
+
         handles = self.index.handles
         start, end = self.index.data_span
         view = self._bytes(start, end)

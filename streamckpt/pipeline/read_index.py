@@ -21,13 +21,13 @@ from streamckpt.format.bundle import (
     BundleHeader,
     data_filename,
     decode_entry,
-    decode_records,
     header_block,
     header_in_block,
     index_filename,
     key_to_name,
     name_to_key,
 )
+from streamckpt.format.index_file import decode_records
 from streamckpt.format.partitioned import check_piece, tensor_keys
 from streamckpt.format.slices import TensorSlice
 from streamckpt.format.table import BlockHandle, decode_block, iter_data_block, lookup_in_block

@@ -36,9 +36,10 @@ import numpy as np
 
 from streamckpt.device import start_transfers
 from streamckpt.errors import StreamCkptError, unwrap_task_group
-from streamckpt.format.bundle import BundleHeader, encode_index_records
+from streamckpt.format.bundle import BundleHeader
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.entries import entry_head, spell_entries
+from streamckpt.format.index_file import encode_index_records
 from streamckpt.pipeline.commit import Outcome, abandon, begin, claimed, commit, tidy
 from streamckpt.pipeline.plan import (
     SavePlan,

@@ -30,8 +30,9 @@ from streamckpt.distributed.plan import (
     to_tensor_slice,
 )
 from streamckpt.errors import CoordinationError
-from streamckpt.format.bundle import BundleEntry, BundleHeader, decode_index, encode_index
+from streamckpt.format.bundle import BundleEntry, BundleHeader
 from streamckpt.format.dtypes import DataType
+from streamckpt.format.index_file import decode_index, encode_index
 from streamckpt.format.partitioned import check_piece, check_tiling
 from streamckpt.format.slices import decode_slice_key, encode_slice_key
 from streamckpt.pipeline.plan import auto_num_shards

@@ -20,22 +20,20 @@ from hypothesis import strategies as st
 from support import TF_FIXTURES
 
 from streamckpt.errors import CorruptCheckpointError, StreamCkptError, UnsupportedError
-from streamckpt.format import bundle
+from streamckpt.format import index_file
 from streamckpt.format.block import BlockBuilder
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
     BundleHeader,
-    DecodedIndex,
-    _usual_entries,
     decode_entry,
     decode_header,
-    decode_records,
     key_to_name,
 )
 from streamckpt.format.crc import mask
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize
 from streamckpt.format.entries import entry_columns, entry_fields
+from streamckpt.format.index_file import DecodedIndex, _usual_entries, decode_records
 from streamckpt.format.slices import Extent, TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,
@@ -57,10 +55,10 @@ Blocks = list[tuple[bytes, int]]
 @pytest.fixture(autouse=True, scope="module")
 def columns_for_every_block() -> Iterator[None]:
     """Small blocks too go through the columns here (else only 32 records or more do)."""
-    saved = bundle._MIN_COLUMN_ROWS
-    bundle._MIN_COLUMN_ROWS = 1
+    saved = index_file._MIN_COLUMN_ROWS
+    index_file._MIN_COLUMN_ROWS = 1
     yield
-    bundle._MIN_COLUMN_ROWS = saved
+    index_file._MIN_COLUMN_ROWS = saved
 
 
 def reference_decode_records(blocks: Iterable[tuple[bytes | memoryview, int]]) -> DecodedIndex:

@@ -29,8 +29,9 @@ from support import TF_FIXTURES
 
 from streamckpt.errors import StreamCkptError
 from streamckpt.format.block import iter_block
-from streamckpt.format.bundle import BundleEntry, BundleHeader, decode_entry, decode_index
+from streamckpt.format.bundle import BundleEntry, BundleHeader, decode_entry
 from streamckpt.format.dtypes import DataType
+from streamckpt.format.index_file import decode_index
 from streamckpt.format.slices import Extent, TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamckpt.format.bundle import BundleEntry, BundleHeader, DecodedIndex
+from streamckpt.format.bundle import BundleEntry, BundleHeader
 from streamckpt.format.dtypes import DataType
 from streamckpt.format.entries import EntryColumns
+from streamckpt.format.index_file import DecodedIndex
 from streamckpt.format.record import Record
 from streamckpt.format.slices import Extent, TensorSlice
 from streamckpt.format.table import BlockHandle, Footer, IndexBlock

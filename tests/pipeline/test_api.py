@@ -13,9 +13,10 @@ from support import TF_FIXTURES
 
 import streamckpt
 import streamckpt.sync
-from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
+from streamckpt.format.bundle import BundleEntry, BundleHeader
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType
+from streamckpt.format.index_file import encode_index
 from streamckpt.format.strings import encode_strings
 
 

@@ -216,8 +216,9 @@ def test_damage_fails_the_same_way_both_ways(tmp_path: Path, damage: str, call: 
 
 def test_a_hostile_size_is_refused_before_any_allocation(tmp_path: Path) -> None:
     """An entry that claims 2**40 bytes in a small shard: refused from the shard's size."""
-    from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
+    from streamckpt.format.bundle import BundleEntry, BundleHeader
     from streamckpt.format.dtypes import DataType
+    from streamckpt.format.index_file import encode_index
 
     prefix = str(tmp_path / "ckpt")
     streamckpt.sync.save(prefix, {"w": np.zeros(4, np.float32)})
@@ -290,9 +291,10 @@ def test_entries_sharing_bytes_each_get_their_own_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crafted index whose entries overlap (one inside another): each is checked alone."""
-    from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
+    from streamckpt.format.bundle import BundleEntry, BundleHeader
     from streamckpt.format.crc import crc32c, mask
     from streamckpt.format.dtypes import DataType
+    from streamckpt.format.index_file import encode_index
 
     monkeypatch.setattr(local_read, "_CHUNK", 24)
     prefix = str(tmp_path / "ckpt")

@@ -28,15 +28,10 @@ from support import TF_FIXTURES, StoreUnderTest, load_manifest
 import streamckpt
 import streamckpt.sync
 from streamckpt.errors import ChecksumError, CorruptCheckpointError
-from streamckpt.format.bundle import (
-    BundleEntry,
-    BundleHeader,
-    data_filename,
-    encode_index,
-    index_filename,
-)
+from streamckpt.format.bundle import BundleEntry, BundleHeader, data_filename, index_filename
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import from_numpy
+from streamckpt.format.index_file import encode_index
 from streamckpt.format.slices import Extent, TensorSlice, encode_slice_key
 from streamckpt.pipeline.region import plan_piece_reads, plan_runs
 from streamckpt.sharding import Box, box_shape, full_box

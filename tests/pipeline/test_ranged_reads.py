@@ -27,9 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamckpt
-from streamckpt.format.bundle import BundleEntry, BundleHeader, encode_index
+from streamckpt.format.bundle import BundleEntry, BundleHeader
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType, is_fixed_size, numpy_dtype
+from streamckpt.format.index_file import encode_index
 from streamckpt.pipeline.region import plan_region
 from streamckpt.pipeline.tensors import Typed
 

@@ -69,6 +69,7 @@ HEAVY_OURS = {
     "streamckpt.pipeline.save",
     "streamckpt.pipeline.bytewise",
     "streamckpt.distributed",
+    "streamckpt.format.index_file",
     "streamckpt.storage.fsspec_store",
     "streamckpt.proto",
     # the event loop's side: a whole local tensor is read with plain file reads
@@ -156,8 +157,10 @@ def test_a_local_read_loads_exactly_the_read_path(steps: dict[str, Any]) -> None
     assert steps["read_tensor"] == {"third_party": READ_THIRD_PARTY, "streamckpt": READ_OURS}
 
 
-# What a listing adds to a read: the description of each tensor and the grouping of pieces.
+# What a listing adds to a read: every entry decoded in bulk, the description of each tensor
+# and the grouping of pieces.
 LIST_ADDS = [
+    "streamckpt.format.index_file",
     "streamckpt.format.partitioned",
     "streamckpt.format.slices",
     "streamckpt.pipeline.info",

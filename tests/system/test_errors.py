@@ -50,9 +50,9 @@ from streamckpt.errors import (
     UnsupportedError,
 )
 from streamckpt.format.block import iter_block
-from streamckpt.format.bundle import decode_index
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.dtypes import DataType, is_fixed_size, itemsize
+from streamckpt.format.index_file import decode_index
 from streamckpt.format.slices import is_slice_key
 from streamckpt.format.table import (
     FOOTER_SIZE,
