@@ -3,121 +3,21 @@
 Layout: ``record* restart_offset[n] (fixed32 each) n (fixed32)``; a record is
 ``varint shared, varint non_shared, varint value_len, key_suffix, value``. Parsing checks every
 length against the block before slicing, so a hostile block costs at most its own size.
+Blocks are built by :class:`streamckpt.format.table_write.BlockBuilder`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from streamckpt.errors import CorruptCheckpointError
-from streamckpt.format.varint import decode_fixed32, decode_varint, encode_fixed32, encode_varint
+from streamckpt.format.varint import decode_fixed32, decode_varint
 
 # How many bytes of keys a block may spell per byte of its own. A writer restarting prefix
 # compression every 16 records (TF, LevelDB) stays under 16: a key is at most as long as the
 # bytes since its restart point, and 16 keys share those bytes. Index blocks (restart every
 # record) stay under 1.
 MAX_KEY_EXPANSION = 32
-
-
-def _common_prefix_length(a: bytes, b: bytes) -> int:
-    """How many leading bytes ``a`` and ``b`` share.
-
-    The first difference is the highest set byte of the two prefixes XORed as integers:
-    C does the work, where a Python step per byte took seconds over a million keys.
-    """
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
-    return n - (x.bit_length() + 7) // 8
-
-
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
-
-
-class BlockBuilder:
-    """Accumulates sorted records into one block, with a restart point every N records."""
-
-    __slots__ = ("_buf", "_counter", "_last_key", "_restart_interval", "_restarts")
-
-    def __init__(self, restart_interval: int) -> None:
-        self._restart_interval = restart_interval
-        self._buf = bytearray()
-        self._restarts = [0]
-        self._counter = 0
-        self._last_key = b""
-
-    def add(self, key: bytes, value: bytes) -> None:
-        self.fill([key], [value], 0, block_size=1 << 62, big=1 << 62)
-
-    def fill(
-        self,
-        keys: Sequence[bytes],
-        values: Sequence[bytes],
-        start: int,
-        *,
-        block_size: int,
-        big: int,
-    ) -> int:
-        """Add records from ``start`` on until the block is full; return where it stopped.
-
-        Full: its size estimate reached ``block_size`` (the record that did it is in), or the
-        next record is ``big`` and the block is not empty (TF gives such a record a fresh
-        block). One loop over many records, with its state in locals, is what makes a
-        million-entry index take a second rather than several.
-        """
-        buf = self._buf
-        restarts = self._restarts
-        counter = self._counter
-        last = self._last_key
-        interval = self._restart_interval
-        one = _ONE_BYTE
-        from_bytes = int.from_bytes
-        i = start
-        end = len(keys)
-        while i < end:
-            key = keys[i]
-            value = values[i]
-            if buf and len(key) + len(value) >= big:
-                break
-            if counter < interval:  # _common_prefix_length, inlined
-                shared = len(last) if len(last) < len(key) else len(key)
-                if last[:shared] != key[:shared]:
-                    x = from_bytes(last[:shared], "big") ^ from_bytes(key[:shared], "big")
-                    shared -= (x.bit_length() + 7) // 8
-            else:
-                restarts.append(len(buf))
-                counter = 0
-                shared = 0
-            rest = len(key) - shared
-            buf += one[shared] if shared < 0x80 else encode_varint(shared)
-            buf += one[rest] if rest < 0x80 else encode_varint(rest)
-            buf += one[len(value)] if len(value) < 0x80 else encode_varint(len(value))
-            buf += key[shared:]
-            buf += value
-            last = key
-            counter += 1
-            i += 1
-            if len(buf) + 4 * len(restarts) + 4 >= block_size:
-                break
-        self._counter = counter
-        self._last_key = last
-        return i
-
-    def size_estimate(self) -> int:
-        """Size of the finished block as TF's writer estimates it (decides where blocks end)."""
-        return len(self._buf) + 4 * len(self._restarts) + 4
-
-    @property
-    def empty(self) -> bool:
-        return not self._buf
-
-    def finish(self) -> bytes:
-        out = self._buf
-        for restart in self._restarts:
-            out += encode_fixed32(restart)
-        out += encode_fixed32(len(self._restarts))
-        return bytes(out)
 
 
 def records_end(block: bytes | memoryview) -> int:

@@ -28,7 +28,6 @@ from streamckpt.format.entries import entry_columns
 from streamckpt.format.record import Record
 from streamckpt.format.table import (
     FOOTER_SIZE,
-    TableWriter,
     data_block_chunks,
     decode_block,
     decode_footer,
@@ -59,6 +58,9 @@ def encode_index_records(
     """
     if keys and not keys[0]:
         raise ValueError("the empty tensor name is reserved for the bundle header")
+    # here: a listing or a load decodes with this module and never loads the writer
+    from streamckpt.format.table_write import TableWriter
+
     writer = TableWriter()
     writer.add(HEADER_KEY, header.encode())
     writer.add_many(keys, values)

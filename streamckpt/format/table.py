@@ -1,8 +1,7 @@
 """The immutable sorted table (LevelDB "SSTable" layout) that a bundle's .index file is.
 
-Writing follows TensorFlow's exact rules (256 KiB blocks, restart interval 16 in data blocks
-and 1 in the index block, an empty metaindex, TF's separators, the "an oversized record closes
-the current block first" rule), so that our index files match TF's byte for byte.
+This module holds the layout (handles, footer, block trailers) and the reading; writing, by
+TensorFlow's exact rules, is :mod:`streamckpt.format.table_write`'s.
 
 Reading is split into small pure steps so that the storage layer can fetch only what it needs:
 the 48-byte footer gives the index block's handle; the index block maps separator keys to data
@@ -11,14 +10,11 @@ block handles; each block is verified (masked crc32c) and, if Snappy-compressed,
 
 from __future__ import annotations
 
-import itertools
-import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError, TruncatedError
 from streamckpt.format.block import (
     MAX_KEY_EXPANSION,
-    BlockBuilder,
     iter_block,
     records_end,
     seek_block,
@@ -170,123 +166,6 @@ def _inflate_snappy(body: memoryview, *, offset: int) -> bytes:
         return bytes(cramjam.snappy.decompress_raw(body))
     except Exception as exc:
         raise CorruptCheckpointError(f"bad snappy block: {exc}", offset=offset) from None
-
-
-def shortest_separator(start: bytes, limit: bytes) -> bytes:
-    """A short key ``k`` with ``start <= k < limit``, chosen exactly as TF's writer does."""
-    n = min(len(start), len(limit))
-    i = 0
-    while i < n and start[i] == limit[i]:
-        i += 1
-    if i >= n:
-        return start  # one is a prefix of the other
-    byte = start[i]
-    if byte < 0xFF and byte + 1 < limit[i]:
-        return start[:i] + bytes((byte + 1,))
-    return start
-
-
-def short_successor(key: bytes) -> bytes:
-    """A short key ``>= key``: bump the first byte that is not 0xFF and cut the rest."""
-    for i, byte in enumerate(key):
-        if byte != 0xFF:
-            return key[:i] + bytes((byte + 1,))
-    return key
-
-
-class TableWriter:
-    """Builds a whole table in memory from keys added in strictly increasing order.
-
-    An index of even a million tensors is tens of MiB at most, so building it in memory and
-    handing it to the storage layer as one atomic write is the simple, right shape.
-    """
-
-    def __init__(
-        self,
-        *,
-        block_size: int = TF_BLOCK_SIZE,
-        restart_interval: int = DATA_RESTART_INTERVAL,
-        snappy: bool = False,
-    ) -> None:
-        self._block_size = block_size
-        self._restart_interval = restart_interval
-        self._snappy = snappy
-        self._out = bytearray()
-        self._data_block = BlockBuilder(restart_interval)
-        self._index_block = BlockBuilder(1)
-        self._last_key: bytes | None = None
-        self._pending_handle: BlockHandle | None = None
-        self._finished = False
-
-    def add(self, key: bytes, value: bytes) -> None:
-        self.add_many([key], [value])
-
-    def add_many(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
-        """Add records in strictly increasing key order, block by block."""
-        if self._finished:
-            raise RuntimeError("table already finished")
-        if len(keys) != len(values):
-            raise ValueError("as many values as keys")
-        if not keys:
-            return
-        if self._last_key is not None and keys[0] <= self._last_key:
-            raise ValueError(
-                f"keys must be strictly increasing: {keys[0]!r} after {self._last_key!r}"
-            )
-        if not all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
-            at = next(i for i in range(1, len(keys)) if not keys[i - 1] < keys[i])
-            raise ValueError(
-                f"keys must be strictly increasing: {keys[at]!r} after {keys[at - 1]!r}"
-            )
-        big = 2 * self._block_size
-        i = 0
-        while i < len(keys):
-            if self._pending_handle is not None:
-                assert self._last_key is not None
-                self._index_block.add(
-                    shortest_separator(self._last_key, keys[i]), self._pending_handle.encode()
-                )
-                self._pending_handle = None
-            stop = self._data_block.fill(keys, values, i, block_size=self._block_size, big=big)
-            if stop == i:  # a big record and a block with records: it gets a block of its own
-                self._flush_data_block()
-                continue
-            self._last_key = keys[stop - 1]
-            if self._data_block.size_estimate() >= self._block_size:
-                self._flush_data_block()
-            i = stop
-
-    def _flush_data_block(self) -> None:
-        self._pending_handle = self._write_block(self._data_block.finish(), self._snappy)
-        self._data_block = BlockBuilder(self._restart_interval)
-
-    def _write_block(self, raw: bytes, snappy: bool) -> BlockHandle:
-        stored, compression = raw, NO_COMPRESSION
-        if snappy:
-            import cramjam
-
-            packed = bytes(cramjam.snappy.compress_raw(raw))
-            if len(packed) < len(raw) - len(raw) // 8:  # keep only if it saves 1/8, as TF would
-                stored, compression = packed, SNAPPY_COMPRESSION
-        handle = BlockHandle(len(self._out), len(stored))
-        self._out += stored
-        self._out += encode_block_trailer(stored, compression)
-        return handle
-
-    def finish(self) -> bytes:
-        """Close the last block, write metaindex, index and footer; return the whole file."""
-        if self._finished:
-            raise RuntimeError("table already finished")
-        self._finished = True
-        if not self._data_block.empty:
-            self._flush_data_block()
-        metaindex = self._write_block(BlockBuilder(self._restart_interval).finish(), False)
-        if self._pending_handle is not None:
-            assert self._last_key is not None
-            self._index_block.add(short_successor(self._last_key), self._pending_handle.encode())
-        index = self._write_block(self._index_block.finish(), self._snappy)
-        self._out += encode_footer(Footer(metaindex, index))
-        return bytes(self._out)
 
 
 class IndexBlock(Record):

@@ -21,7 +21,6 @@ from support import TF_FIXTURES
 
 from streamckpt.errors import CorruptCheckpointError, StreamCkptError, UnsupportedError
 from streamckpt.format import index_file
-from streamckpt.format.block import BlockBuilder
 from streamckpt.format.bundle import (
     HEADER_KEY,
     BundleEntry,
@@ -38,7 +37,6 @@ from streamckpt.format.slices import Extent, TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,
     TRAILER_SIZE,
-    TableWriter,
     data_block_chunks,
     decode_block,
     decode_footer,
@@ -46,6 +44,7 @@ from streamckpt.format.table import (
     encode_block_trailer,
     iter_data_block,
 )
+from streamckpt.format.table_write import BlockBuilder, TableWriter
 from streamckpt.format.varint import encode_varint
 from streamckpt.proto import tensor_bundle_pb2
 

@@ -36,12 +36,12 @@ from streamckpt.format.slices import Extent, TensorSlice
 from streamckpt.format.table import (
     FOOTER_SIZE,
     TRAILER_SIZE,
-    TableWriter,
     decode_block,
     decode_footer,
     decode_index_block,
     encode_block_trailer,
 )
+from streamckpt.format.table_write import TableWriter
 
 INPUTS = int(os.environ.get("STREAMCKPT_FUZZ_INPUTS", "100000"))
 BATCH = 250  # inputs derived from each hypothesis example's seed

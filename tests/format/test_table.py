@@ -7,18 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamckpt.errors import ChecksumError, CorruptCheckpointError, StreamCkptError
-from streamckpt.format.block import MAX_KEY_EXPANSION, BlockBuilder, iter_block, seek_block
+from streamckpt.format.block import MAX_KEY_EXPANSION, iter_block, seek_block
 from streamckpt.format.crc import crc32c, mask, unmask
 from streamckpt.format.table import (
     FOOTER_SIZE,
     BlockHandle,
-    TableWriter,
     decode_block,
     decode_footer,
     decode_index_block,
+    table_size_from_tail,
+)
+from streamckpt.format.table_write import (
+    BlockBuilder,
+    TableWriter,
     short_successor,
     shortest_separator,
-    table_size_from_tail,
 )
 from streamckpt.format.varint import decode_varint, decode_varints, encode_fixed32, encode_varint
 

@@ -14,19 +14,18 @@ import tracemalloc
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from streamckpt.format.block import BlockBuilder
 from streamckpt.format.bundle import BundleHeader
 from streamckpt.format.table import (
     FOOTER_SIZE,
     BlockHandle,
     Footer,
-    TableWriter,
     decode_block,
     decode_footer,
     decode_index_block,
     encode_block_trailer,
     encode_footer,
 )
+from streamckpt.format.table_write import BlockBuilder, TableWriter
 from streamckpt.proto import tensor_bundle_pb2
 
 KiB = 1 << 10

@@ -70,6 +70,7 @@ HEAVY_OURS = {
     "streamckpt.pipeline.bytewise",
     "streamckpt.distributed",
     "streamckpt.format.index_file",
+    "streamckpt.format.table_write",
     "streamckpt.storage.fsspec_store",
     "streamckpt.proto",
     # the event loop's side: a whole local tensor is read with plain file reads

@@ -57,11 +57,11 @@ from streamckpt.format.slices import is_slice_key
 from streamckpt.format.table import (
     FOOTER_SIZE,
     TRAILER_SIZE,
-    TableWriter,
     decode_block,
     decode_footer,
     encode_block_trailer,
 )
+from streamckpt.format.table_write import TableWriter
 from streamckpt.proto import tensor_bundle_pb2
 
 pytestmark = pytest.mark.anyio

@@ -34,11 +34,11 @@ from support.builders import (
 
 import streamckpt
 from streamckpt.errors import ChecksumError, CorruptCheckpointError
-from streamckpt.format.block import BlockBuilder
 from streamckpt.format.crc import crc32c, mask
 from streamckpt.format.index_file import decode_index
 from streamckpt.format.slices import Extent, TensorSlice, encode_slice_key
 from streamckpt.format.table import BlockHandle, Footer, encode_block_trailer, encode_footer
+from streamckpt.format.table_write import BlockBuilder
 from streamckpt.format.varint import encode_fixed32, encode_varint
 
 pytestmark = pytest.mark.anyio
