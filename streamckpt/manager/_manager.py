@@ -1,6 +1,8 @@
 """CheckpointManager: numbered checkpoints in one directory, a retention policy, and resume.
 
-The directory's layout is described in :mod:`streamckpt.manager._files`. Rules:
+The directory's layout is described in :mod:`streamckpt.manager._files`; its files and the
+view read from them are :class:`~streamckpt.manager._directory.ManagedDirectory`'s. This
+module decides: when to save, what to keep, what to restore. Rules:
 
 - A save publishes in this order: the checkpoint (its index committed last by ``write``), the
   metrics sidecar, the state file, and only then deletions. The state file names committed
@@ -16,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt
 
 from streamckpt.bridge import default_bridge
@@ -26,39 +27,21 @@ from streamckpt.checkpoint import Checkpoint, SaveHandle, SyncCheckpoint
 from streamckpt.distributed import Coordinator
 from streamckpt.errors import (
     CoordinationError,
-    CorruptCheckpointError,
     SaveInProgressError,
     StorageError,
 )
-from streamckpt.format.state import (
-    CheckpointState,
-    decode_metrics,
-    decode_state,
-    encode_metrics,
-    encode_state,
-)
+from streamckpt.manager._directory import ManagedDirectory
 from streamckpt.manager._files import (
-    DELETING_FILENAME,
-    METRICS_FILENAME,
-    STATE_FILENAME,
     SkippedCheckpoint,
     broken_reason,
-    decode_deleting,
-    delete_checkpoints,
-    encode_deleting,
-    find_unpublished,
-    read_optional,
     verify_checkpoint,
 )
 from streamckpt.retention import (
     ManagedEntry,
     best_paths,
-    is_absolute,
-    is_contained,
-    join_user,
     plan_retention,
 )
-from streamckpt.storage import PathLike, resolve
+from streamckpt.storage import PathLike
 
 __all__ = ["CheckpointManager", "ManagedCheckpoint"]
 
@@ -155,7 +138,9 @@ class CheckpointManager:
         self._checkpoint: ManagedCheckpoint = (
             checkpoint.checkpoint if isinstance(checkpoint, SyncCheckpoint) else checkpoint
         )
-        self._directory = os.fspath(directory)
+        self._dir = ManagedDirectory(
+            directory, storage_options=storage_options, filesystem=filesystem
+        )
         self._max_to_keep = max_to_keep
         self._keep_hours = keep_checkpoint_every_n_hours
         self._name = checkpoint_name
@@ -169,22 +154,7 @@ class CheckpointManager:
         self._storage_options = storage_options
         self._filesystem = filesystem
         self._coordinator = coordinator
-        self._store, self._dir_path = resolve(
-            self._directory, storage_options=storage_options, filesystem=filesystem
-        )
-        self._urls = filesystem is not None or "://" in self._directory
-        self._state_path = self._store.join(self._dir_path, STATE_FILENAME)
-        self._metrics_path = self._store.join(self._dir_path, METRICS_FILENAME)
-        self._deleting_path = self._store.join(self._dir_path, DELETING_FILENAME)
-
-        self._loaded = False
-        self._entries: list[ManagedEntry] = []
-        self._latest: str | None = None
-        self._last_preserved = 0.0
         self._last_step: int | None = None
-        self._has_sidecar = False
-        self._deleting: list[str] = []  # from an earlier sweep that did not finish
-        self._swept_leftovers = False  # whether a sweep looked for crashed saves' checkpoints
         self._saving = False
         self._in_flight: SaveHandle | None = None  # the last save_async
         # Paths restore_or_initialize found broken; a save reusing one clears it first.
@@ -196,38 +166,30 @@ class CheckpointManager:
 
     @property
     def directory(self) -> str:
-        return self._directory
+        return self._dir.directory
 
     @property
     def checkpoints(self) -> list[str]:
         """Managed checkpoints, oldest first (preserved-by-hours ones are not listed, as in TF)."""
         self._require_loaded()
-        return [self._user_path(e.path) for e in self._entries]
+        return [self._dir.user_path(e.path) for e in self._dir.entries]
 
     @property
     def latest_checkpoint(self) -> str | None:
         """The newest checkpoint's prefix, or None; what ``tf.train.latest_checkpoint`` says."""
         self._require_loaded()
-        return None if self._latest is None else self._user_path(self._latest)
+        latest = self._dir.latest
+        return None if latest is None else self._dir.user_path(latest)
 
     def _require_loaded(self) -> None:
-        if not self._loaded:
+        if not self._dir.loaded:
             raise RuntimeError(
                 "the manager has not read its directory yet: await reload(), save() or "
                 "restore_or_initialize() first"
             )
 
     def _user_path(self, path: str) -> str:
-        return join_user(self._directory, path, urls=self._urls)
-
-    def _store_path(self, path: str) -> str:
-        if "://" in path:
-            return resolve(
-                path, storage_options=self._storage_options, filesystem=self._filesystem
-            )[1]
-        if is_absolute(path):
-            return path
-        return self._store.join(self._dir_path, path)
+        return self._dir.user_path(path)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -237,90 +199,16 @@ class CheckpointManager:
         Listed checkpoints newer than ``last_preserved_timestamp`` form the active set (with no
         timestamps in the file, none do); timestamps from the future are clamped to now.
         """
-        state_bytes = await read_optional(self._store, self._state_path)
-        metrics_bytes = await read_optional(self._store, self._metrics_path)
-        deleting_bytes = await read_optional(self._store, self._deleting_path)
-        try:
-            self._deleting = [] if deleting_bytes is None else decode_deleting(deleting_bytes)
-        except CorruptCheckpointError as exc:
-            logger.warning("ignoring %s: %s", self._store.uri(self._deleting_path), exc)
-            self._deleting = []
-        try:
-            state = None if state_bytes is None else decode_state(state_bytes)
-        except CorruptCheckpointError as exc:
-            raise exc.with_context(uri=self._store.uri(self._state_path)) from None
-        try:
-            metrics = {} if metrics_bytes is None else decode_metrics(metrics_bytes)
-        except CorruptCheckpointError as exc:
-            raise exc.with_context(uri=self._store.uri(self._metrics_path)) from None
-        now = self._clock()
-        self._has_sidecar = metrics_bytes is not None
-        self._entries = []
-        if state is None:
-            self._latest = None
-            self._last_preserved = now - 1.0
-        else:
-            self._latest = state.model_checkpoint_path
-            self._last_preserved = min(state.last_preserved_timestamp, now)
-            paths = state.all_model_checkpoint_paths
-            stamps = state.all_model_checkpoint_timestamps or (self._last_preserved,) * len(paths)
-            for path, stamp in zip(paths, stamps, strict=False):  # TF's zip, too
-                stamp = min(stamp, now)
-                if stamp > self._last_preserved:
-                    self._entries = [e for e in self._entries if e.path != path]
-                    self._entries.append(ManagedEntry(path, stamp, metrics.get(path)))
-        self._loaded = True
+        await self._dir.reload(self._clock)
 
     async def _ensure_loaded(self) -> None:
-        if not self._loaded:
+        if not self._dir.loaded:
             await self.reload()
-
-    async def _publish(
-        self,
-        entries: Sequence[ManagedEntry],
-        *,
-        metrics_of: Sequence[ManagedEntry],
-        last_preserved_timestamp: float,
-    ) -> None:
-        """Write the sidecar (if metrics are in play), then the state file; each atomically."""
-        metrics_by_path = {e.path: e.metrics for e in metrics_of if e.metrics is not None}
-        if metrics_by_path or self._has_sidecar:
-            best = (
-                None
-                if self._best_metric is None
-                else (self._best_metric, self._mode, self._keep_best)
-            )
-            await self._store.write_atomic(
-                self._metrics_path, encode_metrics(metrics_by_path, best=best), exclusive=False
-            )
-            self._has_sidecar = True
-        state = CheckpointState(
-            model_checkpoint_path=entries[-1].path,
-            all_model_checkpoint_paths=tuple(e.path for e in entries),
-            all_model_checkpoint_timestamps=tuple(e.timestamp for e in entries),
-            last_preserved_timestamp=last_preserved_timestamp,
-        )
-        await self._store.write_atomic(self._state_path, encode_state(state), exclusive=False)
 
     @property
     def _primary(self) -> bool:
         """Whether this process writes the manager's files (always, without a coordinator)."""
         return self._coordinator is None or self._coordinator.rank == 0
-
-    def _contained(self, path: str) -> bool:
-        """Whether a state-file path names a checkpoint in this manager's own directory."""
-        return is_contained(self._dir_path, self._store_path(path))
-
-    async def _delete(self, paths: Sequence[str]) -> None:
-        """Remove checkpoints' files, index first; never outside the manager's directory."""
-        outside = [p for p in paths if not self._contained(p)]
-        if outside:
-            logger.warning(
-                "not deleting %s: outside the manager's directory %s", outside, self._directory
-            )
-        await delete_checkpoints(
-            self._store, [self._store_path(p) for p in paths if p not in outside]
-        )
 
     # -- save -----------------------------------------------------------------------------
 
@@ -376,7 +264,7 @@ class CheckpointManager:
             raise SaveInProgressError("a save of this manager is already running")
         # The previous save's publication changes the view this one is planned from.
         checkpoint.wait_for_save()
-        if not self._loaded:
+        if not self._dir.loaded:
             self._twin_run(self.reload)
         current_step = self._current_step(step)
         if not self._due(current_step, force):
@@ -437,7 +325,7 @@ class CheckpointManager:
     async def _clear_broken(self, path: str) -> None:
         if path in self._broken:
             if self._primary:
-                await self._delete([path])
+                await self._dir.delete([path])
             self._broken.discard(path)
 
     async def _save(
@@ -466,7 +354,7 @@ class CheckpointManager:
     ) -> None:
         """A committed checkpoint joins the view: publish it, then apply the policy."""
         new = ManagedEntry(path, self._clock(), values)
-        entries = [e for e in self._entries if e.path != path] + [new]
+        entries = [e for e in self._dir.entries if e.path != path] + [new]
         protected = best_paths(
             entries, best_metric=self._best_metric, mode=self._mode, keep_best=self._keep_best
         )
@@ -474,74 +362,43 @@ class CheckpointManager:
             entries,
             max_to_keep=self._max_to_keep,
             keep_checkpoint_every_n_hours=self._keep_hours,
-            last_preserved_timestamp=self._last_preserved,
+            last_preserved_timestamp=self._dir.last_preserved,
             protected=protected,
         )
         if not self._primary:
             # the primary publishes and deletes; the others keep the same view, no I/O
-            self._last_preserved = plan.last_preserved_timestamp
-            self._entries = list(plan.kept)
-            self._latest = path
+            self._dir.adopt(plan.kept, plan.last_preserved_timestamp)
             self._last_step = current_step
             return
         deleted = set(plan.deleted)
         listed = {e.path for e in plan.kept}
         # What an earlier sweep did not finish deleting goes now, unless listed again; so do,
         # once per manager, checkpoints of crashed saves that were never published.
-        leftovers = await self._leftovers(known=listed | {path})
-        doomed = list(dict.fromkeys([*plan.deleted, *self._deleting, *leftovers]))
-        doomed = [p for p in doomed if p not in listed]
-        if doomed:  # recorded before the state file stops naming them
-            await self._store.write_atomic(
-                self._deleting_path, encode_deleting(doomed), exclusive=False
-            )
-        await self._publish(
+        leftovers = await self._dir.leftovers(self._name, known=listed | {path})
+        doomed = list(dict.fromkeys([*plan.deleted, *self._dir.deleting, *leftovers]))
+        # recorded before the state file stops naming them
+        await self._dir.mark_deleting([p for p in doomed if p not in listed])
+        best = (
+            None if self._best_metric is None else (self._best_metric, self._mode, self._keep_best)
+        )
+        await self._dir.publish(
             plan.kept,
             # the deleted ones' metrics go with them; preserved ones keep theirs
             metrics_of=[e for e in entries if e.path not in deleted],
             last_preserved_timestamp=plan.last_preserved_timestamp,
+            best=best,
         )
-        self._last_preserved = plan.last_preserved_timestamp
-        self._entries = list(plan.kept)
-        self._latest = path
         self._last_step = current_step
-        self._deleting = doomed
-        if not doomed:
-            return
         try:
-            await self._delete(doomed)
-            await self._store.delete([self._deleting_path])
-            self._deleting = []
+            await self._dir.finish_deleting()
         except StorageError as exc:
-            logger.warning("could not delete old checkpoints %s: %s", doomed, exc)
-
-    async def _leftovers(self, *, known: set[str]) -> list[str]:
-        """Checkpoints newer than the published latest that no state file ever named.
-
-        They are what saves that crashed or failed before their publication left (shards
-        without an index, or a whole checkpoint the caller was told had failed). Looked for
-        once per manager (one listing); preserved checkpoints are older and never match.
-        """
-        if self._swept_leftovers:
-            return []
-        self._swept_leftovers = True
-        found = await find_unpublished(
-            self._store,
-            self._dir_path,
-            self._name,
-            known=known | {e.path for e in self._entries},
-            latest=self._latest,
-        )
-        return [p for p, _ in found]
+            logger.warning("could not delete old checkpoints %s: %s", self._dir.deleting, exc)
 
     # -- restore --------------------------------------------------------------------------
 
     async def _unpublished(self) -> list[SkippedCheckpoint]:
         """Checkpoints newer than the latest that the state file does not name."""
-        known = {e.path for e in self._entries} | {self._latest or ""}
-        found = await find_unpublished(
-            self._store, self._dir_path, self._name, known=known, latest=self._latest
-        )
+        found = await self._dir.unpublished(self._name)
         self._broken.update(path for path, _ in found)
         return [SkippedCheckpoint(self._user_path(path), reason) for path, reason in found]
 
@@ -556,11 +413,12 @@ class CheckpointManager:
     async def _choose_and_restore(self) -> str | None:
         """The newest checkpoint that verifies and restores here; the others are skipped."""
         skipped = await self._unpublished()
-        candidates = [self._latest] if self._latest is not None else []
-        candidates += [e.path for e in reversed(self._entries) if e.path != self._latest]
+        latest = self._dir.latest
+        candidates = [latest] if latest is not None else []
+        candidates += [e.path for e in reversed(self._dir.entries) if e.path != latest]
         restored: str | None = None
         for path in candidates:
-            if not self._contained(path):
+            if not self._dir.contained(path):
                 reason: str | None = "outside the manager's directory: not restored"
             else:
                 reason = await self._verify(path)
@@ -581,8 +439,7 @@ class CheckpointManager:
         self.skipped = skipped
         for item in skipped:
             logger.warning("skipped checkpoint %s: %s", item.path, item.reason)
-        self._entries = [e for e in self._entries if e.path not in self._broken]
-        self._latest = restored
+        self._dir.forget(self._broken, restored)
         return restored
 
     async def _restore_together(self, coordinator: Coordinator) -> str | None:
@@ -610,8 +467,7 @@ class CheckpointManager:
         if coordinator.rank != 0:
             self._broken.update(broken)
             self.skipped = list(skipped)
-            self._entries = [e for e in self._entries if e.path not in self._broken]
-            self._latest = restored
+            self._dir.forget(self._broken, restored)
             if restored is not None:
                 try:
                     await self._checkpoint.restore(

@@ -565,7 +565,7 @@ async def test_restart_rebuilds_the_view(directory: str) -> None:
     await second.reload()
     assert second.checkpoints == first.checkpoints
     assert second.latest_checkpoint == first.latest_checkpoint
-    assert second._entries == first._entries  # timestamps included
+    assert second._dir.entries == first._dir.entries  # timestamps included
 
     # Timestamps from the future are clamped to the clock, as TF does.
     clock.now -= 1000
