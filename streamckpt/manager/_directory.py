@@ -85,9 +85,9 @@ class ManagedDirectory:
 
     def store_path(self, path: str) -> str:
         if "://" in path:
-            return resolve(path, storage_options=self.storage_options, filesystem=self.filesystem)[
-                1
-            ]
+            options = {"storage_options": self.storage_options, "filesystem": self.filesystem}
+            _, store_path = resolve(path, **options)
+            return store_path
         if is_absolute(path):
             return path
         return self.store.join(self.dir_path, path)

@@ -25,22 +25,10 @@ from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt
 from streamckpt.bridge import default_bridge
 from streamckpt.checkpoint import Checkpoint, SaveHandle, SyncCheckpoint
 from streamckpt.distributed import Coordinator
-from streamckpt.errors import (
-    CoordinationError,
-    SaveInProgressError,
-    StorageError,
-)
+from streamckpt.errors import CoordinationError, SaveInProgressError, StorageError
 from streamckpt.manager._directory import ManagedDirectory
-from streamckpt.manager._files import (
-    SkippedCheckpoint,
-    broken_reason,
-    verify_checkpoint,
-)
-from streamckpt.retention import (
-    ManagedEntry,
-    best_paths,
-    plan_retention,
-)
+from streamckpt.manager._files import SkippedCheckpoint, broken_reason, verify_checkpoint
+from streamckpt.retention import ManagedEntry, best_paths, plan_retention
 from streamckpt.storage import PathLike
 
 __all__ = ["CheckpointManager", "ManagedCheckpoint"]
