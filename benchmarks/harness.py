@@ -144,6 +144,14 @@ def seconds_of(fn: Callable[[], object]) -> float:
 # -- files and the page cache -------------------------------------------------------------------
 
 
+def files_under(root: str) -> list[str]:
+    """``root`` if it is a file, else every file under it, each directory's in name order."""
+    paths = [root] if os.path.isfile(root) else []
+    for dirpath, _dirs, files in os.walk(root):
+        paths.extend(os.path.join(dirpath, f) for f in sorted(files))
+    return paths
+
+
 def evict_from_page_cache(root: str) -> bool:
     """Make the next read of every file under ``root`` (a file or a directory) come from disk.
 
@@ -160,9 +168,7 @@ def evict_from_page_cache(root: str) -> bool:
             return True
         except OSError:
             return False
-    paths = [root] if os.path.isfile(root) else []
-    for dirpath, _dirs, files in os.walk(root):
-        paths.extend(os.path.join(dirpath, f) for f in files)
+    paths = files_under(root)
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -185,9 +191,7 @@ def can_evict(workdir: str) -> bool:
 def load_into_page_cache(root: str) -> None:
     """Read every file under ``root`` (a file or a directory) once, so that the next read of
     it comes from the page cache (files written with O_DIRECT are not cached otherwise)."""
-    paths = [root] if os.path.isfile(root) else []
-    for dirpath, _dirs, files in os.walk(root):
-        paths.extend(os.path.join(dirpath, f) for f in files)
+    paths = files_under(root)
     buffer = memoryview(bytearray(8 * MIB))
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -198,19 +202,8 @@ def load_into_page_cache(root: str) -> None:
             os.close(fd)
 
 
-def _files_under(root: str) -> list[str]:
-    paths = [root] if os.path.isfile(root) else []
-    for dirpath, _dirs, files in os.walk(root):
-        paths.extend(os.path.join(dirpath, f) for f in sorted(files))
-    return paths
-
-
-#: ``read_files``' ways, each a limit of a restore of the files (``spec["how"]``)
-READ_WAYS = {
-    "fresh": "read plainly into one fresh buffer",
-    "reused": "read into one reused 8 MiB buffer",
-    "copy": "copied from the page cache into fresh memory",
-}
+#: ``read_files``' ways (``spec["how"]``), each a limit of a restore of the files
+READ_WAYS = ("fresh", "reused", "copy")
 
 
 def read_files(spec: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +235,7 @@ def read_files(spec: dict[str, Any]) -> dict[str, Any]:
     how = spec.get("how", "fresh")
     if how not in READ_WAYS or (how == "copy" and spec["cold"]):
         raise ValueError(f"no such way to read files: {how!r} (cold: {spec['cold']})")
-    paths = _files_under(spec["root"])
+    paths = files_under(spec["root"])
     cold = bool(spec["cold"]) and evict_from_page_cache(spec["root"])
     if not cold:
         load_into_page_cache(spec["root"])
