@@ -12,6 +12,7 @@ from streamckpt.format.crc import crc32c, mask, unmask
 from streamckpt.format.table import (
     FOOTER_SIZE,
     BlockHandle,
+    IndexBlock,
     decode_block,
     decode_footer,
     decode_index_block,
@@ -110,6 +111,17 @@ def test_block_seek_finds_every_key(key_list: list[bytes], interval: int, _: int
         found = seek_block(block, key)
         assert found is not None and found[0] == key and bytes(found[1]) == str(i).encode()
     assert seek_block(block, ordered[-1] + b"\x00") is None
+
+
+@given(st.lists(st.binary(max_size=4), unique=True, max_size=40), st.binary(max_size=5))
+def test_index_block_finds_the_first_separator_at_or_after_a_key(
+    separators: list[bytes], key: bytes
+) -> None:
+    ordered = tuple(sorted(separators))
+    handles = tuple(BlockHandle(10 * i, 5) for i in range(len(ordered)))
+    found = IndexBlock(ordered, handles).find(key)
+    at_or_after = [i for i, s in enumerate(ordered) if s >= key]
+    assert found == (handles[at_or_after[0]] if at_or_after else None)
 
 
 @settings(max_examples=40, deadline=None)

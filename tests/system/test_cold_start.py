@@ -84,9 +84,11 @@ HEAVY_OURS = {
 
 # Standard modules that numpy does not import and that cost a read's start real time:
 # ``dataclasses`` (about 1.5 ms a class, hence ``format.record``), ``numpy.typing`` (whose
-# aliases only annotations need), ``heapq`` (the save planner's).
+# aliases only annotations need), ``heapq`` (the save planner's), ``bisect`` (a shared
+# library loaded with dlopen, 0.2-0.3 ms, for the index block's search of a few keys).
 SLOW_STDLIB = {
     "asyncio",
+    "bisect",
     "concurrent.futures",
     "dataclasses",
     "heapq",
