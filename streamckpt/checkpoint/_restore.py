@@ -27,8 +27,8 @@ import numpy as np
 from streamckpt import api
 from streamckpt.distributed import Coordinator
 from streamckpt.distributed.leaves import fill, local_boxes
+from streamckpt.distributed.together import from_primary
 from streamckpt.errors import (
-    CoordinationError,
     CorruptCheckpointError,
     ObjectMatchError,
     UnsupportedError,
@@ -316,21 +316,9 @@ async def _read_whole(
     """Whole values: read here, or read by the primary and sent to every process."""
     if coordinator is None or replicated == "read":
         return await reader.read_many(keys)
-    values: dict[str, np.ndarray[Any, Any]] | BaseException
-    if coordinator.rank == 0:
-        try:
-            values = await reader.read_many(keys)
-        except Exception as exc:
-            values = exc
-    else:
-        values = {}
-    got = await coordinator.broadcast(values, name="restore-values", root=0)
-    if isinstance(got, BaseException):
-        if coordinator.rank == 0:
-            raise got
-        raise CoordinationError(f"the primary could not read the values: {got!r}", ranks=[0])
-    assert isinstance(got, dict)
-    return got
+    return await from_primary(
+        coordinator, lambda: reader.read_many(keys), name="restore-values", what="read the values"
+    )
 
 
 async def restore_tree(

@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from streamckpt.storage import Store
 
-__all__ = ["DEFAULT_TIMEOUT", "Coordinator"]
+__all__ = ["DEFAULT_TIMEOUT", "PRIMARY", "Coordinator"]
+
+#: The rank that decides for the job: it writes the index and chooses what a resume restores.
+PRIMARY = 0
 
 #: Seconds any one collective may wait for the slowest process before it fails.
 DEFAULT_TIMEOUT = 300.0

@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from streamckpt.distributed._protocol import Coordinator
+from streamckpt.distributed._protocol import PRIMARY, Coordinator
 from streamckpt.distributed.local import prepare_local
 from streamckpt.distributed.merge import merge_records
 from streamckpt.distributed.plan import GlobalPlan, LocalPlan, fingerprint, plan_global
@@ -65,8 +65,6 @@ from streamckpt.pipeline.tensors import PreparedTensor
 from streamckpt.storage import Store
 
 __all__ = ["last_coordination", "save_distributed"]
-
-PRIMARY = 0
 
 
 @dataclass

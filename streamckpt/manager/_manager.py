@@ -25,9 +25,12 @@ from typing import Any, Literal, Protocol, SupportsFloat, SupportsInt
 from streamckpt.bridge import default_bridge
 from streamckpt.checkpoint import Checkpoint, SaveHandle, SyncCheckpoint
 from streamckpt.distributed import Coordinator
-from streamckpt.errors import CoordinationError, SaveInProgressError, StorageError
+from streamckpt.distributed._protocol import PRIMARY
+from streamckpt.distributed.together import all_or_none, from_primary
+from streamckpt.errors import SaveInProgressError, StorageError
 from streamckpt.manager._directory import ManagedDirectory
-from streamckpt.manager._files import SkippedCheckpoint, broken_reason, verify_checkpoint
+from streamckpt.manager._files import SkippedCheckpoint, verify_checkpoint
+from streamckpt.manager._resume import restore_newest
 from streamckpt.retention import ManagedEntry, best_paths, plan_retention
 from streamckpt.storage import PathLike
 
@@ -392,7 +395,16 @@ class CheckpointManager:
 
     async def _verify(self, path: str) -> str | None:
         """Why the checkpoint cannot be restored, or None if it looks whole."""
+        if not self._dir.contained(path):
+            return "outside the manager's directory: not restored"
         return await verify_checkpoint(
+            self._user_path(path),
+            storage_options=self._storage_options,
+            filesystem=self._filesystem,
+        )
+
+    async def _restore(self, path: str) -> None:
+        await self._checkpoint.restore(
             self._user_path(path),
             storage_options=self._storage_options,
             filesystem=self._filesystem,
@@ -404,26 +416,11 @@ class CheckpointManager:
         latest = self._dir.latest
         candidates = [latest] if latest is not None else []
         candidates += [e.path for e in reversed(self._dir.entries) if e.path != latest]
-        restored: str | None = None
-        for path in candidates:
-            if not self._dir.contained(path):
-                reason: str | None = "outside the manager's directory: not restored"
-            else:
-                reason = await self._verify(path)
-            if reason is None:
-                try:
-                    await self._checkpoint.restore(
-                        self._user_path(path),
-                        storage_options=self._storage_options,
-                        filesystem=self._filesystem,
-                    )
-                except Exception as exc:
-                    reason = f"restore failed: {broken_reason(exc)}"
-            if reason is None:
-                restored = path
-                break
-            self._broken.add(path)
-            skipped.append(SkippedCheckpoint(self._user_path(path), reason))
+        restored, passed_over = await restore_newest(
+            candidates, verify=self._verify, restore=self._restore
+        )
+        self._broken.update(item.path for item in passed_over)
+        skipped += [SkippedCheckpoint(self._user_path(i.path), i.reason) for i in passed_over]
         self.skipped = skipped
         for item in skipped:
             logger.warning("skipped checkpoint %s: %s", item.path, item.reason)
@@ -436,47 +433,27 @@ class CheckpointManager:
         Every process ends with the same checkpoint or the same failure: the outcomes are
         gathered after the restores, so one process's failure fails all of them.
         """
-        chosen: object = None
-        if coordinator.rank == 0:
-            try:
-                chosen = (await self._choose_and_restore(), sorted(self._broken), self.skipped)
-            except Exception as exc:
-                chosen = exc
-        got = await coordinator.broadcast(chosen, name="manager-choose", root=0)
-        if isinstance(got, BaseException):
-            if coordinator.rank == 0:
-                raise got
-            raise CoordinationError(
-                f"the primary could not choose a checkpoint: {got!r}", ranks=[0]
-            )
-        assert isinstance(got, tuple)
-        restored, broken, skipped = got
+
+        async def choose() -> tuple[str | None, list[str], list[SkippedCheckpoint]]:
+            return await self._choose_and_restore(), sorted(self._broken), self.skipped
+
+        restored, broken, skipped = await from_primary(
+            coordinator, choose, name="manager-choose", what="choose a checkpoint"
+        )
         failure: Exception | None = None
-        if coordinator.rank != 0:
+        if coordinator.rank != PRIMARY:
             self._broken.update(broken)
             self.skipped = list(skipped)
             self._dir.forget(self._broken, restored)
             if restored is not None:
                 try:
-                    await self._checkpoint.restore(
-                        self._user_path(restored),
-                        storage_options=self._storage_options,
-                        filesystem=self._filesystem,
-                    )
+                    await self._restore(restored)
                 except Exception as exc:
                     failure = exc
-        outcomes = await coordinator.all_gather(
-            None if failure is None else repr(failure), name="manager-restored"
+        await all_or_none(
+            coordinator, failure, name="manager-restored", what=f"restoring {restored!r}"
         )
-        failed = [rank for rank, outcome in enumerate(outcomes) if outcome is not None]
-        if failure is not None:
-            raise failure
-        if failed:
-            raise CoordinationError(
-                f"restoring {restored!r} failed on rank(s) {failed}: {outcomes[failed[0]]}",
-                ranks=failed,
-            )
-        return restored  # type: ignore[no-any-return]
+        return restored
 
     async def restore_or_initialize(self) -> str | None:
         """Restore the newest checkpoint that verifies; else run ``init_fn`` and return None.
