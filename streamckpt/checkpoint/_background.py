@@ -1,4 +1,5 @@
-"""Background saves: the snapshot that lets the caller go on, and the handle that reports.
+"""Background saves: the snapshot that lets the caller go on, the handle that reports, the hold
+on the bridge that runs them.
 
 Rules:
 
@@ -24,6 +25,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Generator, Mapping
 from typing import Any, Literal
 
@@ -31,15 +33,23 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from streamckpt.bridge import Job
+from streamckpt.bridge import Bridge, Job
 from streamckpt.device import HostTransfer, is_device_array, start_transfer
 from streamckpt.errors import StreamCkptError, UnsupportedError
 from streamckpt.fileio import fresh_buffer
 from streamckpt.format.dtypes import from_numpy
 from streamckpt.pipeline.save import SaveInfo
+from streamckpt.sharding import Slice
 from streamckpt.tree import to_numpy
 
-__all__ = ["OnBusy", "SaveHandle", "SnapshotBuffer", "wait_for_future", "wait_until_done"]
+__all__ = [
+    "BridgeHold",
+    "OnBusy",
+    "SaveHandle",
+    "SnapshotBuffer",
+    "wait_for_future",
+    "wait_until_done",
+]
 
 logger = logging.getLogger("streamckpt.checkpoint")
 
@@ -216,6 +226,27 @@ def _string_snapshot(key: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, A
     return copy
 
 
+class BridgeHold:
+    """A checkpoint's hold on its bridge; released by close() or by garbage collection."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.held = False
+        self.lock = threading.Lock()
+
+    def hold(self) -> None:
+        with self.lock:
+            if not self.held:
+                self.bridge.hold()
+                self.held = True
+
+    def release(self) -> None:
+        with self.lock:
+            if self.held:
+                self.held = False
+                self.bridge.release()
+
+
 class SnapshotBuffer:
     """Host memory that a checkpoint's background saves copy their leaves into, reused."""
 
@@ -279,4 +310,30 @@ class SnapshotBuffer:
             pairs.extend(_pieces(view, array))
             snapshot[key] = view
         _copy_side_by_side(pairs, total)
+        return snapshot
+
+    def take_pieces(self, values: Mapping[str, Any], *, copy: bool = True) -> dict[str, Any]:
+        """:meth:`take`, where sharded leaves stay pieces: each piece's value taken, its box kept.
+
+        For saves of many processes, whose planner needs each piece's place in its tensor.
+        """
+        from streamckpt.distributed.local import pieces_of  # only saves together pay for it
+
+        flat: dict[str, Any] = {}
+        boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        for name, value in values.items():
+            pieces = pieces_of(value)
+            if pieces is None:
+                flat[name] = value
+                continue
+            boxes[name] = [(piece.full_shape, piece.offset) for piece in pieces]
+            for i, piece in enumerate(pieces):
+                flat[f"{name}\x00{i}"] = piece.value
+        copied = self.take(flat, copy=copy)
+        snapshot: dict[str, Any] = {name: copied[name] for name in values if name not in boxes}
+        for name, shapes in boxes.items():
+            snapshot[name] = [
+                Slice(copied[f"{name}\x00{i}"], full_shape=full_shape, offset=offset)
+                for i, (full_shape, offset) in enumerate(shapes)
+            ]
         return snapshot

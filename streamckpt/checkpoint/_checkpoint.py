@@ -27,8 +27,9 @@ from typing import Any
 import anyio
 
 from streamckpt import api
-from streamckpt.bridge import Bridge, shared_bridge
+from streamckpt.bridge import shared_bridge
 from streamckpt.checkpoint._background import (
+    BridgeHold,
     OnBusy,
     SaveHandle,
     SnapshotBuffer,
@@ -39,7 +40,6 @@ from streamckpt.distributed import Coordinator
 from streamckpt.errors import NamingError, SaveInProgressError
 from streamckpt.objectgraph import OBJECT_GRAPH_KEY, SAVE_COUNTER, build_object_graph
 from streamckpt.pipeline.save import SaveInfo
-from streamckpt.sharding import Slice
 from streamckpt.storage import PathLike, background_options
 
 __all__ = ["AfterCommit", "Checkpoint"]
@@ -64,53 +64,6 @@ RESERVED_NAMES = frozenset(
         "close",
     }
 )
-
-
-class _BridgeHold:
-    """A checkpoint's hold on its bridge; released by close() or by garbage collection."""
-
-    def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
-        self.held = False
-        self.lock = threading.Lock()
-
-    def hold(self) -> None:
-        with self.lock:
-            if not self.held:
-                self.bridge.hold()
-                self.held = True
-
-    def release(self) -> None:
-        with self.lock:
-            if self.held:
-                self.held = False
-                self.bridge.release()
-
-
-def _snapshot_pieces(
-    buffer: SnapshotBuffer, tensors: dict[str, Any], *, copy: bool
-) -> dict[str, Any]:
-    """A snapshot where sharded leaves stay pieces: each piece's value taken, its box kept."""
-    from streamckpt.distributed.local import pieces_of  # only saves together pay for it
-
-    flat: dict[str, Any] = {}
-    boxes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-    for name, value in tensors.items():
-        pieces = pieces_of(value)
-        if pieces is None:
-            flat[name] = value
-            continue
-        boxes[name] = [(piece.full_shape, piece.offset) for piece in pieces]
-        for i, piece in enumerate(pieces):
-            flat[f"{name}\x00{i}"] = piece.value
-    copied = buffer.take(flat, copy=copy)
-    snapshot: dict[str, Any] = {name: copied[name] for name in tensors if name not in boxes}
-    for name, shapes in boxes.items():
-        snapshot[name] = [
-            Slice(copied[f"{name}\x00{i}"], full_shape=full_shape, offset=offset)
-            for i, (full_shape, offset) in enumerate(shapes)
-        ]
-    return snapshot
 
 
 class Checkpoint:
@@ -148,7 +101,7 @@ class Checkpoint:
         object.__setattr__(self, "_children", dict(children))
         self._on_busy: OnBusy = on_busy
         self._save_counter = 0
-        self._hold = _BridgeHold(shared_bridge(background_nice))
+        self._hold = BridgeHold(shared_bridge(background_nice))
         self._start_lock = threading.Lock()
         self._in_flight: SaveHandle | None = None
         self._snapshots = SnapshotBuffer()
@@ -371,7 +324,7 @@ class Checkpoint:
             number = self._save_counter + 1 if counted else None
             tensors = self._tensors(number)
             if options.get("coordinator") is not None:
-                snapshot = _snapshot_pieces(self._snapshots, tensors, copy=copy)
+                snapshot = self._snapshots.take_pieces(tensors, copy=copy)
             else:
                 snapshot = self._snapshots.take(tensors, copy=copy)
             base = os.fspath(file_prefix)
