@@ -1,5 +1,6 @@
-"""Background saves: the snapshot that lets the caller go on, the handle that reports, the hold
-on the bridge that runs them.
+"""Background saves: the snapshot that lets the caller go on, the handle that reports.
+
+A checkpoint's hold on the bridge that runs its saves lives here too (:class:`BridgeHold`).
 
 Rules:
 

@@ -1,244 +1,38 @@
-"""TensorFlow's object-based checkpoint names and the ``_CHECKPOINTABLE_OBJECT_GRAPH`` proto.
+"""A serialized object graph read back: its nodes, what it says about the keys, a nested view.
 
-``tf.train.Checkpoint`` names a value by the path of local names from the root object to the
-object that owns it, and records the whole object graph beside the tensors, so that a restore
-can match objects even when Python attribute names alone would be ambiguous. This module
-builds that graph from a nested Python tree and reads it back; it does no I/O.
-
-Invariants (format spec, section 8; checked against TensorFlow 2.21 by the tests):
-
-* Node 0 is the root; node ids are the breadth-first visiting order. The root's children are
-  sorted by name (``tf.train.Checkpoint(**kwargs)`` sorts its keyword arguments), with
-  ``save_counter`` appended last. Below the root, children keep their declared order:
-  ``dict`` insertion order, list and tuple indices ``"0"``, ``"1"``, ..., a namedtuple's field
-  names followed by its indices as aliases of the same nodes, dataclass fields, object
-  attributes in assignment order. Unlike ``tf.Module``, objects' attributes whose names start
-  with ``_`` are skipped, as in :mod:`streamckpt.naming`; ``None`` and code are skipped.
-* An object reached twice (by identity) is one node; its key uses the first breadth-first
-  path. Immutable scalars are never shared, since Python interns small ones.
-* Every node carries ``has_checkpoint_values``, true when it or anything below it holds a
-  value, and written even when false, as TensorFlow does.
-* Keys are ``<escaped path>/.ATTRIBUTES/<escaped attribute>``; escaping turns ``.`` into
-  ``..`` and then ``/`` into ``.S``, so it can be undone unambiguously.
+Every reference between nodes is checked (a hostile graph gets a CorruptCheckpointError, never
+an IndexError or a loop), and every checkpoint key may be named once.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 from google.protobuf.message import DecodeError
 
-from streamckpt.errors import CorruptCheckpointError, NamingError, UnsupportedError
-from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
-from streamckpt.tree import (
-    Child,
-    ChildrenOf,
-    Leaf,
-    Node,
-    children,
-    is_leaf,
-    is_namedtuple,
-    is_skipped_value,
-    walk,
+from streamckpt.errors import CorruptCheckpointError, UnsupportedError
+from streamckpt.objectgraph._names import (
+    ATTRIBUTES,
+    OBJECT_GRAPH_KEY,
+    OPTIMIZER_SLOT,
+    VARIABLE_VALUE,
+    object_path_key,
 )
+from streamckpt.proto.trackable_object_graph_pb2 import TrackableObjectGraph
 
 __all__ = [
-    "ATTRIBUTES",
-    "OBJECT_GRAPH_KEY",
-    "OPTIMIZER_SLOT",
-    "SAVE_COUNTER",
-    "VARIABLE_VALUE",
     "GraphNode",
     "ObjectGraph",
     "SavedAttribute",
     "SlotVariable",
-    "build_object_graph",
-    "checkpoint_key",
-    "escape_local_name",
     "keys_to_nested",
     "object_graph_of",
-    "object_path_key",
     "parse_object_graph",
     "read_graph",
-    "tracked_children",
-    "tree_nodes",
-    "unescape_local_name",
 ]
-
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
-ATTRIBUTES = ".ATTRIBUTES"
-OPTIMIZER_SLOT = ".OPTIMIZER_SLOT"
-VARIABLE_VALUE = "VARIABLE_VALUE"
-SAVE_COUNTER = "save_counter"
-
-
-def escape_local_name(name: str) -> str:
-    """Make a local name safe to join with ``/``: ``a/b.c`` becomes ``a.Sb..c``."""
-    return name.replace(".", "..").replace("/", ".S")
-
-
-def unescape_local_name(escaped: str) -> str:
-    """Undo :func:`escape_local_name`; a ``.`` not followed by ``.`` or ``S`` is corrupt."""
-    out: list[str] = []
-    pos = 0
-    while True:
-        dot = escaped.find(".", pos)
-        if dot < 0:
-            out.append(escaped[pos:])
-            return "".join(out)
-        out.append(escaped[pos:dot])
-        follower = escaped[dot + 1 : dot + 2]
-        if follower == ".":
-            out.append(".")
-        elif follower == "S":
-            out.append("/")
-        else:
-            raise CorruptCheckpointError(f"bad escape in local name {escaped!r}")
-        pos = dot + 2
-
-
-def object_path_key(path: Sequence[str]) -> str:
-    """The key prefix of the object at ``path`` (a sequence of unescaped local names)."""
-    return "/".join(escape_local_name(name) for name in path)
-
-
-def checkpoint_key(path: Sequence[str], attribute: str = VARIABLE_VALUE) -> str:
-    """The bundle key of one attribute of the object at ``path``."""
-    return f"{object_path_key(path)}/{ATTRIBUTES}/{escape_local_name(attribute)}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Building.
-
-
-def tracked_children(node: Any, path: tuple[str, ...]) -> list[Child]:
-    """The children TensorFlow's data-structure wrappers would track, in their order."""
-    found = children(node, path)
-    if found is None:
-        shown = "/".join(path) or "the root"
-        raise UnsupportedError(
-            f"{type(node).__name__} at {shown!r} is neither a leaf nor a container"
-        )
-    kept = [child for child in found if not is_skipped_value(child.value)]
-    if is_namedtuple(node):
-        # TensorFlow's tuple wrapper tracks a namedtuple's fields by name and by position.
-        kept += [
-            child._replace(name=str(index))
-            for index, child in enumerate(found)
-            if not is_skipped_value(child.value)
-        ]
-    return kept
-
-
-def tree_nodes(
-    root: Any,
-    top: Sequence[Child],
-    *,
-    children_of: ChildrenOf | None = None,
-    leaf: Callable[[Any], bool] = is_leaf,
-    with_sites: bool = False,
-) -> list[Node]:
-    """The tree under a root whose children are ``top``, as TensorFlow's graph nodes.
-
-    Node 0 is the root; ids are the breadth-first visiting order, and an object reached twice
-    (by identity; immutable scalars never are) is one node. Saving builds the graph from these
-    nodes, and a restore matches them with the graph it reads, so both see the same tree.
-    ``with_sites`` records every edge into a node (a restore writes leaves in place through
-    them; a save has no use for them).
-    """
-    return walk(
-        root,
-        top,
-        children_of=children_of or tracked_children,
-        leaf=leaf,
-        order="breadth",
-        share=True,
-        with_sites=with_sites,
-    )
-
-
-def _graph_children(node: Any, path: tuple[str, ...]) -> list[Child]:
-    """``tracked_children``, refusing what a TensorFlow checkpoint cannot name."""
-    if isinstance(node, dict):
-        for key in node:
-            if not isinstance(key, str):
-                raise UnsupportedError(
-                    f"dict key {key!r} at {'/'.join(path)!r} is not a str; TensorFlow "
-                    "checkpoints name dict entries by string keys only"
-                )
-    return tracked_children(node, path)
-
-
-def build_object_graph(
-    root_children: Mapping[str, Any], *, save_counter: int | None = None
-) -> tuple[dict[str, Leaf], bytes]:
-    """Checkpoint keys with their leaves, and the serialized object graph, for a tree.
-
-    The root plays the part of ``tf.train.Checkpoint(**root_children)``. ``save_counter``,
-    when given, is added as the int64 scalar ``tf.train.Checkpoint.save`` writes. Leaves are
-    returned as they are (see :func:`streamckpt.naming.to_numpy`); each one gets the
-    attribute ``VARIABLE_VALUE`` and, as its TF1-style ``full_name``, its unescaped path joined
-    with ``/`` (TensorFlow writes the variable's own name there and ignores it on restore).
-    """
-    for name in root_children:
-        if not isinstance(name, str):
-            raise UnsupportedError(f"root child name {name!r} is not a str")
-    if save_counter is not None and SAVE_COUNTER in root_children:
-        raise NamingError(f"{SAVE_COUNTER!r} is reserved for the save counter")
-    top = [
-        Child(name, root_children[name], "item", name)
-        for name in sorted(root_children)
-        if not is_skipped_value(root_children[name])
-    ]
-    if save_counter is not None:
-        top.append(Child(SAVE_COUNTER, np.asarray(save_counter, dtype=np.int64), "fixed", None))
-    nodes = tree_nodes(root_children, top, children_of=_graph_children)
-    values_by_key = {checkpoint_key(n.path): n.value for n in nodes if n.is_leaf}
-    return values_by_key, _serialize(nodes)
-
-
-def _serialize(nodes: Sequence[Node]) -> bytes:
-    has_values = _nodes_with_values(
-        [[child_id for _, child_id in n.children] for n in nodes],
-        [n.is_leaf for n in nodes],
-    )
-    graph = TrackableObjectGraph()
-    for node_id, node in enumerate(nodes):
-        proto = graph.nodes.add()
-        for local_name, child_id in node.children:
-            proto.children.add(node_id=child_id, local_name=local_name)
-        if node.is_leaf:
-            proto.attributes.add(
-                name=VARIABLE_VALUE,
-                full_name="/".join(node.path),
-                checkpoint_key=checkpoint_key(node.path),
-            )
-        proto.has_checkpoint_values.value = node_id in has_values
-    return graph.SerializeToString(deterministic=True)
-
-
-def _nodes_with_values(children: Sequence[Sequence[int]], holds_value: Sequence[bool]) -> set[int]:
-    """Nodes that hold a value or reach one; linear even when the graph has cycles."""
-    parents: list[list[int]] = [[] for _ in children]
-    for parent, child_ids in enumerate(children):
-        for child_id in child_ids:
-            parents[child_id].append(parent)
-    marked = {node_id for node_id, holds in enumerate(holds_value) if holds}
-    queue = collections.deque(marked)
-    while queue:
-        for parent in parents[queue.popleft()]:
-            if parent not in marked:
-                marked.add(parent)
-                queue.append(parent)
-    return marked
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
