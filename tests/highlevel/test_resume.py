@@ -8,7 +8,10 @@ the skipped ones lost.
 
 from __future__ import annotations
 
+import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamckpt.errors import (
     CheckpointNotFoundError,
@@ -110,3 +113,38 @@ async def test_a_verification_that_cannot_reach_the_store_is_raised() -> None:
     with pytest.raises(StorageError):
         await restore_newest(["c-2", "c-1"], verify=site.verify, restore=site.restore)
     assert site.calls == [("verify", "c-2")]
+
+
+# Each candidate: verifies or not, and (if it verifies) restores, or is broken on restore.
+outcomes = st.sampled_from(["whole", "unverified", "corrupt", "missing"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(outcomes, max_size=8))
+def test_the_first_whole_candidate_wins_and_only_those_before_it_are_touched(
+    kinds: list[str],
+) -> None:
+    paths = [f"c-{len(kinds) - i}" for i in range(len(kinds))]  # newest first
+    failures = {
+        "corrupt": lambda p: ChecksumError("bad crc", uri=p),
+        "missing": lambda p: CheckpointNotFoundError("no shard", uri=p),
+    }
+    site = Site(
+        {
+            p: "unreadable index" if k == "unverified" else None
+            for p, k in zip(paths, kinds, strict=True)
+        },
+        {p: failures[k](p) for p, k in zip(paths, kinds, strict=True) if k in failures},
+    )
+    restored, skipped = anyio.run(
+        lambda: restore_newest(paths, verify=site.verify, restore=site.restore)
+    )
+    first = next((i for i, k in enumerate(kinds) if k == "whole"), None)
+    assert restored == (None if first is None else paths[first])
+    tried = paths if first is None else paths[: first + 1]
+    assert [s.path for s in skipped] == tried[: len(tried) - (first is not None)]
+    assert {p for _, p in site.calls} == set(tried)  # nothing older than the winner
+    restores = [p for call, p in site.calls if call == "restore"]
+    assert restores == [
+        p for p, k in zip(tried, kinds[: len(tried)], strict=True) if k != "unverified"
+    ]
