@@ -142,8 +142,6 @@ class CheckpointManager:
         self._keep_best = keep_best
         self._init_fn = init_fn
         self._clock = clock
-        self._storage_options = storage_options
-        self._filesystem = filesystem
         self._coordinator = coordinator
         self._last_step: int | None = None
         self._saving = False
@@ -271,8 +269,8 @@ class CheckpointManager:
         handle = checkpoint.save_async(
             self._user_path(self._name),
             checkpoint_number=None if step is None else int(step),
-            storage_options=self._storage_options,
-            filesystem=self._filesystem,
+            storage_options=self._dir.storage_options,
+            filesystem=self._dir.filesystem,
             after_commit=record,
             coordinator=self._coordinator,
             copy=copy,
@@ -333,8 +331,8 @@ class CheckpointManager:
         saved = await self._checkpoint.save(
             self._user_path(self._name),
             checkpoint_number=None if step is None else int(step),
-            storage_options=self._storage_options,
-            filesystem=self._filesystem,
+            storage_options=self._dir.storage_options,
+            filesystem=self._dir.filesystem,
             **together,
         )
         await self._record(path, current_step, values)
@@ -399,15 +397,15 @@ class CheckpointManager:
             return "outside the manager's directory: not restored"
         return await verify_checkpoint(
             self._user_path(path),
-            storage_options=self._storage_options,
-            filesystem=self._filesystem,
+            storage_options=self._dir.storage_options,
+            filesystem=self._dir.filesystem,
         )
 
     async def _restore(self, path: str) -> None:
         await self._checkpoint.restore(
             self._user_path(path),
-            storage_options=self._storage_options,
-            filesystem=self._filesystem,
+            storage_options=self._dir.storage_options,
+            filesystem=self._dir.filesystem,
         )
 
     async def _choose_and_restore(self) -> str | None:

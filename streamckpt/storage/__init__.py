@@ -87,11 +87,8 @@ def resolve(
         return _local_store(max_inflight_bytes, storage_options), text
     if filesystem is None and text.startswith("file://"):
         return _local_store(max_inflight_bytes, storage_options), text[len("file://") :]
-    from streamckpt.storage.fsspec_store import (
-        DEFAULT_MAX_INFLIGHT_BYTES,
-        FsspecStore,
-        owned_filesystem,
-    )
+    from streamckpt.storage.fsspec_store import DEFAULT_MAX_INFLIGHT_BYTES, FsspecStore
+    from streamckpt.storage.owned import owned_filesystem
 
     budget = max_inflight_bytes or DEFAULT_MAX_INFLIGHT_BYTES
     if filesystem is not None:

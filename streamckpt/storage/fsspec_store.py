@@ -9,7 +9,8 @@ matters for the sync face (its loop lives in a worker thread).
 Every request goes through :func:`call_with_retries`: an adaptive concurrency limit, retries of
 transient failures, and the counters reported in a save's or load's statistics. For the
 filesystems streamckpt creates itself, the clients' own retry loops are switched off so that
-one policy, ours, decides (s3fs over botocore would otherwise send a throttled PUT 25 times).
+one policy, ours, decides (s3fs over botocore would otherwise send a throttled PUT 25 times;
+see :mod:`streamckpt.storage.owned`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -495,52 +495,6 @@ class FsspecStore(Store):
             return sorted(str(p) for p in listed if str(p).rstrip("/") != own)
 
         return list(await self._call(path, work))
-
-
-_OWNED: dict[tuple[str, str], Any] = {}
-_OWNED_LOCK = threading.Lock()
-
-
-def owned_filesystem(protocol: str, storage_options: dict[str, Any]) -> Any:
-    """A filesystem streamckpt made itself (cached per options), with client retries off."""
-    import fsspec
-
-    key = (protocol, repr(sorted(storage_options.items())))
-    with _OWNED_LOCK:
-        fs = _OWNED.get(key)
-        if fs is None:
-            options = dict(storage_options)
-            if protocol in ("s3", "s3a"):
-                config = dict(options.get("config_kwargs") or {})
-                config.setdefault("retries", {"total_max_attempts": 1})
-                config.setdefault("max_pool_connections", 64)
-                # Over plain http (a local MinIO, moto, SeaweedFS) botocore signs every body with
-                # SHA-256, on fsspec's one event-loop thread, where no other request moves
-                # meanwhile: measured 0.5 s of CPU per GiB saved. The checksum header it sends
-                # already guards the body (and over https botocore skips the hash anyway).
-                s3_config = dict(config.get("s3") or {})
-                s3_config.setdefault("payload_signing_enabled", False)
-                config["s3"] = s3_config
-                options["config_kwargs"] = config
-            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
-            _disable_client_retries(fs)
-            _OWNED[key] = fs
-    return fs
-
-
-def _disable_client_retries(fs: Any) -> None:
-    kind = type(fs).__name__
-    if kind == "S3FileSystem":
-        fs.retries = 1
-    elif "GCSFileSystem" in kind:
-        try:
-            import gcsfs.retry
-
-            wrapped = type(fs)._request.__wrapped__
-            once = gcsfs.retry.retry_request(retries=1)(wrapped)
-            fs._request = once.__get__(fs)
-        except (ImportError, AttributeError):  # another gcsfs version: keep its retries
-            pass
 
 
 __all__ = ["DEFAULT_READ_PART", "DEFAULT_WRITE_BLOCK", "FsspecStore", "classify"]

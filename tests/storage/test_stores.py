@@ -298,7 +298,7 @@ async def test_multipart_shards_round_trip(store: StoreUnderTest) -> None:
 
 def test_owned_s3_client_sends_bodies_unhashed_unless_asked() -> None:
     """Over plain http botocore would SHA-256 every body on fsspec's one loop thread."""
-    from streamckpt.storage.fsspec_store import owned_filesystem
+    from streamckpt.storage.owned import owned_filesystem
 
     options = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
     fs = owned_filesystem("s3", options)
